@@ -1,0 +1,40 @@
+# `make demo` and `make test` work from a fresh clone with only Python 3.11 and the package registries.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint format bench fixtures clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# Pin torch first so nothing pulls a multi-GB CUDA build.
+	$(BIN)/pip install --quiet "torch==2.13.0"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests bench fixtures scripts
+	$(BIN)/ruff format --check src tests bench fixtures scripts
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench fixtures scripts
+	$(BIN)/ruff format --check src tests bench fixtures scripts
+
+format: $(STAMP)
+	$(BIN)/ruff format src tests bench fixtures scripts
+	$(BIN)/ruff check --fix src tests bench fixtures scripts
+
+bench: $(STAMP)
+	$(BIN)/python bench/merge.py
+
+fixtures: $(STAMP)
+	$(BIN)/python fixtures/make_fixtures.py
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache

@@ -1,0 +1,338 @@
+"""Read a PEFT LoRA adapter: its config, the modules its weights touch, and each module's scale.
+
+Key names follow PEFT's `get_peft_model_state_dict` (adapter name stripped, `base_model.model.`
+prefix kept). Everything in the weights file must be understood: a tensor we cannot merge
+exactly is refused by name, never skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loramerge.errors import LoramergeError
+from loramerge.source.checkpoint import Checkpoint, open_weights
+
+PREFIX = "base_model.model."
+
+# Config switches for LoRA variants whose merge is not W0 + s*B@A (or DoRA): refused.
+_UNMERGEABLE_SWITCHES = {
+    "use_qalora": "QALoRA",
+    "use_bdlora": "block-diagonal LoRA",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "layer_replication": "layer replication",
+    "target_parameters": "LoRA on raw parameters (target_parameters)",
+}
+# Initialisations that rewrite the base weights: the adapter only fits that rewritten base.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+_KEY_PATTERNS = [
+    ("lora_A", re.compile(r"(?P<m>.+)\.lora_A(\.[^.]+)?\.weight$")),
+    ("lora_B", re.compile(r"(?P<m>.+)\.lora_B(\.[^.]+)?\.weight$")),
+    ("lora_B_bias", re.compile(r"(?P<m>.+)\.lora_B(\.[^.]+)?\.bias$")),
+    ("emb_A", re.compile(r"(?P<m>.+)\.lora_embedding_A(\.[^.]+)?$")),
+    ("emb_B", re.compile(r"(?P<m>.+)\.lora_embedding_B(\.[^.]+)?$")),
+    ("magnitude", re.compile(r"(?P<m>.+)\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$")),
+    ("token_rows", re.compile(r"(?P<m>.+)\.token_adapter\.trainable_tokens_delta(\.[^.]+)?$")),
+    ("original", re.compile(r"(?P<m>.+)\.original_module\.(?P<p>weight|bias)$")),
+    ("base_copy", re.compile(r"(?P<m>.+)\.base_layer\.(?P<p>weight|bias)$")),
+    ("saved", re.compile(r"(?P<m>.+)\.modules_to_save(\.[^.]+)?\.(?P<p>weight|bias)$")),
+    ("full", re.compile(r"(?P<m>.+)\.(?P<p>weight|bias)$")),
+]
+# When one module's whole tensor is stored under several names, the first listed wins:
+# current PEFT writes the trained copy as `X.weight` and again as `X.modules_to_save.weight`.
+_FULL_PRIORITY = ("full", "saved", "base_copy")
+# Tensor names of other PEFT tuners (LoHa, LoKr, IA3, VeRA, AdaLoRA, OFT, ...): refused by name.
+_FOREIGN = re.compile(
+    r"\.(hada_|lokr_|ia3_|vera_|lora_E|oft_|boft_|fourierft_|vblora_|hra_|ln_tuning|"
+    r"lora_embedding_E|ranknum|poly_|xlora|adaption_)"
+)
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One LoRA-adapted module: where its tensors are and how to scale them."""
+
+    module: str
+    kind: str  # "linear", "conv" or "embedding"
+    a_key: str
+    b_key: str
+    rank: int
+    alpha: float
+    scale: float
+    fan_in_fan_out: bool
+    bias_key: str | None = None
+    magnitude_key: str | None = None
+
+
+@dataclass(frozen=True)
+class FullTensor:
+    """A whole tensor the adapter stores: trained (modules_to_save) or a copy of its base layer.
+
+    PEFT saves an embedding's `base_layer` when the embedding is targeted or resized; such a
+    copy equals the base (then it changes nothing) or is the base resized during training.
+    """
+
+    target: str  # tensor name in module naming, e.g. "lm_head.weight"
+    key: str
+    base_copy: bool = False
+
+
+@dataclass(frozen=True)
+class TokenRows:
+    """Rows of an embedding the adapter replaces (trainable tokens)."""
+
+    target: str
+    key: str
+    indices: tuple[int, ...]
+
+
+@dataclass
+class Adapter:
+    """A parsed PEFT LoRA adapter with its weights open for reading."""
+
+    path: Path
+    config: dict
+    weights: Checkpoint
+    modules: list[LoraModule] = field(default_factory=list)
+    full: list[FullTensor] = field(default_factory=list)
+    token_rows: list[TokenRows] = field(default_factory=list)
+
+    @property
+    def rank(self) -> int:
+        """The config's default rank r."""
+        return int(self.config["r"])
+
+    @property
+    def alpha(self) -> float:
+        """The config's default lora_alpha."""
+        return float(self.config.get("lora_alpha", self.rank))
+
+    @property
+    def use_rslora(self) -> bool:
+        """Whether scale is alpha/sqrt(r) (rsLoRA) instead of alpha/r."""
+        return bool(self.config.get("use_rslora", False))
+
+    @property
+    def use_dora(self) -> bool:
+        """Whether the adapter is DoRA (weight-decomposed)."""
+        return bool(self.config.get("use_dora", False))
+
+    @property
+    def default_scale(self) -> float:
+        """Scale of a module no pattern overrides."""
+        return lora_scale(self.alpha, self.rank, self.use_rslora)
+
+    def sha256(self) -> str:
+        """sha256 of the weights file(s), for the provenance record."""
+        digest = hashlib.sha256()
+        for path in self.weights.files:
+            with open(path, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    digest.update(chunk)
+        return digest.hexdigest()
+
+    def close(self) -> None:
+        """Close the weights file."""
+        self.weights.close()
+
+
+def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
+    """PEFT's scaling: alpha/r, or alpha/sqrt(r) for rsLoRA (LoraLayer.update_layer)."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def pattern_key(patterns: list[str], module: str) -> str | None:
+    """First pattern PEFT would pick for `module` (peft.utils.other.get_pattern_key), or None."""
+    for key in patterns:
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return key
+        except re.error as exc:
+            raise LoramergeError(f"bad regular expression {key!r} in a pattern: {exc}") from None
+    return None
+
+
+def load_adapter(path: Path, *, allow_pickle: bool = False) -> Adapter:
+    """Parse a PEFT adapter folder: config checks, key mapping, per-module scale."""
+    path = Path(path)
+    config = _read_config(path)
+    weights = open_weights(path, stem="adapter_model", allow_pickle=allow_pickle)
+    try:
+        adapter = Adapter(path, config, weights)
+        _parse_keys(adapter)
+        return adapter
+    except BaseException:
+        weights.close()
+        raise
+
+
+def _read_config(path: Path) -> dict:
+    config_path = path / "adapter_config.json"
+    if not path.is_dir():
+        raise LoramergeError(f"{path}: an adapter is a folder with adapter_config.json")
+    if not config_path.is_file():
+        raise LoramergeError(f"{path}: no adapter_config.json (is this a PEFT adapter folder?)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LoramergeError(f"{config_path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise LoramergeError(f"{config_path}: not a JSON object")
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise LoramergeError(f"{config_path}: peft_type {peft_type!r} is not LoRA; cannot merge")
+    for switch, name in _UNMERGEABLE_SWITCHES.items():
+        if config.get(switch):
+            raise LoramergeError(f"{config_path}: {name} ({switch}) cannot be merged exactly")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise LoramergeError(
+            f"{config_path}: init_lora_weights={init!r} rewrites the base weights, so this adapter "
+            "does not fit the original base; convert it to plain LoRA with PEFT first "
+            "(save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+        )
+    _check_types(config_path, config)
+    return config
+
+
+def _check_types(config_path: Path, config: dict) -> None:
+    """Fields we rely on must have the types PEFT gives them."""
+    rank = config.get("r")
+    if not _is_int(rank) or not 0 < rank <= 65536:
+        raise LoramergeError(f"{config_path}: r must be a positive integer, got {rank!r}")
+    alpha = config.get("lora_alpha", rank)
+    if not _is_number(alpha):
+        raise LoramergeError(f"{config_path}: lora_alpha must be a number, got {alpha!r}")
+    for name in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(name) or {}
+        if not isinstance(pattern, dict) or not all(
+            isinstance(k, str) and _is_number(v) for k, v in pattern.items()
+        ):
+            raise LoramergeError(f"{config_path}: {name} must map strings to numbers")
+    for name in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias"):
+        if not isinstance(config.get(name, False), bool):
+            raise LoramergeError(f"{config_path}: {name} must be true or false")
+
+
+def _parse_keys(adapter: Adapter) -> None:
+    """Sort every weight key into LoRA modules, full tensors and token rows."""
+    groups: dict[str, dict[str, str]] = {}
+    full: dict[str, dict[str, str]] = {}
+    where = adapter.weights.files[0]
+    for key in adapter.weights.tensors:
+        if _FOREIGN.search(key):
+            raise LoramergeError(f"{where}: {key!r} belongs to another PEFT tuner; cannot merge")
+        name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+        role, match = _classify(name)
+        if match is None:
+            raise LoramergeError(f"{where}: cannot interpret tensor {key!r}")
+        module = match["m"]
+        if role in _FULL_PRIORITY:
+            full.setdefault(f"{module}.{match['p']}", {})[role] = key
+        elif role != "original":  # the frozen original of a modules_to_save: not merged
+            groups.setdefault(module, {})[role] = key
+    for target, roles in full.items():
+        role = next(r for r in _FULL_PRIORITY if r in roles)
+        adapter.full.append(FullTensor(target, roles[role], base_copy=role == "base_copy"))
+    for module, roles in groups.items():
+        if "token_rows" in roles:
+            adapter.token_rows.append(_token_rows(adapter, module, roles.pop("token_rows")))
+        if roles:
+            adapter.modules.append(_lora_module(adapter, module, roles))
+
+
+def _classify(name: str) -> tuple[str, re.Match | None]:
+    """The role of a key (lora_A, magnitude, full, ...) and its match, first pattern wins."""
+    for role, pattern in _KEY_PATTERNS:
+        match = pattern.match(name)
+        if match:
+            return role, match
+    return "", None
+
+
+def _lora_module(adapter: Adapter, module: str, roles: dict[str, str]) -> LoraModule:
+    """Build one LoraModule from its A/B (and optional bias, magnitude) keys."""
+    where = adapter.weights.files[0]
+    embedding = "emb_A" in roles or "emb_B" in roles
+    a_key = roles.get("emb_A" if embedding else "lora_A")
+    b_key = roles.get("emb_B" if embedding else "lora_B")
+    if a_key is None or b_key is None:
+        raise LoramergeError(f"{where}: module {module!r} has lora_A or lora_B but not both")
+    a = adapter.weights.tensors[a_key].shape
+    b = adapter.weights.tensors[b_key].shape
+    if embedding:
+        kind, rank_a, rank_b = "embedding", a[0] if a else -1, b[1] if len(b) == 2 else -1
+        ok_dims = len(a) == 2 and len(b) == 2
+    else:
+        kind = "linear" if len(a) == 2 else "conv"
+        rank_a, rank_b = (a[0] if a else -1), (b[1] if len(b) >= 2 else -1)
+        ok_dims = len(a) == len(b) and len(a) in (2, 3, 4, 5)
+    if not ok_dims or rank_a != rank_b or rank_a <= 0:
+        raise LoramergeError(
+            f"{where}: module {module!r}: A {list(a)} and B {list(b)} do not make a rank-r pair"
+        )
+    config = adapter.config
+    r_key = pattern_key(list((config.get("rank_pattern") or {}).keys()), module)
+    rank = int(config["rank_pattern"][r_key]) if r_key else adapter.rank
+    alpha_key = pattern_key(list((config.get("alpha_pattern") or {}).keys()), module)
+    alpha = float(config["alpha_pattern"][alpha_key]) if alpha_key else adapter.alpha
+    if rank != rank_a:
+        raise LoramergeError(
+            f"{where}: module {module!r} has rank {rank_a} in its weights but the config "
+            f"(r / rank_pattern) says {rank}"
+        )
+    if "magnitude" in roles and not adapter.use_dora:
+        raise LoramergeError(f"{where}: {module!r} has a DoRA magnitude but use_dora is false")
+    if adapter.use_dora and "magnitude" not in roles:
+        raise LoramergeError(f"{where}: use_dora is set but {module!r} has no magnitude vector")
+    return LoraModule(
+        module=module,
+        kind=kind,
+        a_key=a_key,
+        b_key=b_key,
+        rank=rank,
+        alpha=alpha,
+        scale=lora_scale(alpha, rank, adapter.use_rslora),
+        fan_in_fan_out=bool(config.get("fan_in_fan_out", False)) and kind == "linear",
+        bias_key=roles.get("lora_B_bias"),
+        magnitude_key=roles.get("magnitude"),
+    )
+
+
+def _token_rows(adapter: Adapter, module: str, key: str) -> TokenRows:
+    """Trainable-token rows: the config's indices for this module, checked against the tensor."""
+    spec = adapter.config.get("trainable_token_indices")
+    if isinstance(spec, dict):
+        matches = [v for k, v in spec.items() if module == k or module.endswith("." + k)]
+        indices = matches[0] if len(matches) == 1 else None
+    else:
+        indices = spec
+    shape = adapter.weights.tensors[key].shape
+    if (
+        not isinstance(indices, list)
+        or not all(_is_int(i) and i >= 0 for i in indices)
+        or len(shape) != 2
+        or shape[0] != len(indices)
+    ):
+        raise LoramergeError(
+            f"{adapter.path}: trainable tokens of {module!r}: indices {indices!r} do not fit "
+            f"the stored rows {list(shape)}"
+        )
+    return TokenRows(f"{module}.weight", key, tuple(indices))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

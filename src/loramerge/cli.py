@@ -1,0 +1,328 @@
+"""The `loramerge` command line: parse, call the API, print. No merging logic lives here."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import traceback
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from loramerge import __version__
+from loramerge.errors import LoramergeError
+from loramerge.inspect import inspect_path
+from loramerge.merge import MergeOptions, MergeResult, merge
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5e9 bytes, '500MiB' -> 500*2**20, '1024' -> 1024 (as transformers reads them)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a size like 5GB, 500MB or 1024")
+    number, unit = match.groups()
+    size = int(float(number) * _UNITS[(unit or "B").upper()])
+    if size <= 0:
+        raise click.BadParameter("size must be positive")
+    return size
+
+
+class _Size(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        return value if isinstance(value, int) else parse_size(value)
+
+
+def _merge_options(func):
+    """Options shared by merge and its siblings (unmerge, rebase)."""
+    options = [
+        click.option(
+            "-o",
+            "--output",
+            "output",
+            required=True,
+            type=click.Path(path_type=Path),
+            help="Folder to write; appears only when complete.",
+        ),
+        click.option(
+            "-w",
+            "--weight",
+            "weights",
+            multiple=True,
+            type=float,
+            help="Weight per adapter, in order (default 1.0; may be negative).",
+        ),
+        click.option(
+            "--dtype",
+            type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+            default="auto",
+            show_default=True,
+            help="Output dtype of float tensors; auto keeps each base tensor's own.",
+        ),
+        click.option(
+            "--device",
+            default="auto",
+            show_default=True,
+            help="Where the arithmetic runs: auto, cpu, cuda or cuda:N.",
+        ),
+        click.option(
+            "--compute-dtype",
+            type=click.Choice(["float32", "float64"]),
+            default="float32",
+            show_default=True,
+            help="Precision of the arithmetic before the single rounding.",
+        ),
+        click.option(
+            "--to",
+            "to",
+            type=click.Choice(["safetensors"]),
+            default="safetensors",
+            show_default=True,
+            help="Output format.",
+        ),
+        click.option(
+            "--max-shard-size",
+            type=_Size(),
+            default="5GB",
+            show_default=True,
+            help="Largest shard file (5GB = 5e9 bytes, 5GiB = 5*2**30).",
+        ),
+        click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists."),
+        click.option(
+            "--allow-pickle",
+            is_flag=True,
+            help="Load .bin pickle checkpoints (with torch.load(weights_only=True)).",
+        ),
+        click.option("--dry-run", is_flag=True, help="Print the plan and write nothing."),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar, no summary."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="loramerge")
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Merge LoRA adapters into Hugging Face checkpoints, tensor by tensor."""
+    ctx.obj = {"debug": debug}
+
+
+@cli.command("merge")
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(path_type=Path))
+@_merge_options
+def merge_command(
+    base,
+    adapters,
+    output,
+    weights,
+    dtype,
+    device,
+    compute_dtype,
+    to,
+    max_shard_size,
+    overwrite,
+    allow_pickle,
+    dry_run,
+    as_json,
+    quiet,
+):
+    """Merge ADAPTERS into BASE: W = W0 + sum w * scale * B @ A, written to OUTPUT."""
+    options = MergeOptions(
+        weights=tuple(weights),
+        dtype=dtype,
+        device=device,
+        compute_dtype=compute_dtype,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        allow_pickle=allow_pickle,
+        dry_run=dry_run,
+    )
+    show_bar = not (quiet or as_json or dry_run) and sys.stderr.isatty()
+    with _progress(show_bar) as advance:
+        result = merge(base, list(adapters), output, options, progress=advance)
+    if as_json:
+        click.echo(json.dumps(_with_plan(result) if dry_run else result.summary()))
+    elif dry_run:
+        _print_plan(result)
+    elif not quiet:
+        _print_summary(result)
+
+
+@cli.command("inspect")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--allow-pickle", is_flag=True, help="Load .bin pickle checkpoints.")
+def inspect_command(path, as_json, allow_pickle):
+    """Describe PATH: a base checkpoint, an adapter or a merged folder."""
+    report = inspect_path(path, allow_pickle=allow_pickle)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    console = Console()
+    table = Table(title=f"{report['kind']}: {report['path']}", show_header=False)
+    for key, value in report.items():
+        if key in ("kind", "path", "provenance"):
+            continue
+        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+    console.print(table)
+    provenance = report.get("provenance")
+    if provenance:
+        inside = Table(title="adapters inside (provenance)")
+        for column in ("source", "weight", "rank", "scale", "sha256"):
+            inside.add_column(column)
+        for a in provenance["adapters"]:
+            inside.add_row(
+                a["source"], f"{a['weight']:g}", str(a["rank"]), f"{a['scale']:g}", a["sha256"][:16]
+            )
+        console.print(inside)
+        for step in provenance.get("history", []):
+            console.print(f"  {step['at']}  {step['op']}: {', '.join(step['adapters'])}")
+
+
+class _progress:
+    """A rich byte progress bar on stderr, or a no-op."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._bar = None
+        if enabled:
+            self._bar = Progress(
+                TextColumn("[bold]merging"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+
+    def __enter__(self):
+        if self._bar is None:
+            return None
+        self._bar.start()
+        task = self._bar.add_task("merge", total=None)
+        self._task = task
+        return self._advance
+
+    def _advance(self, nbytes: int, total: int) -> None:
+        self._bar.update(self._task, advance=nbytes, total=total)
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _with_plan(result: MergeResult) -> dict:
+    summary = result.summary()
+    summary["plan"] = [
+        {
+            "tensor": t.name,
+            "dtype": t.dtype,
+            "shape": list(t.shape),
+            "action": _action(t),
+            "adapters": [
+                {
+                    "adapter": x.adapter,
+                    "rank": x.module.rank,
+                    "scale": x.module.scale,
+                    "weight": x.weight,
+                }
+                for x in t.lora
+            ],
+        }
+        for t in result.plan.tensors
+        if t.modified
+    ]
+    return summary
+
+
+def _action(tensor) -> str:
+    parts = []
+    if tensor.replace:
+        parts.append("replace")
+    if tensor.rows:
+        parts.append("rows")
+    if tensor.lora:
+        parts.append("dora" if any(x.module.magnitude_key for x in tensor.lora) else "lora")
+    if tensor.bias:
+        parts.append("bias")
+    return "+".join(parts) or "copy"
+
+
+def _print_plan(result: MergeResult) -> None:
+    console = Console()
+    table = Table(
+        title=f"plan: {len(result.plan.modified)} of {len(result.plan.tensors)} "
+        f"tensors change (dry run, nothing written)"
+    )
+    for column in ("tensor", "action", "adapters (index: rank, scale, weight)", "dtype", "shape"):
+        table.add_column(column)
+    for t in result.plan.modified:
+        adapters = "; ".join(
+            f"{x.adapter}: r={x.module.rank}, s={x.module.scale:g}, w={x.weight:g}" for x in t.lora
+        )
+        table.add_row(t.name, _action(t), adapters, t.dtype, str(list(t.shape)))
+    console.print(table)
+    for note in result.plan.notes:
+        console.print(f"note: {note}")
+
+
+def _print_summary(result: MergeResult) -> None:
+    summary = result.summary()
+    click.echo(
+        f"Merged {len(result.adapters)} adapter(s): {summary['tensors_modified']} of "
+        f"{summary['tensors_total']} tensors changed, {summary['bytes_written'] / 1e6:.1f} MB "
+        f"in {summary['seconds']:.1f} s -> {result.output}"
+    )
+    for note in result.plan.notes:
+        click.echo(f"note: {note}")
+
+
+def main() -> None:
+    """Entry point: run the CLI, turning our errors into one `Error:` line and exit 2."""
+    debug = "--debug" in sys.argv[1:]
+    try:
+        sys.exit(cli.main(standalone_mode=False) or 0)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("Error: interrupted", err=True)
+        sys.exit(130)
+    except LoramergeError as exc:
+        _fail(str(exc), debug)
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        _fail(f"{exc.strerror or exc}{where}", debug)
+    except KeyboardInterrupt:
+        click.echo("Error: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - last resort: one line, not a traceback
+        _fail(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for details)", debug)
+
+
+def _fail(message: str, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(2)

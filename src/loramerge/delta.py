@@ -1,0 +1,127 @@
+"""The merge arithmetic, pure tensor functions with no I/O.
+
+    W = W0 + sum_i w_i * c_i
+
+where for plain LoRA c_i = s_i * dW_i, and for DoRA c_i = f_i * (W0 + s_i * dW_i) - W0 with
+f_i = m_i / ||W0 + s_i * dW_i|| (the norm taken over every axis but the output one). Every term
+is computed from the pristine W0, which is what PEFT's forward pass does with several active
+adapters, so the merged weight reproduces base + adapters exactly. dW by layer type follows
+PEFT's `get_delta_weight`: Linear B@A, Conv1D (fan_in_fan_out) (B@A)^T, Embedding (B@A)^T,
+ConvNd 1x1 a matmul of the squeezed kernels and k x k `conv(A^T, B)^T`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Term:
+    """One adapter's contribution to one tensor, with its tensors already loaded."""
+
+    kind: str  # "linear", "conv" or "embedding"
+    a: torch.Tensor
+    b: torch.Tensor
+    coef: float  # user weight w times LoRA scale s
+    weight: float  # user weight w alone (DoRA mixes it outside the scale)
+    scale: float
+    fan_in_fan_out: bool = False
+    magnitude: torch.Tensor | None = None
+
+
+def transposed(term: Term) -> bool:
+    """Whether dW is (B@A)^T for this term (Conv1D weights and embeddings)."""
+    return term.kind == "embedding" or term.fan_in_fan_out
+
+
+def output_axis(term: Term) -> int:
+    """The axis of W that indexes output features (DoRA's magnitude runs along it)."""
+    return 1 if transposed(term) else 0
+
+
+def lora_delta(term: Term, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """dW = B@A (transposed or convolved as the layer type needs), unscaled, in `dtype`."""
+    a, b = term.a.to(dtype), term.b.to(dtype)
+    if term.kind == "conv":
+        if all(k == 1 for k in a.shape[2:]):
+            return (b.flatten(1) @ a.flatten(1)).reshape(shape)
+        conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[a.dim()]
+        return conv(a.transpose(0, 1), b).transpose(0, 1)
+    return a.T @ b.T if transposed(term) else b @ a
+
+
+def merge_weight(
+    w0: torch.Tensor, terms: list[Term], *, compute_dtype: torch.dtype, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """W0 + sum of the terms, computed in `compute_dtype` on W0's device, rounded once."""
+    acc = w0.to(compute_dtype, copy=True)
+    base = w0.to(compute_dtype) if any(t.magnitude is not None for t in terms) else None
+    for term in terms:
+        if term.magnitude is None:
+            _add_lora(acc, term, compute_dtype)
+        else:
+            acc.add_(dora_contribution(base, term, compute_dtype), alpha=term.weight)
+    return round_once(acc, out_dtype)
+
+
+def round_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round to `dtype` with a single correct rounding, even from float64 to a 16-bit type.
+
+    torch converts float64 to bfloat16/float16 through float32, rounding twice. Rounding to
+    float32 "to odd" first (truncate, then set the last bit if anything was cut) makes the second
+    rounding exact, since float32 keeps at least two more bits than either 16-bit format.
+    """
+    if x.dtype != torch.float64 or dtype not in (torch.bfloat16, torch.float16):
+        return x.to(dtype)
+    single = x.to(torch.float32)
+    back = single.to(torch.float64)
+    bits = single.view(torch.int32)
+    bits = bits - (back.abs() > x.abs()).to(torch.int32)  # one step toward zero: truncation
+    bits = bits | (back != x).to(torch.int32)  # sticky bit: the value was inexact
+    return bits.view(torch.float32).to(dtype)
+
+
+def _add_lora(acc: torch.Tensor, term: Term, dtype: torch.dtype) -> None:
+    """acc += coef * dW, as one fused multiply-add where the layout allows it."""
+    if term.kind == "conv":
+        acc.add_(lora_delta(term, acc.shape, dtype), alpha=term.coef)
+        return
+    a, b = term.a.to(dtype), term.b.to(dtype)
+    if transposed(term):
+        acc.addmm_(a.T, b.T, alpha=term.coef)
+    else:
+        acc.addmm_(b, a, alpha=term.coef)
+
+
+def dora_contribution(base: torch.Tensor, term: Term, dtype: torch.dtype) -> torch.Tensor:
+    """c = f * (W0 + s*dW) - W0, f = magnitude / norm of W0 + s*dW per output feature."""
+    adapted = base + lora_delta(term, base.shape, dtype) * term.scale
+    axis = output_axis(term)
+    other = [d for d in range(adapted.dim()) if d != axis]
+    norm = torch.linalg.vector_norm(adapted, dim=other, keepdim=True)
+    magnitude = term.magnitude.to(dtype).reshape(norm.shape)
+    return adapted * (magnitude / norm) - base
+
+
+def add_bias(
+    b0: torch.Tensor,
+    deltas: list[tuple[float, torch.Tensor]],
+    *,
+    compute_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """b0 + sum coef * lora_B.bias: lora_bias is scaled like B (PEFT Linear.merge)."""
+    acc = b0.to(compute_dtype).clone()
+    for coef, bias in deltas:
+        acc.add_(bias.to(compute_dtype), alpha=coef)
+    return round_once(acc, out_dtype)
+
+
+def replace_rows(w0: torch.Tensor, indices: list[int], rows: torch.Tensor) -> torch.Tensor:
+    """W0 with the given rows replaced (trainable tokens store the new rows, not deltas)."""
+    out = w0.clone()
+    out[torch.tensor(indices, dtype=torch.long, device=w0.device)] = rows.to(w0)
+    return out

@@ -1,0 +1,310 @@
+"""The merge pipeline: open the base and adapters, plan, then stream every tensor to the sink."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from loramerge import __version__, dtypes
+from loramerge.adapter import Adapter, load_adapter
+from loramerge.delta import Term, add_bias, merge_weight, replace_rows, round_once
+from loramerge.errors import LoramergeError
+from loramerge.plan import Plan, TensorPlan, build_plan
+from loramerge.sink.atomic import AtomicFolder
+from loramerge.sink.hf_folder import copy_files, write_config, write_model_card, write_provenance
+from loramerge.sink.safetensors_writer import Entry
+from loramerge.sink.sharded import ShardedWriter
+from loramerge.source.checkpoint import Checkpoint, open_weights
+
+# Files of a model folder that are weights or that the merge writes itself.
+_NOT_COPIED = {"config.json", "README.md", "loramerge.json", "adapter_config.json"}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".gguf")
+_TOKENIZER_FILES = {
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+}
+
+# Called after each tensor with (bytes just written, total bytes to write).
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class MergeResult:
+    """What a merge did (or, for a dry run, would do)."""
+
+    output: Path
+    plan: Plan
+    adapters: list[dict]
+    dry_run: bool
+    bytes_written: int = 0
+    seconds: float = 0.0
+    files: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        """The JSON object `--json` prints."""
+        return {
+            "command": "merge",
+            "output": str(self.output),
+            "dry_run": self.dry_run,
+            "tensors_total": len(self.plan.tensors),
+            "tensors_modified": len(self.plan.modified),
+            "bytes_written": self.bytes_written,
+            "seconds": round(self.seconds, 3),
+            "files": self.files,
+            "adapters": self.adapters,
+            "notes": self.plan.notes,
+        }
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """Knobs of a merge, as the CLI names them."""
+
+    weights: tuple[float, ...] = ()
+    dtype: str = "auto"
+    device: str = "auto"
+    compute_dtype: str = "float32"
+    max_shard_size: int = 5_000_000_000
+    overwrite: bool = False
+    allow_pickle: bool = False
+    dry_run: bool = False
+
+
+def merge(
+    base: Path,
+    adapters: list[Path],
+    output: Path,
+    options: MergeOptions = MergeOptions(),
+    progress: Progress | None = None,
+) -> MergeResult:
+    """Merge `adapters` (each times its weight) into `base`, writing a new folder `output`."""
+    start = time.perf_counter()
+    base, output = Path(base), Path(output)
+    adapters = [Path(a) for a in adapters]
+    weights = list(options.weights) or [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise LoramergeError(f"got {len(weights)} weights for {len(adapters)} adapters")
+    _check_output_is_not_input(output, [base, *adapters])
+    if output.exists() and not options.overwrite:
+        raise LoramergeError(f"{output} already exists; pass --overwrite to replace it")
+    device = resolve_device(options.device)
+    out_dtype = None if options.dtype == "auto" else dtypes.from_name(options.dtype)
+    compute = {"float32": torch.float32, "float64": torch.float64}[options.compute_dtype]
+    config = _read_config(base)
+    opened: list[Adapter] = []
+    with open_weights(base, stem="model", allow_pickle=options.allow_pickle) as checkpoint:
+        try:
+            for path in adapters:
+                opened.append(load_adapter(path, allow_pickle=options.allow_pickle))
+            plan = build_plan(checkpoint, config, opened, weights, out_dtype)
+            described = [_describe_adapter(a, w) for a, w in zip(opened, weights, strict=True)]
+            result = MergeResult(output, plan, described, options.dry_run)
+            if options.dry_run:
+                return result
+            with AtomicFolder(output, overwrite=options.overwrite) as folder:
+                writer = ShardedWriter(
+                    folder.path,
+                    [Entry(t.name, t.dtype, t.shape) for t in plan.tensors],
+                    options.max_shard_size,
+                    {"format": "pt"},
+                )
+                try:
+                    by_name = {t.name: t for t in plan.tensors}
+                    for entry in writer.order:
+                        tensor_plan = by_name[entry.name]
+                        _write_tensor(writer, tensor_plan, checkpoint, opened, device, compute)
+                        result.bytes_written += entry.nbytes
+                        if progress:
+                            progress(entry.nbytes, plan.nbytes)
+                    writer.finish()
+                except BaseException:
+                    writer.abort()
+                    raise
+                result.files = list(writer.files)
+                record = _provenance(base, config, opened, described, plan, options, device)
+                _write_side_files(folder.path, base, config, plan, opened, record)
+                folder.commit()
+        finally:
+            for adapter in opened:
+                adapter.close()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` picks CUDA when present; an explicit CUDA device must exist."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise LoramergeError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LoramergeError(f"--device {device}: no CUDA device is available")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise LoramergeError(
+                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present"
+            )
+    elif resolved.type != "cpu":
+        raise LoramergeError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
+    return resolved
+
+
+def _write_tensor(
+    writer: ShardedWriter,
+    plan: TensorPlan,
+    base: Checkpoint,
+    adapters: list[Adapter],
+    device: torch.device,
+    compute: torch.dtype,
+) -> None:
+    """Produce one output tensor and hand it to the writer (raw bytes when untouched)."""
+    stored = base.tensors[plan.source]
+    raw = base.raw(plan.source)
+    if not plan.modified and plan.dtype == stored.dtype and raw is not None:
+        writer.copy(plan.name, raw.fd, raw.offset, raw.nbytes)
+        return
+    out_dtype = dtypes.to_torch(plan.dtype)
+    weight = base.read(plan.source)
+    if plan.replace:
+        weight = adapters[plan.replace.adapter].weights.read(plan.replace.key)
+    for rows in plan.rows:
+        new_rows = adapters[rows.adapter].weights.read(rows.rows.key)
+        weight = replace_rows(weight, list(rows.rows.indices), new_rows)
+    if plan.lora:
+        terms = [_term(adapters[t.adapter], t.module, t.weight, device) for t in plan.lora]
+        weight = merge_weight(weight.to(device), terms, compute_dtype=compute, out_dtype=out_dtype)
+    elif plan.bias:
+        deltas = [
+            (t.weight * t.module.scale, adapters[t.adapter].weights.read(t.module.bias_key))
+            for t in plan.bias
+        ]
+        weight = add_bias(weight, deltas, compute_dtype=compute, out_dtype=out_dtype)
+    weight = round_once(weight, out_dtype).cpu().contiguous()
+    writer.write(plan.name, weight.reshape(-1).view(torch.uint8).numpy())
+
+
+def _term(adapter: Adapter, module, weight: float, device: torch.device) -> Term:
+    """Load one LoRA module's tensors onto the compute device."""
+    read = adapter.weights.read
+    magnitude = read(module.magnitude_key).to(device) if module.magnitude_key else None
+    return Term(
+        kind=module.kind,
+        a=read(module.a_key).to(device),
+        b=read(module.b_key).to(device),
+        coef=weight * module.scale,
+        weight=weight,
+        scale=module.scale,
+        fan_in_fan_out=module.fan_in_fan_out,
+        magnitude=magnitude,
+    )
+
+
+def _check_output_is_not_input(output: Path, inputs: list[Path]) -> None:
+    out = output.resolve()
+    for path in inputs:
+        src = path.resolve()
+        if src == out or out in src.parents:
+            raise LoramergeError(f"output {output} would overwrite input {path}")
+
+
+def _read_config(base: Path) -> dict | None:
+    path = base / "config.json"
+    if not base.is_dir() or not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LoramergeError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise LoramergeError(f"{path}: not a JSON object")
+    return config
+
+
+def _describe_adapter(adapter: Adapter, weight: float) -> dict:
+    """The provenance entry of one adapter (the sha256 is filled in when writing)."""
+    overrides = {m.module: m.scale for m in adapter.modules if m.scale != adapter.default_scale}
+    return {
+        "source": str(adapter.path),
+        "weights_file": adapter.weights.files[0].name,
+        "weight": weight,
+        "rank": adapter.rank,
+        "alpha": adapter.alpha,
+        "scale": adapter.default_scale,
+        "scale_overrides": overrides,
+        "use_rslora": adapter.use_rslora,
+        "use_dora": adapter.use_dora,
+        "lora_modules": len(adapter.modules),
+        "replaced_tensors": sorted(f.target for f in adapter.full),
+        "trainable_token_rows": sorted(r.target for r in adapter.token_rows),
+    }
+
+
+def _provenance(base, config, adapters, described, plan, options, device) -> dict:
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    entries = [{**d, "sha256": a.sha256()} for a, d in zip(adapters, described, strict=True)]
+    out_dtypes = sorted({t.dtype for t in plan.tensors if t.modified} or {"unchanged"})
+    return {
+        "format": "loramerge.provenance",
+        "format_version": 1,
+        "tool": {"name": "loramerge", "version": __version__},
+        "created": now,
+        "base": {"source": str(base), "architectures": (config or {}).get("architectures")},
+        "adapters": entries,
+        "history": [{"op": "merge", "adapters": [e["source"] for e in entries], "at": now}],
+        "dtype": options.dtype
+        if options.dtype != "auto"
+        else "auto (" + ", ".join(out_dtypes) + ")",
+        "compute_dtype": options.compute_dtype,
+        "device": device.type,
+        "tensors": {"total": len(plan.tensors), "modified": len(plan.modified)},
+        "notes": list(plan.notes),
+    }
+
+
+def _write_side_files(folder, base, config, plan, adapters, record) -> None:
+    """config.json, tokenizer and generation files, model card and provenance."""
+    if config is not None:
+        write_config(folder, config, plan.config_updates)
+    side = _side_files(base) if base.is_dir() else []
+    tokenizer_from = next(
+        (
+            a.path
+            for a in reversed(adapters)
+            if any(f.name in _TOKENIZER_FILES for f in _side_files(a.path))
+        ),
+        None,
+    )
+    if tokenizer_from is not None:
+        side = [f for f in side if f.name not in _TOKENIZER_FILES]
+        side += [f for f in _side_files(tokenizer_from) if f.name in _TOKENIZER_FILES]
+        record["notes"].append(f"tokenizer files taken from adapter {tokenizer_from}")
+    copy_files(folder, side)
+    write_provenance(folder, record)
+    write_model_card(folder, record)
+
+
+def _side_files(folder: Path) -> list[Path]:
+    """Top-level regular files of a model folder that are neither weights nor ours."""
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file()
+        and not p.name.startswith(".")
+        and p.name not in _NOT_COPIED
+        and not p.name.endswith(_WEIGHT_SUFFIXES)
+    )

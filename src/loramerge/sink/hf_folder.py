@@ -1,0 +1,79 @@
+"""Everything in a merged folder besides the weights: config, tokenizer files, card, provenance."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+PROVENANCE = "loramerge.json"
+_CARD_TEMPLATE = """---
+base_model: {base_model}
+library_name: transformers
+tags:
+- lora
+- merge
+- loramerge
+---
+
+# {title}
+
+This model is `{base_model}` with LoRA adapters merged into its weights by
+[loramerge](https://pypi.org/project/loramerge/) {version}.
+
+| adapter | weight | rank | scale | sha256 |
+|---|---|---|---|---|
+{rows}
+
+Weights: {dtype}. Tensors modified: {modified} of {total}.{notes}
+
+The full provenance record is in `{provenance}`.
+"""
+
+
+def write_config(folder: Path, config: dict, updates: dict) -> None:
+    """config.json with the merge's changes (dtype, vocab_size, tie_word_embeddings)."""
+    merged = {**config, **updates}
+    (folder / "config.json").write_text(json.dumps(merged, indent=2) + "\n")
+
+
+def copy_files(folder: Path, files: list[Path]) -> None:
+    """Copy side files (tokenizer, generation config, chat template) unchanged."""
+    for path in files:
+        shutil.copyfile(path, folder / path.name)
+
+
+def write_provenance(folder: Path, record: dict) -> None:
+    """The machine-readable record of what is inside this checkpoint."""
+    (folder / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def write_model_card(folder: Path, record: dict) -> None:
+    """README.md with YAML front matter (base_model, tags) rendered from the provenance record."""
+    rows = "\n".join(
+        f"| `{a['source']}` | {a['weight']:g} | {a['rank']} | {a['scale']:g} "
+        f"| `{a['sha256'][:12]}` |"
+        for a in record["adapters"]
+    )
+    notes = "".join(f"\n\n- {note}" for note in record.get("notes", []))
+    base_model = record["base"]["source"]
+    card = _CARD_TEMPLATE.format(
+        base_model=json.dumps(base_model),
+        title=f"{base_model} + {len(record['adapters'])} LoRA adapter(s)",
+        version=record["tool"]["version"],
+        rows=rows,
+        dtype=record["dtype"],
+        modified=record["tensors"]["modified"],
+        total=record["tensors"]["total"],
+        notes=notes,
+        provenance=PROVENANCE,
+    )
+    (folder / "README.md").write_text(card)
+
+
+def read_provenance(folder: Path) -> dict | None:
+    """The provenance record of a merged folder, or None when it has none."""
+    path = Path(folder) / PROVENANCE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())

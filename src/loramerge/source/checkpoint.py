@@ -1,0 +1,168 @@
+"""A checkpoint on disk: one or more tensor files seen as one name -> tensor mapping.
+
+Handles a folder with sharded safetensors and `model.safetensors.index.json`, a folder with a
+single `model.safetensors`, a bare `.safetensors` file, and (only when the user allows pickle)
+`pytorch_model.bin` / `adapter_model.bin`, loaded with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loramerge import dtypes
+from loramerge.errors import LoramergeError
+from loramerge.source.safetensors_file import SafetensorsFile, TensorInfo
+
+
+@dataclass(frozen=True)
+class RawRange:
+    """Bytes of one stored tensor: copy them without decoding."""
+
+    fd: int
+    offset: int
+    nbytes: int
+
+
+class Checkpoint:
+    """Tensors of one checkpoint, readable one at a time; use as a context manager."""
+
+    def __init__(self, path: Path, files: list[SafetensorsFile], pickled: dict | None = None):
+        self.path = path
+        self._files = files
+        self._pickled = pickled or {}
+        self.tensors: dict[str, TensorInfo] = {}
+        self._owner: dict[str, SafetensorsFile] = {}
+        for file in files:
+            for name, info in file.tensors.items():
+                if name in self.tensors:
+                    raise LoramergeError(
+                        f"{path}: tensor {name!r} is stored in both "
+                        f"{self.tensors[name].path.name} and {info.path.name}"
+                    )
+                self.tensors[name] = info
+                self._owner[name] = file
+        for name, tensor in self._pickled.items():
+            self.tensors[name] = TensorInfo(
+                name,
+                path,
+                dtypes.from_torch(tensor.dtype),
+                tuple(tensor.shape),
+                0,
+                tensor.numel() * tensor.element_size(),
+            )
+
+    @property
+    def files(self) -> list[Path]:
+        """The weight files this checkpoint reads."""
+        return [f.path for f in self._files] or [self.path]
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor into CPU memory."""
+        if name in self._pickled:
+            return self._pickled[name]
+        return self._owner[name].read(name)
+
+    def raw(self, name: str) -> RawRange | None:
+        """Byte range of a tensor stored as raw bytes in a file, or None (pickle)."""
+        owner = self._owner.get(name)
+        if owner is None:
+            return None
+        info = self.tensors[name]
+        return RawRange(owner.fd, info.offset, info.nbytes)
+
+    def close(self) -> None:
+        """Close every open file."""
+        for file in self._files:
+            file.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_weights(path: Path, *, stem: str, allow_pickle: bool) -> Checkpoint:
+    """Open the weights of a folder (named `{stem}.safetensors` and friends) or a single file."""
+    path = Path(path)
+    if not path.exists():
+        raise LoramergeError(f"{path} does not exist")
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            return _open_files(path, [path])
+        if path.suffix in (".bin", ".pt", ".pth"):
+            return _open_pickle(path, path, allow_pickle)
+        raise LoramergeError(f"{path}: not a .safetensors file or a checkpoint folder")
+    index = path / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_index(path, index)
+        checkpoint = _open_files(path, list(dict.fromkeys(path / s for s in weight_map.values())))
+        for name, shard in weight_map.items():
+            info = checkpoint.tensors.get(name)
+            if info is None or info.path != path / shard:
+                checkpoint.close()
+                raise LoramergeError(f"{index}: tensor {name!r} is not in {shard}")
+        return checkpoint
+    single = path / f"{stem}.safetensors"
+    if single.is_file():
+        return _open_files(path, [single])
+    pickled = path / ("pytorch_model.bin" if stem == "model" else f"{stem}.bin")
+    if pickled.is_file():
+        return _open_pickle(path, pickled, allow_pickle)
+    if (path / "pytorch_model.bin.index.json").is_file():
+        raise LoramergeError(f"{path}: sharded pickle checkpoints are not supported; convert them")
+    raise LoramergeError(f"{path}: no {stem}.safetensors or {stem}.safetensors.index.json found")
+
+
+def _open_files(root: Path, paths: list[Path]) -> Checkpoint:
+    files: list[SafetensorsFile] = []
+    try:
+        for p in paths:
+            files.append(SafetensorsFile(p))
+        return Checkpoint(root, files)
+    except BaseException:
+        for f in files:
+            f.close()
+        raise
+
+
+def _read_index(folder: Path, index: Path) -> dict[str, str]:
+    """The index's weight_map, every shard checked to exist inside the folder."""
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LoramergeError(f"{index}: not a readable JSON index ({exc})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise LoramergeError(f"{index}: no weight_map")
+    real_folder = folder.resolve()
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise LoramergeError(f"{index}: tensor {name!r} maps to {shard!r}, not a file name")
+        candidate = folder / shard
+        if Path(shard).is_absolute() or real_folder not in candidate.resolve().parents:
+            raise LoramergeError(f"{index}: shard {shard!r} lies outside {folder}")
+        if not candidate.is_file():
+            raise LoramergeError(f"{index}: shard {shard!r} does not exist")
+    return weight_map
+
+
+def _open_pickle(root: Path, path: Path, allow_pickle: bool) -> Checkpoint:
+    if not allow_pickle:
+        raise LoramergeError(
+            f"{path} is a pickle file, which can run code when loaded; pass --allow-pickle to "
+            "load it anyway (with torch.load(weights_only=True))"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # torch raises many types for a bad pickle
+        raise LoramergeError(f"{path}: cannot load pickle checkpoint ({exc})") from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise LoramergeError(f"{path}: not a state dict of named tensors")
+    return Checkpoint(root, [], pickled={k: v.contiguous() for k, v in state.items()})
