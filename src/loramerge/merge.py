@@ -182,6 +182,8 @@ def _write_tensor(
     weight = base.read(plan.source)
     if plan.replace:
         weight = adapters[plan.replace.adapter].weights.read(plan.replace.key)
+    if plan.rows:
+        weight = weight.to(compute)  # new rows stay exact until the one final rounding
     for rows in plan.rows:
         new_rows = adapters[rows.adapter].weights.read(rows.rows.key)
         weight = replace_rows(weight, list(rows.rows.indices), new_rows)

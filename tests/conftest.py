@@ -1,0 +1,62 @@
+"""Shared test setup: fixture paths, an in-process CLI runner, and the inputs-unchanged guard."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+LLAMA = FIXTURES / "llama-base"
+GPT2 = FIXTURES / "gpt2-base"
+ADAPTERS = FIXTURES / "adapters"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under a folder, by relative path."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fixtures_unchanged():
+    """Every committed fixture file has the same sha256 after the whole suite as before it."""
+    before = tree_hashes(FIXTURES)
+    yield
+    assert tree_hashes(FIXTURES) == before, "a test modified an input fixture"
+
+
+class CliResult:
+    """Exit code and captured output of one CLI run."""
+
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+
+@pytest.fixture
+def cli(capfd):
+    """Run `loramerge ARGS...` in process through the real entry point; return a CliResult."""
+    from loramerge.cli import main
+
+    def run(*args) -> CliResult:
+        argv = sys.argv
+        sys.argv = ["loramerge", *map(str, args)]
+        capfd.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            sys.argv = argv
+        out, err = capfd.readouterr()
+        return CliResult(code, out, err)
+
+    return run
