@@ -102,7 +102,7 @@ def _apply_lora(out, start, target, base, state, cfg, module, weight) -> None:
     delta_abs = (b.abs() @ a.abs()).T if transpose else b.abs() @ a.abs()
     name = target(f"{module}.weight")
     exp = start(name)
-    w0 = (base[name] if name in base else exp.value).double()
+    w0 = (base.get(name, exp.value)).double()
     magnitude = state.get(f"{module}.lora_magnitude_vector")
     if magnitude is None:
         exp.value += weight * scale * delta

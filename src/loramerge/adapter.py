@@ -276,6 +276,11 @@ def _lora_module(adapter: Adapter, module: str, roles: dict[str, str]) -> LoraMo
         kind = "linear" if len(a) == 2 else "conv"
         rank_a, rank_b = (a[0] if a else -1), (b[1] if len(b) >= 2 else -1)
         ok_dims = len(a) == len(b) and len(a) in (2, 3, 4, 5)
+    if kind == "conv" and ok_dims and rank_b > 0 and rank_a != rank_b and rank_a % rank_b == 0:
+        raise LoramergeError(
+            f"{where}: module {module!r} is LoRA on a grouped convolution "
+            f"(groups={rank_a // rank_b}); PEFT cannot merge that and neither can loramerge"
+        )
     if not ok_dims or rank_a != rank_b or rank_a <= 0:
         raise LoramergeError(
             f"{where}: module {module!r}: A {list(a)} and B {list(b)} do not make a rank-r pair"

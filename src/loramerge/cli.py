@@ -190,7 +190,7 @@ def inspect_command(path, as_json, allow_pickle):
     if provenance:
         inside = Table(title="adapters inside (provenance)")
         for column in ("source", "weight", "rank", "scale", "sha256"):
-            inside.add_column(column)
+            inside.add_column(column, overflow="fold")
         for a in provenance["adapters"]:
             inside.add_row(
                 a["source"], f"{a['weight']:g}", str(a["rank"]), f"{a['scale']:g}", a["sha256"][:16]
@@ -276,7 +276,7 @@ def _print_plan(result: MergeResult) -> None:
         f"tensors change (dry run, nothing written)"
     )
     for column in ("tensor", "action", "adapters (index: rank, scale, weight)", "dtype", "shape"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for t in result.plan.modified:
         adapters = "; ".join(
             f"{x.adapter}: r={x.module.rank}, s={x.module.scale:g}, w={x.weight:g}" for x in t.lora

@@ -172,12 +172,6 @@ class _Builder:
         a, b = tensors[module.a_key].shape, tensors[module.b_key].shape
         if module.kind == "conv":
             expected = (b[0], a[1], *a[2:])
-            if len(plan.shape) == len(expected) and plan.shape[1] != a[1]:
-                self.errors.append(
-                    f"{adapter.path.name}: {plan.name} is a grouped convolution; "
-                    "PEFT cannot merge LoRA into it and neither can loramerge"
-                )
-                return
         elif module.kind == "embedding" or module.fan_in_fan_out:
             expected = (a[1], b[0])
         else:
