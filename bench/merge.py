@@ -358,6 +358,10 @@ def bench_size(args: argparse.Namespace, layers: int, lm_ok: tuple[bool, str]) -
         rows["loramerge"].note = f"skipped: `{args.loramerge_cmd} --version` failed ({lm_ok[1]})"
     warm_cache(base)
     warm_cache(adapter)
+    for tool, row in rows.items():  # untimed warm-up: first touches of fresh VM memory are slow
+        if args.warmup and not row.note.startswith("skipped"):
+            settle(out)
+            measure(["sh", "-c", cmds[tool]], log, env)
     for rep in range(args.repeat):
         for tool, row in rows.items():
             if row.note.startswith("skipped"):
@@ -548,6 +552,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["copy", "loramerge", "peft"],
     )
     p.add_argument("--json", type=Path, help="write results as JSON here")
+    p.add_argument(
+        "--warmup", type=int, default=1, choices=[0, 1], help="one untimed run per tool first"
+    )
     p.add_argument("--shards", type=int, default=2, help="base checkpoint shards (default 2)")
     p.add_argument("--adapter-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--seed", type=int, default=0)

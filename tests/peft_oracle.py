@@ -19,7 +19,7 @@ PROBE_TEXT = [
 def _resized_vocab(adapter: Path) -> int | None:
     """Rows of a vocabulary-resized modules_to_save tensor in the adapter, if any."""
     with safe_open(adapter / "adapter_model.safetensors", "pt") as fh:
-        for key in fh:
+        for key in fh.keys():  # noqa: SIM118 - safe_open is not iterable
             if key.endswith(("embed_tokens.weight", "lm_head.weight", "wte.weight")):
                 return fh.get_slice(key).get_shape()[0]
     return None

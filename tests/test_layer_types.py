@@ -39,9 +39,11 @@ def _write(tmp_path, target_modules, **config):
     )
     model = get_peft_model(net, lora)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.requires_grad:
-                param.add_(0.3 * torch.randn_like(param) * (param.std() if param.numel() > 1 else 1))
+                param.add_(
+                    0.3 * torch.randn_like(param) * (param.std() if param.numel() > 1 else 1)
+                )
     adapter = tmp_path / "adapter"
     model.save_pretrained(adapter)
     return base, adapter, model

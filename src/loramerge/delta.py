@@ -53,15 +53,56 @@ def lora_delta(term: Term, shape: torch.Size, dtype: torch.dtype) -> torch.Tenso
     return a.T @ b.T if transposed(term) else b @ a
 
 
+# Rows per block are chosen so one float32 block (~1 MiB) stays in cache between the
+# conversion, the rank-r update and the rounding: three passes over cache, one over memory.
+BLOCK_ELEMENTS = 1 << 18
+
+
 def merge_weight(
-    w0: torch.Tensor, terms: list[Term], *, compute_dtype: torch.dtype, out_dtype: torch.dtype
+    w0: torch.Tensor,
+    terms: list[Term],
+    *,
+    compute_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """W0 + sum of the terms, computed in `compute_dtype` on W0's device, rounded once."""
+    """W0 + sum of the terms, computed in `compute_dtype` on W0's device, rounded once.
+
+    `out` (W0's shape, `out_dtype`) receives the result and may be W0 itself.
+    """
+    if out is None:
+        out = torch.empty(w0.shape, dtype=out_dtype, device=w0.device)
+    if w0.dim() != 2 or any(t.kind == "conv" or t.magnitude is not None for t in terms):
+        return out.copy_(_merge_whole(w0, terms, compute_dtype, out_dtype))
+    rows, cols = w0.shape
+    step = max(1, BLOCK_ELEMENTS // max(cols, 1))
+    scratch = torch.empty(step * cols, dtype=compute_dtype, device=w0.device)
+    factors = [(t.a.to(compute_dtype), t.b.to(compute_dtype), t) for t in terms]
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        acc = scratch[: (r1 - r0) * cols].view(r1 - r0, cols)
+        acc.copy_(w0[r0:r1])
+        for a, b, term in factors:
+            if transposed(term):  # rows r0:r1 of (B@A)^T are A[:, r0:r1]^T @ B^T
+                acc.addmm_(a[:, r0:r1].T, b.T, alpha=term.coef)
+            else:
+                acc.addmm_(b[r0:r1], a, alpha=term.coef)
+        if acc.dtype == torch.float64:
+            out[r0:r1].copy_(round_once(acc, out_dtype))
+        else:
+            out[r0:r1].copy_(acc)  # copy_ rounds to nearest even: the one rounding
+    return out
+
+
+def _merge_whole(
+    w0: torch.Tensor, terms: list[Term], compute_dtype: torch.dtype, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """The unblocked merge, for DoRA (whole-row norms) and convolutions."""
     acc = w0.to(compute_dtype, copy=True)
     base = w0.to(compute_dtype) if any(t.magnitude is not None for t in terms) else None
     for term in terms:
         if term.magnitude is None:
-            _add_lora(acc, term, compute_dtype)
+            acc.add_(lora_delta(term, acc.shape, compute_dtype), alpha=term.coef)
         else:
             acc.add_(dora_contribution(base, term, compute_dtype), alpha=term.weight)
     return round_once(acc, out_dtype)
@@ -82,18 +123,6 @@ def round_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     bits = bits - (back.abs() > x.abs()).to(torch.int32)  # one step toward zero: truncation
     bits = bits | (back != x).to(torch.int32)  # sticky bit: the value was inexact
     return bits.view(torch.float32).to(dtype)
-
-
-def _add_lora(acc: torch.Tensor, term: Term, dtype: torch.dtype) -> None:
-    """acc += coef * dW, as one fused multiply-add where the layout allows it."""
-    if term.kind == "conv":
-        acc.add_(lora_delta(term, acc.shape, dtype), alpha=term.coef)
-        return
-    a, b = term.a.to(dtype), term.b.to(dtype)
-    if transposed(term):
-        acc.addmm_(a.T, b.T, alpha=term.coef)
-    else:
-        acc.addmm_(b, a, alpha=term.coef)
 
 
 def dora_contribution(base: torch.Tensor, term: Term, dtype: torch.dtype) -> torch.Tensor:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -122,13 +126,9 @@ def merge(
                     {"format": "pt"},
                 )
                 try:
-                    by_name = {t.name: t for t in plan.tensors}
-                    for entry in writer.order:
-                        tensor_plan = by_name[entry.name]
-                        _write_tensor(writer, tensor_plan, checkpoint, opened, device, compute)
-                        result.bytes_written += entry.nbytes
-                        if progress:
-                            progress(entry.nbytes, plan.nbytes)
+                    result.bytes_written = _write_tensors(
+                        writer, plan, checkpoint, opened, device, compute, progress
+                    )
                     writer.finish()
                 except BaseException:
                     writer.abort()
@@ -164,13 +164,53 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def _write_tensors(writer, plan, checkpoint, adapters, device, compute, progress) -> int:
+    """Produce every tensor on a few threads (torch and file I/O release the GIL); bytes written.
+
+    Each thread owns one tensor at a time and writes it to its own byte range, so order does not
+    matter; torch's own thread pool is held to one thread meanwhile to avoid oversubscription.
+    """
+    workers = min(4, os.cpu_count() or 1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    done = 0
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="loramerge") as pool:
+            work = partial(_write_tensor, writer, checkpoint, adapters, device, compute)
+            futures = [pool.submit(work, t) for t in plan.tensors]
+            try:
+                for future, tensor in zip(futures, plan.tensors, strict=True):
+                    future.result()
+                    done += tensor.nbytes
+                    if progress:
+                        progress(tensor.nbytes, plan.nbytes)
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+    finally:
+        torch.set_num_threads(previous)
+    return done
+
+
+_scratch = threading.local()
+
+
+def _buffer(nbytes: int) -> torch.Tensor:
+    """This thread's reusable read buffer, grown as needed (no fresh pages per tensor)."""
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < nbytes:
+        buffer = _scratch.buffer = torch.empty(nbytes, dtype=torch.uint8)
+    return buffer
+
+
 def _write_tensor(
     writer: ShardedWriter,
-    plan: TensorPlan,
     base: Checkpoint,
     adapters: list[Adapter],
     device: torch.device,
     compute: torch.dtype,
+    plan: TensorPlan,
 ) -> None:
     """Produce one output tensor and hand it to the writer (raw bytes when untouched)."""
     stored = base.tensors[plan.source]
@@ -179,7 +219,7 @@ def _write_tensor(
         writer.copy(plan.name, raw.fd, raw.offset, raw.nbytes)
         return
     out_dtype = dtypes.to_torch(plan.dtype)
-    weight = base.read(plan.source)
+    weight = base.read(plan.source, _buffer(stored.nbytes))
     if plan.replace:
         weight = adapters[plan.replace.adapter].weights.read(plan.replace.key)
     if plan.rows:
@@ -189,7 +229,14 @@ def _write_tensor(
         weight = replace_rows(weight, list(rows.rows.indices), new_rows)
     if plan.lora:
         terms = [_term(adapters[t.adapter], t.module, t.weight, device) for t in plan.lora]
-        weight = merge_weight(weight.to(device), terms, compute_dtype=compute, out_dtype=out_dtype)
+        in_place = device.type == "cpu" and weight.dtype == out_dtype
+        weight = merge_weight(
+            weight.to(device),
+            terms,
+            compute_dtype=compute,
+            out_dtype=out_dtype,
+            out=weight if in_place else None,
+        )
     elif plan.bias:
         deltas = [
             (t.weight * t.module.scale, adapters[t.adapter].weights.read(t.module.bias_key))

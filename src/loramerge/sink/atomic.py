@@ -21,8 +21,10 @@ class AtomicFolder:
         if self.final.exists() and not self.final.is_dir():
             raise LoramergeError(f"{self.final} exists and is not a folder")
         parent = self.final.parent
-        if not parent.is_dir():
-            raise LoramergeError(f"output parent folder {parent} does not exist")
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LoramergeError(f"cannot create output folder {parent}: {exc.strerror}") from exc
         self.path = parent / f".{self.final.name}{TEMP_MARK}{os.getpid()}"
         if self.path.exists():
             shutil.rmtree(self.path)

@@ -1,8 +1,9 @@
-"""Write safetensors files as a stream: the header first, then each tensor's bytes in order.
+"""Write safetensors files whose header comes first: every offset is known before any data.
 
-Shapes and dtypes are known from the plan, so the header (with every offset) is written before
-any data and no shard is ever held in memory. Untouched tensors are copied file to file with
-`copy_file_range` (the kernel moves the bytes; they never enter this process).
+Shapes and dtypes come from the plan, so the header is written at once and each tensor then goes
+to its own byte range with positional writes, in any order and from several threads; no shard is
+ever held in memory. Untouched tensors are copied file to file with `copy_file_range` (the kernel
+moves the bytes; they never enter this process).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,15 +53,13 @@ def aligned_order(entries: list[Entry]) -> list[Entry]:
 
 
 class SafetensorsWriter:
-    """Writes one safetensors file; tensors must arrive in the order given."""
+    """One safetensors file: header written on creation, tensors written by name, any order."""
 
     def __init__(self, path: Path, entries: list[Entry], metadata: dict[str, str]) -> None:
         self.path = Path(path)
-        self._entries = list(entries)
-        self._next = 0
         header: dict[str, object] = {"__metadata__": metadata}
         offset = 0
-        for entry in self._entries:
+        for entry in entries:
             header[entry.name] = {
                 "dtype": entry.dtype,
                 "shape": list(entry.shape),
@@ -67,43 +67,50 @@ class SafetensorsWriter:
             }
             offset += entry.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
+        raw += b" " * (-len(raw) % 8)  # the data region starts 8-byte aligned
+        start = 8 + len(raw)
+        self._ranges = {
+            name: (
+                start + spec["data_offsets"][0],
+                spec["data_offsets"][1] - spec["data_offsets"][0],
+            )
+            for name, spec in header.items()
+            if name != "__metadata__"
+        }
+        self._pending = set(self._ranges)
+        self._lock = threading.Lock()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self._pos = 0
-        self._write(len(raw).to_bytes(8, "little") + raw)
+        _pwrite_all(self._fd, memoryview(len(raw).to_bytes(8, "little") + raw), 0)
 
-    def write(self, name: str, data: memoryview) -> None:
-        """Append the bytes of the next tensor."""
+    def write(self, name: str, data) -> None:
+        """Write the bytes of tensor `name` to its place."""
         view = memoryview(data).cast("B")
-        self._expect(name, len(view))
-        self._write(view)
+        _pwrite_all(self._fd, view, self._claim(name, len(view)))
 
     def copy(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
-        """Append the next tensor by copying `nbytes` from another file, kernel side."""
-        self._expect(name, nbytes)
+        """Write tensor `name` by copying `nbytes` from another file, kernel side."""
+        position = self._claim(name, nbytes)
         done = 0
         while done < nbytes:
+            size = min(nbytes - done, _CHUNK)
             try:
                 moved = os.copy_file_range(
-                    src_fd, self._fd, min(nbytes - done, _CHUNK), src_offset + done, self._pos
+                    src_fd, self._fd, size, src_offset + done, position + done
                 )
             except OSError:
-                moved = 0  # cross-device or unsupported: fall back to read/write below
+                moved = 0  # cross-device or unsupported: fall back to read + write
             if moved == 0:
-                data = os.pread(src_fd, min(nbytes - done, _CHUNK), src_offset + done)
+                data = os.pread(src_fd, size, src_offset + done)
                 if not data:
                     raise OSError(f"source ended early while copying {name}")
-                self._write(data)
+                _pwrite_all(self._fd, memoryview(data), position + done)
                 moved = len(data)
-            else:
-                self._pos += moved
             done += moved
 
     def finish(self) -> None:
-        """Check every tensor arrived, flush to disk, close."""
-        if self._next != len(self._entries):
-            missing = self._entries[self._next].name
-            raise RuntimeError(f"{self.path}: tensor {missing} was never written")
+        """Check every tensor was written, flush to disk, close."""
+        if self._pending:
+            raise RuntimeError(f"{self.path}: never written: {sorted(self._pending)[:5]}")
         os.fsync(self._fd)
         self.close()
 
@@ -113,18 +120,18 @@ class SafetensorsWriter:
             os.close(self._fd)
             self._fd = -1
 
-    def _expect(self, name: str, nbytes: int) -> Entry:
-        entry = self._entries[self._next]
-        if entry.name != name or entry.nbytes != nbytes:
-            raise RuntimeError(
-                f"{self.path}: expected {entry.name} ({entry.nbytes} bytes), got {name} ({nbytes})"
-            )
-        self._next += 1
-        return entry
+    def _claim(self, name: str, nbytes: int) -> int:
+        """Mark `name` written once, check its size, and return its file offset."""
+        with self._lock:
+            position, expected = self._ranges[name]
+            if name not in self._pending or nbytes != expected:
+                raise RuntimeError(f"{self.path}: {name} written twice or with {nbytes} bytes")
+            self._pending.remove(name)
+        return position
 
-    def _write(self, data) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            written = os.pwrite(self._fd, view[:_CHUNK], self._pos)
-            self._pos += written
-            view = view[written:]
+
+def _pwrite_all(fd: int, view: memoryview, position: int) -> None:
+    while view:
+        written = os.pwrite(fd, view[:_CHUNK], position)
+        position += written
+        view = view[written:]

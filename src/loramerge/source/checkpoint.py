@@ -60,11 +60,11 @@ class Checkpoint:
         """The weight files this checkpoint reads."""
         return [f.path for f in self._files] or [self.path]
 
-    def read(self, name: str) -> torch.Tensor:
-        """Read one tensor into CPU memory."""
+    def read(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor into CPU memory (into a view of the uint8 buffer `into`, if given)."""
         if name in self._pickled:
             return self._pickled[name]
-        return self._owner[name].read(name)
+        return self._owner[name].read(name, into)
 
     def raw(self, name: str) -> RawRange | None:
         """Byte range of a tensor stored as raw bytes in a file, or None (pickle)."""

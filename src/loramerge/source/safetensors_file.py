@@ -64,14 +64,13 @@ class SafetensorsFile:
         """The open file descriptor (for raw byte copies)."""
         return self._fd
 
-    def read(self, name: str) -> torch.Tensor:
-        """Read one tensor into a new CPU tensor."""
+    def read(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor into CPU memory: a new tensor, or a view of `into` (uint8, 1-D)."""
         info = self.tensors[name]
-        tensor = torch.empty(info.shape, dtype=dtypes.to_torch(info.dtype))
+        raw = torch.empty(info.nbytes, dtype=torch.uint8) if into is None else into[: info.nbytes]
         if info.nbytes:
-            buffer = tensor.reshape(-1).view(torch.uint8).numpy()
-            read_exact(self._fd, memoryview(buffer), info.offset, self.path)
-        return tensor
+            read_exact(self._fd, memoryview(raw.numpy()), info.offset, self.path)
+        return raw.view(dtypes.to_torch(info.dtype)).view(info.shape)
 
     def close(self) -> None:
         """Release the file descriptor."""
