@@ -143,3 +143,9 @@ def ulp(reference: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def ulp_error(candidate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """|candidate - reference| in ulps of the candidate's dtype at the reference."""
     return (candidate.double() - reference).abs() / ulp(reference, candidate.dtype)
+
+
+def float32_bound(expected: Expected, dtype: torch.dtype) -> torch.Tensor:
+    """Per-element error allowed after float32 arithmetic, in ulps of `dtype`: the correctly
+    rounded half ulp plus the textbook gamma_n bound 2^-24 (n + 8) M of the sums inside."""
+    return 0.5 + 2.0**-24 * (expected.inner + 8) * expected.magnitude / ulp(expected.value, dtype)
