@@ -71,7 +71,9 @@ def write_safetensors(path: Path, header: dict | bytes, data: bytes) -> None:
 
 def last_two(header: dict) -> tuple[str, str]:
     """Names of the last two tensors in storage order."""
-    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
+    names = sorted(
+        (k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"]
+    )
     return names[-2], names[-1]
 
 
@@ -146,7 +148,7 @@ def header_len(value: Callable[[int], int], expect: str) -> Callable[[Path], Cas
 def broken_shard(fn, expect: str, shard: str = SHARD1) -> Callable[[Path], Case]:
     def build(tmp: Path) -> Case:
         base, adapter = edit_shard(fn, shard)(tmp)
-        return Case(base, [adapter], rf"{re.escape(shard)}.*{expect}")
+        return Case(base, [adapter], rf"{re.escape(shard)}.*(?:{expect})")
 
     return build
 
@@ -252,7 +254,7 @@ def missing_config(tmp: Path) -> Case:
 
 
 def other_base(tmp: Path) -> Case:
-    return Case(copy_base(tmp, GPT2), [copy_adapter(tmp)], "", multiline=True)
+    return Case(copy_base(tmp, GPT2), [copy_adapter(tmp)], r"model\.layers\.\d\.", multiline=True)
 
 
 def pickle_base(tmp: Path) -> Path:
@@ -282,20 +284,30 @@ def out_exists(tmp: Path) -> Case:
 
 def out_is_base(tmp: Path) -> Case:
     base = copy_base(tmp)
-    return Case(base, [copy_adapter(tmp)], "overwrite|input", out=base, options=["--overwrite"])
+    return Case(base, [copy_adapter(tmp)], r"\binput\b", out=base, options=["--overwrite"])
 
 
 def out_is_adapter(tmp: Path) -> Case:
     adapter = copy_adapter(tmp)
-    return Case(copy_base(tmp), [adapter], "overwrite|input", out=adapter, options=["--overwrite"])
+    return Case(copy_base(tmp), [adapter], r"\binput\b", out=adapter, options=["--overwrite"])
 
 
 def weight_count(tmp: Path) -> Case:
-    return Case(copy_base(tmp), [copy_adapter(tmp)], r"weight", options=["-w", "1", "-w", "0.5"])
+    return Case(
+        copy_base(tmp),
+        [copy_adapter(tmp)],
+        r"weights?\b.*\badapters?",
+        options=["-w", "1", "-w", "0.5"],
+    )
 
 
 def no_cuda(tmp: Path) -> Case:
-    return Case(copy_base(tmp), [copy_adapter(tmp)], "cuda", options=["--device", "cuda"])
+    return Case(
+        copy_base(tmp),
+        [copy_adapter(tmp)],
+        r"no cuda|cuda.*not available",
+        options=["--device", "cuda"],
+    )
 
 
 def no_base(tmp: Path) -> Case:
@@ -308,6 +320,39 @@ def no_adapter(tmp: Path) -> Case:
 
 def bad_shard_size(tmp: Path) -> Case:
     return Case(copy_base(tmp), [copy_adapter(tmp)], "5XB", options=["--max-shard-size", "5XB"])
+
+
+# JSON that Python's parser rejects with something other than JSONDecodeError: the message
+# must still say which file is bad.
+DEEP = b"[" * 100_000 + b"]" * 100_000
+LONG_INT = b"1" * 5000  # over CPython's 4300-digit limit for int parsing
+
+
+def base_config(raw: bytes) -> Callable[[Path], Case]:
+    def build(tmp: Path) -> Case:
+        base = copy_base(tmp)
+        (base / "config.json").write_bytes(raw)
+        return Case(base, [copy_adapter(tmp)], r"config\.json")
+
+    return build
+
+
+def index_bytes(raw: bytes) -> Callable[[Path], Case]:
+    def build(tmp: Path) -> Case:
+        base = copy_base(tmp)
+        (base / INDEX).write_bytes(raw)
+        return Case(base, [copy_adapter(tmp)], re.escape(INDEX))
+
+    return build
+
+
+def adapter_config_bytes(raw: bytes) -> Callable[[Path], Case]:
+    def build(tmp: Path) -> Case:
+        adapter = copy_adapter(tmp)
+        (adapter / "adapter_config.json").write_bytes(raw)
+        return Case(copy_base(tmp), [adapter], r"adapter_config\.json")
+
+    return build
 
 
 CASES: dict[str, Callable[[Path], Case]] = {
@@ -337,10 +382,11 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "adapter-peft-type-loha": adapter_config(lambda c: c.update(peft_type="LOHA"), "LOHA"),
     "adapter-use-qalora": adapter_config(lambda c: c.update(use_qalora=True), "qalora"),
     "adapter-init-pissa": adapter_config(lambda c: c.update(init_lora_weights="pissa"), "pissa"),
-    "adapter-r-string": adapter_config(lambda c: c.update(r="8"), r"\br\b"),
-    "adapter-r-zero": adapter_config(lambda c: c.update(r=0), r"\br\b"),
+    "adapter-r-string": adapter_config(lambda c: c.update(r="8"), r"\br\b.*(integer|'8')"),
+    "adapter-r-zero": adapter_config(lambda c: c.update(r=0), r"\br\b.*(positive|0)"),
     "adapter-bad-rank-pattern": adapter_config(
-        lambda c: c.update(rank_pattern={"q_proj[": 4}), r"q_proj\[.*(regular expression|regex)"
+        lambda c: c.update(rank_pattern={"q_proj[": 4}),
+        r"(?=.*q_proj\[)(?=.*(regular expression|regex))",
     ),
     "adapter-ranks-disagree": adapter_tensors(_rank_disagrees, r"layers\.0\.self_attn\.q_proj"),
     "adapter-foreign-tuner": adapter_tensors(_foreign_tuner, r"hada_w1_a"),
@@ -356,6 +402,19 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "base-missing": no_base,
     "adapter-missing": no_adapter,
     "max-shard-size-garbage": bad_shard_size,
+    # hostile JSON
+    "header-deeply-nested": broken_shard(lambda h, d: (DEEP, d), "json|nest|deep"),
+    "header-huge-int-literal": broken_shard(lambda h, d: (b'{"x": ' + LONG_INT + b"}", d), ""),
+    "index-deeply-nested": index_bytes(DEEP),
+    "index-nul-in-shard-name": index_case(
+        lambda base, wm: wm.update({"lm_head.weight": "x\x00.safetensors"}), re.escape(INDEX)
+    ),
+    "base-config-deeply-nested": base_config(DEEP),
+    "adapter-config-deeply-nested": adapter_config_bytes(DEEP),
+    "adapter-config-huge-int-literal": adapter_config_bytes(b'{"r": ' + LONG_INT + b"}"),
+    "adapter-lora-alpha-10**400": adapter_config(
+        lambda c: c.update(lora_alpha=10**400), r"(?=.*adapter_config\.json)(?=.*lora_alpha)"
+    ),
 }
 
 NEEDS_NO_CUDA = {"device-cuda-absent"}

@@ -8,13 +8,13 @@ exactly is refused by name, never skipped.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loramerge.errors import LoramergeError
+from loramerge.jsonfile import read_json_object
 from loramerge.source.checkpoint import Checkpoint, open_weights
 
 PREFIX = "base_model.model."
@@ -153,11 +153,8 @@ def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
 def pattern_key(patterns: list[str], module: str) -> str | None:
     """First pattern PEFT would pick for `module` (peft.utils.other.get_pattern_key), or None."""
     for key in patterns:
-        try:
-            if re.match(rf"(.*\.)?({key})$", module):
-                return key
-        except re.error as exc:
-            raise LoramergeError(f"bad regular expression {key!r} in a pattern: {exc}") from None
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
     return None
 
 
@@ -181,12 +178,7 @@ def _read_config(path: Path) -> dict:
         raise LoramergeError(f"{path}: an adapter is a folder with adapter_config.json")
     if not config_path.is_file():
         raise LoramergeError(f"{path}: no adapter_config.json (is this a PEFT adapter folder?)")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LoramergeError(f"{config_path}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise LoramergeError(f"{config_path}: not a JSON object")
+    config = read_json_object(config_path)
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise LoramergeError(f"{config_path}: peft_type {peft_type!r} is not LoRA; cannot merge")
@@ -215,9 +207,16 @@ def _check_types(config_path: Path, config: dict) -> None:
     for name in ("rank_pattern", "alpha_pattern"):
         pattern = config.get(name) or {}
         if not isinstance(pattern, dict) or not all(
-            isinstance(k, str) and _is_number(v) for k, v in pattern.items()
+            isinstance(k, str) and _is_number(v) and v > 0 for k, v in pattern.items()
         ):
-            raise LoramergeError(f"{config_path}: {name} must map strings to numbers")
+            raise LoramergeError(f"{config_path}: {name} must map strings to positive numbers")
+        for key in pattern:
+            try:
+                re.compile(rf"(.*\.)?({key})$")
+            except (re.error, RecursionError) as exc:
+                raise LoramergeError(
+                    f"{config_path}: {name} key {key!r} is not a regex: {exc}"
+                ) from None
     for name in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias"):
         if not isinstance(config.get(name, False), bool):
             raise LoramergeError(f"{config_path}: {name} must be true or false")
@@ -324,7 +323,8 @@ def _token_rows(adapter: Adapter, module: str, key: str) -> TokenRows:
     shape = adapter.weights.tensors[key].shape
     if (
         not isinstance(indices, list)
-        or not all(_is_int(i) and i >= 0 for i in indices)
+        or not indices
+        or not all(_is_int(i) and 0 <= i < 2**31 for i in indices)
         or len(shape) != 2
         or shape[0] != len(indices)
     ):
@@ -340,4 +340,7 @@ def _is_int(value: object) -> bool:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite number of sane size (a 400-digit alpha is an attack, not a config)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return abs(value) < 1e12  # False for nan and inf too

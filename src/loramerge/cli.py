@@ -304,7 +304,9 @@ def main() -> None:
     try:
         sys.exit(cli.main(standalone_mode=False) or 0)
     except click.ClickException as exc:
-        exc.show()
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see: loramerge {ctx.command.name} --help)" if ctx else ""
+        click.echo(f"Error: {exc.format_message()}{hint}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo("Error: interrupted", err=True)

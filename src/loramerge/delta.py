@@ -12,6 +12,7 @@ ConvNd 1x1 a matmul of the squeezed kernels and k x k `conv(A^T, B)^T`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -72,8 +73,25 @@ def merge_weight(
     """
     if out is None:
         out = torch.empty(w0.shape, dtype=out_dtype, device=w0.device)
+    for r0, r1, acc in merged_blocks(w0, terms, compute_dtype):
+        if acc.dtype == torch.float64:
+            out[r0:r1].copy_(round_once(acc, out_dtype))
+        else:
+            out[r0:r1].copy_(acc)  # copy_ rounds to nearest even: the one rounding
+    return out
+
+
+def merged_blocks(
+    w0: torch.Tensor, terms: list[Term], compute_dtype: torch.dtype
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield (r0, r1, rows r0:r1 of the unrounded merge) block by block.
+
+    Plain LoRA on a matrix goes in cache-sized row blocks (a yielded block is overwritten by the
+    next one); DoRA and convolutions need whole tensors and come as one block.
+    """
     if w0.dim() != 2 or any(t.kind == "conv" or t.magnitude is not None for t in terms):
-        return out.copy_(_merge_whole(w0, terms, compute_dtype, out_dtype))
+        yield 0, w0.shape[0], _merge_whole(w0, terms, compute_dtype)
+        return
     rows, cols = w0.shape
     step = max(1, BLOCK_ELEMENTS // max(cols, 1))
     scratch = torch.empty(step * cols, dtype=compute_dtype, device=w0.device)
@@ -87,17 +105,11 @@ def merge_weight(
                 acc.addmm_(a[:, r0:r1].T, b.T, alpha=term.coef)
             else:
                 acc.addmm_(b[r0:r1], a, alpha=term.coef)
-        if acc.dtype == torch.float64:
-            out[r0:r1].copy_(round_once(acc, out_dtype))
-        else:
-            out[r0:r1].copy_(acc)  # copy_ rounds to nearest even: the one rounding
-    return out
+        yield r0, r1, acc
 
 
-def _merge_whole(
-    w0: torch.Tensor, terms: list[Term], compute_dtype: torch.dtype, out_dtype: torch.dtype
-) -> torch.Tensor:
-    """The unblocked merge, for DoRA (whole-row norms) and convolutions."""
+def _merge_whole(w0: torch.Tensor, terms: list[Term], compute_dtype: torch.dtype) -> torch.Tensor:
+    """The unblocked, unrounded merge, for DoRA (whole-row norms) and convolutions."""
     acc = w0.to(compute_dtype, copy=True)
     base = w0.to(compute_dtype) if any(t.magnitude is not None for t in terms) else None
     for term in terms:
@@ -105,7 +117,7 @@ def _merge_whole(
             acc.add_(lora_delta(term, acc.shape, compute_dtype), alpha=term.coef)
         else:
             acc.add_(dora_contribution(base, term, compute_dtype), alpha=term.weight)
-    return round_once(acc, out_dtype)
+    return acc
 
 
 def round_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
 from loramerge.adapter import load_adapter
 from loramerge.errors import LoramergeError
+from loramerge.jsonfile import read_json_object
 from loramerge.sink.hf_folder import read_provenance
 from loramerge.source.checkpoint import open_weights
 
@@ -78,10 +78,4 @@ def _inspect_adapter(path: Path, allow_pickle: bool) -> dict:
 
 
 def _json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LoramergeError(f"{path}: not valid JSON ({exc})") from None
-    return data if isinstance(data, dict) else {}
+    return read_json_object(path) if path.is_file() else {}

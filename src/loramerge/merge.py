@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -17,14 +15,16 @@ import torch
 
 from loramerge import __version__, dtypes
 from loramerge.adapter import Adapter, load_adapter
-from loramerge.delta import Term, add_bias, merge_weight, replace_rows, round_once
+from loramerge.delta import add_bias, merge_weight, round_once
 from loramerge.errors import LoramergeError
+from loramerge.jsonfile import read_json_object
 from loramerge.plan import Plan, TensorPlan, build_plan
 from loramerge.sink.atomic import AtomicFolder
 from loramerge.sink.hf_folder import copy_files, write_config, write_model_card, write_provenance
 from loramerge.sink.safetensors_writer import Entry
 from loramerge.sink.sharded import ShardedWriter
 from loramerge.source.checkpoint import Checkpoint, open_weights
+from loramerge.transform import tensor_inputs
 
 # Files of a model folder that are weights or that the merge writes itself.
 _NOT_COPIED = {"config.json", "README.md", "loramerge.json", "adapter_config.json"}
@@ -193,17 +193,6 @@ def _write_tensors(writer, plan, checkpoint, adapters, device, compute, progress
     return done
 
 
-_scratch = threading.local()
-
-
-def _buffer(nbytes: int) -> torch.Tensor:
-    """This thread's reusable read buffer, grown as needed (no fresh pages per tensor)."""
-    buffer = getattr(_scratch, "buffer", None)
-    if buffer is None or buffer.numel() < nbytes:
-        buffer = _scratch.buffer = torch.empty(nbytes, dtype=torch.uint8)
-    return buffer
-
-
 def _write_tensor(
     writer: ShardedWriter,
     base: Checkpoint,
@@ -219,16 +208,8 @@ def _write_tensor(
         writer.copy(plan.name, raw.fd, raw.offset, raw.nbytes)
         return
     out_dtype = dtypes.to_torch(plan.dtype)
-    weight = base.read(plan.source, _buffer(stored.nbytes))
-    if plan.replace:
-        weight = adapters[plan.replace.adapter].weights.read(plan.replace.key)
-    if plan.rows:
-        weight = weight.to(compute)  # new rows stay exact until the one final rounding
-    for rows in plan.rows:
-        new_rows = adapters[rows.adapter].weights.read(rows.rows.key)
-        weight = replace_rows(weight, list(rows.rows.indices), new_rows)
-    if plan.lora:
-        terms = [_term(adapters[t.adapter], t.module, t.weight, device) for t in plan.lora]
+    weight, terms, biases = tensor_inputs(plan, base, adapters, device, compute)
+    if terms:
         in_place = device.type == "cpu" and weight.dtype == out_dtype
         weight = merge_weight(
             weight.to(device),
@@ -237,30 +218,10 @@ def _write_tensor(
             out_dtype=out_dtype,
             out=weight if in_place else None,
         )
-    elif plan.bias:
-        deltas = [
-            (t.weight * t.module.scale, adapters[t.adapter].weights.read(t.module.bias_key))
-            for t in plan.bias
-        ]
-        weight = add_bias(weight, deltas, compute_dtype=compute, out_dtype=out_dtype)
+    elif biases:
+        weight = add_bias(weight, biases, compute_dtype=compute, out_dtype=out_dtype)
     weight = round_once(weight, out_dtype).cpu().contiguous()
     writer.write(plan.name, weight.reshape(-1).view(torch.uint8).numpy())
-
-
-def _term(adapter: Adapter, module, weight: float, device: torch.device) -> Term:
-    """Load one LoRA module's tensors onto the compute device."""
-    read = adapter.weights.read
-    magnitude = read(module.magnitude_key).to(device) if module.magnitude_key else None
-    return Term(
-        kind=module.kind,
-        a=read(module.a_key).to(device),
-        b=read(module.b_key).to(device),
-        coef=weight * module.scale,
-        weight=weight,
-        scale=module.scale,
-        fan_in_fan_out=module.fan_in_fan_out,
-        magnitude=magnitude,
-    )
 
 
 def _check_output_is_not_input(output: Path, inputs: list[Path]) -> None:
@@ -275,13 +236,7 @@ def _read_config(base: Path) -> dict | None:
     path = base / "config.json"
     if not base.is_dir() or not path.is_file():
         return None
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LoramergeError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise LoramergeError(f"{path}: not a JSON object")
-    return config
+    return read_json_object(path)
 
 
 def _describe_adapter(adapter: Adapter, weight: float) -> dict:

@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+from loramerge.jsonfile import read_json_object
+
 PROVENANCE = "loramerge.json"
 _CARD_TEMPLATE = """---
 base_model: {base_model}
@@ -76,4 +78,4 @@ def read_provenance(folder: Path) -> dict | None:
     path = Path(folder) / PROVENANCE
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    return read_json_object(path)

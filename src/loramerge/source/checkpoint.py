@@ -7,7 +7,6 @@ single `model.safetensors`, a bare `.safetensors` file, and (only when the user 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 
 from loramerge import dtypes
 from loramerge.errors import LoramergeError
+from loramerge.jsonfile import read_json_object
 from loramerge.source.safetensors_file import SafetensorsFile, TensorInfo
 
 
@@ -132,21 +132,24 @@ def _open_files(root: Path, paths: list[Path]) -> Checkpoint:
 
 def _read_index(folder: Path, index: Path) -> dict[str, str]:
     """The index's weight_map, every shard checked to exist inside the folder."""
-    try:
-        data = json.loads(index.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LoramergeError(f"{index}: not a readable JSON index ({exc})") from None
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    weight_map = read_json_object(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise LoramergeError(f"{index}: no weight_map")
     real_folder = folder.resolve()
     for name, shard in weight_map.items():
-        if not isinstance(shard, str):
+        if not isinstance(shard, str) or not shard or "\x00" in shard:
             raise LoramergeError(f"{index}: tensor {name!r} maps to {shard!r}, not a file name")
         candidate = folder / shard
-        if Path(shard).is_absolute() or real_folder not in candidate.resolve().parents:
+        try:
+            inside = not Path(shard).is_absolute() and real_folder in candidate.resolve().parents
+            exists = candidate.is_file()
+        except (OSError, RuntimeError) as exc:  # name too long, symlink loop, ...
+            raise LoramergeError(
+                f"{index}: shard {shard[:80]!r} cannot be opened ({exc})"
+            ) from None
+        if not inside:
             raise LoramergeError(f"{index}: shard {shard!r} lies outside {folder}")
-        if not candidate.is_file():
+        if not exists:
             raise LoramergeError(f"{index}: shard {shard!r} does not exist")
     return weight_map
 

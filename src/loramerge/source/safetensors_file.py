@@ -9,7 +9,6 @@ in the process's resident set.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -20,6 +19,7 @@ import torch
 
 from loramerge import dtypes
 from loramerge.errors import LoramergeError
+from loramerge.jsonfile import parse_json
 
 # Same cap as the reference implementation: no real header comes near it.
 MAX_HEADER_BYTES = 100_000_000
@@ -109,10 +109,7 @@ def _parse_header(path: Path, fd: int) -> tuple[dict[str, str], dict[str, Tensor
             f"{path}: header length {header_len} runs past the end of the file ({size} bytes)"
         )
     raw = os.pread(fd, header_len, 8)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LoramergeError(f"{path}: header is not valid JSON ({exc})") from None
+    header = parse_json(raw, f"{path}: header")
     if not isinstance(header, dict):
         raise LoramergeError(f"{path}: header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -170,4 +167,5 @@ def _check_tiling(path: Path, infos, data_start: int, data_len: int) -> None:
 
 
 def _is_uint(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    """A non-negative integer that fits the 63 bits torch and the format use for sizes."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**62
