@@ -340,7 +340,25 @@ def tool_commands(args: argparse.Namespace, base: Path, adapter: Path, out: Path
         "copy": f"cp -r {q(base)} {q(out)} && sync",
         "loramerge": f"{args.loramerge_cmd} merge {q(base)} {q(adapter)} -o {q(out)} --quiet{sync}",
         "peft": f"{q(sys.executable)} {q(peft_script)} {q(base)} {q(adapter)} {q(out)}{sync}",
+        "verify": f"{args.loramerge_cmd} verify {q(merged_copy(base))} --base {q(base)} "
+        f"--adapter {q(adapter)} --quiet",
     }
+
+
+def merged_copy(base: Path) -> Path:
+    """Where the verify row's candidate (a loramerge merge of this size) is kept."""
+    return base.parent / "merged"
+
+
+def ensure_merged(args: argparse.Namespace, base: Path, adapter: Path, env: dict[str, str]) -> None:
+    """Merge once, untimed, so `verify` has a candidate to check."""
+    target = merged_copy(base)
+    if not (target / "loramerge.json").is_file():
+        shutil.rmtree(target, ignore_errors=True)
+        cmd = f"{args.loramerge_cmd} merge {shlex.quote(str(base))} {shlex.quote(str(adapter))}"
+        subprocess.run(
+            ["sh", "-c", f"{cmd} -o {shlex.quote(str(target))} --quiet"], check=True, env=env
+        )
 
 
 def bench_size(args: argparse.Namespace, layers: int, lm_ok: tuple[bool, str]) -> list[Row]:
@@ -354,10 +372,13 @@ def bench_size(args: argparse.Namespace, layers: int, lm_ok: tuple[bool, str]) -
     cmds = tool_commands(args, base, adapter, out)
     base_bytes = tree_bytes(base)
     rows = {t: Row(t, layers, base_bytes, cmds[t]) for t in args.tools}
-    if "loramerge" in rows and not lm_ok[0]:
-        rows["loramerge"].note = f"skipped: `{args.loramerge_cmd} --version` failed ({lm_ok[1]})"
+    for tool in ("loramerge", "verify"):
+        if tool in rows and not lm_ok[0]:
+            rows[tool].note = f"skipped: `{args.loramerge_cmd} --version` failed ({lm_ok[1]})"
     warm_cache(base)
     warm_cache(adapter)
+    if "verify" in rows and lm_ok[0]:
+        ensure_merged(args, base, adapter, env)
     for tool, row in rows.items():  # untimed warm-up: first touches of fresh VM memory are slow
         if args.warmup and not row.note.startswith("skipped"):
             settle(out)
@@ -548,8 +569,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--tools",
         nargs="+",
-        default=["copy", "loramerge", "peft"],
-        choices=["copy", "loramerge", "peft"],
+        default=["copy", "loramerge", "peft", "verify"],
+        choices=["copy", "loramerge", "peft", "verify"],
     )
     p.add_argument("--json", type=Path, help="write results as JSON here")
     p.add_argument(

@@ -24,6 +24,7 @@ from loramerge import __version__
 from loramerge.errors import LoramergeError
 from loramerge.inspect import inspect_path
 from loramerge.merge import MergeOptions, MergeResult, merge
+from loramerge.verify import VerifyReport, verify_weights
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
@@ -112,6 +113,12 @@ def _merge_options(func):
         click.option("--dry-run", is_flag=True, help="Print the plan and write nothing."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bar, no summary."),
+        click.option(
+            "--verify",
+            "verify",
+            is_flag=True,
+            help="Run the weight check on the output; record the verdict; exit 1 if off.",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -131,42 +138,111 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("adapters", nargs=-1, required=True, type=click.Path(path_type=Path))
 @_merge_options
-def merge_command(
-    base,
-    adapters,
-    output,
-    weights,
-    dtype,
-    device,
-    compute_dtype,
-    to,
-    max_shard_size,
-    overwrite,
-    allow_pickle,
-    dry_run,
-    as_json,
-    quiet,
-):
+def merge_command(base, adapters, output, as_json, quiet, to, weights, **options):
     """Merge ADAPTERS into BASE: W = W0 + sum w * scale * B @ A, written to OUTPUT."""
-    options = MergeOptions(
-        weights=tuple(weights),
-        dtype=dtype,
-        device=device,
-        compute_dtype=compute_dtype,
-        max_shard_size=max_shard_size,
-        overwrite=overwrite,
-        allow_pickle=allow_pickle,
-        dry_run=dry_run,
-    )
-    show_bar = not (quiet or as_json or dry_run) and sys.stderr.isatty()
+    options = MergeOptions(weights=tuple(weights), **options)
+    show_bar = not (quiet or as_json or options.dry_run) and sys.stderr.isatty()
     with _progress(show_bar) as advance:
         result = merge(base, list(adapters), output, options, progress=advance)
     if as_json:
-        click.echo(json.dumps(_with_plan(result) if dry_run else result.summary()))
-    elif dry_run:
+        click.echo(json.dumps(_with_plan(result) if options.dry_run else result.summary()))
+    elif options.dry_run:
         _print_plan(result)
     elif not quiet:
         _print_summary(result)
+    if result.verification and not result.verification["passed"]:
+        sys.exit(1)
+
+
+@cli.command("verify")
+@click.argument("candidate", type=click.Path(path_type=Path))
+@click.option(
+    "--base",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The base checkpoint the candidate claims to start from.",
+)
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="An adapter the candidate claims to contain (repeat, in order).",
+)
+@click.option(
+    "-w",
+    "--weight",
+    "weights",
+    multiple=True,
+    type=float,
+    help="Weight per --adapter, in order: none (all 1.0) or one each.",
+)
+@click.option(
+    "--tolerance",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Largest error allowed in merged tensors, in ulps of the candidate dtype "
+    "at max(|W0|, |expected|).",
+)
+@click.option(
+    "--forward",
+    is_flag=True,
+    help="Also compare logits with transformers + PEFT (needs loramerge[verify]).",
+)
+@click.option("--allow-pickle", is_flag=True, help="Load .bin pickle checkpoints.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--quiet", "-q", is_flag=True, help="Only the verdict line.")
+def verify_command(
+    candidate, base, adapters, weights, tolerance, forward, allow_pickle, as_json, quiet
+):
+    """Prove CANDIDATE is BASE + ADAPTERS: exit 0 within tolerance, 1 if not, 2 on bad input."""
+    if weights and len(weights) != len(adapters):
+        raise LoramergeError(f"got {len(weights)} weights for {len(adapters)} adapters")
+    weights = list(weights) or [1.0] * len(adapters)
+    show_bar = not (quiet or as_json) and sys.stderr.isatty()
+    with _progress(show_bar, "verifying") as advance:
+        report = verify_weights(
+            candidate,
+            base,
+            list(adapters),
+            weights,
+            tolerance_ulp=tolerance,
+            allow_pickle=allow_pickle,
+            progress=advance,
+        )
+    if forward:
+        from loramerge.verify.forward import verify_forward
+
+        report.forward = verify_forward(candidate, base, list(adapters), weights)
+    if as_json:
+        click.echo(json.dumps(report.summary()))
+    else:
+        if not quiet:
+            _print_verify_table(report)
+        click.echo(report.verdict())
+    sys.exit(0 if report.passed else 1)
+
+
+def _print_verify_table(report: VerifyReport) -> None:
+    console = Console()
+    worst = sorted(report.tensors, key=lambda t: (t.passed, -t.max_ulp))[:10]
+    table = Table(title=f"worst tensors of {len(report.tensors)}")
+    for column in ("tensor", "kind", "dtype", "max ulp", "max abs", "correctly rounded", "ok"):
+        table.add_column(column, overflow="fold")
+    for t in worst:
+        table.add_row(
+            t.name,
+            t.kind,
+            t.dtype,
+            f"{t.max_ulp:.3g}",
+            f"{t.max_abs:.3g}",
+            f"{t.exact_share:.4%}",
+            "yes" if t.passed else f"NO: {t.note}",
+        )
+    console.print(table)
+    if report.forward:
+        console.print(f"forward: {report.forward['summary']}")
 
 
 @cli.command("inspect")
@@ -203,11 +279,11 @@ def inspect_command(path, as_json, allow_pickle):
 class _progress:
     """A rich byte progress bar on stderr, or a no-op."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, label: str = "merging") -> None:
         self._bar = None
         if enabled:
             self._bar = Progress(
-                TextColumn("[bold]merging"),
+                TextColumn(f"[bold]{label}"),
                 BarColumn(),
                 DownloadColumn(),
                 TransferSpeedColumn(),

@@ -25,6 +25,7 @@ from loramerge.sink.safetensors_writer import Entry
 from loramerge.sink.sharded import ShardedWriter
 from loramerge.source.checkpoint import Checkpoint, open_weights
 from loramerge.transform import tensor_inputs
+from loramerge.verify import verify_weights
 
 # Files of a model folder that are weights or that the merge writes itself.
 _NOT_COPIED = {"config.json", "README.md", "loramerge.json", "adapter_config.json"}
@@ -56,6 +57,7 @@ class MergeResult:
     bytes_written: int = 0
     seconds: float = 0.0
     files: list[str] = field(default_factory=list)
+    verification: dict | None = None
 
     def summary(self) -> dict:
         """The JSON object `--json` prints."""
@@ -70,6 +72,7 @@ class MergeResult:
             "files": self.files,
             "adapters": self.adapters,
             "notes": self.plan.notes,
+            "verification": self.verification,
         }
 
 
@@ -85,6 +88,7 @@ class MergeOptions:
     overwrite: bool = False
     allow_pickle: bool = False
     dry_run: bool = False
+    verify: bool = False
 
 
 def merge(
@@ -135,6 +139,10 @@ def merge(
                     raise
                 result.files = list(writer.files)
                 record = _provenance(base, config, opened, described, plan, options, device)
+                if options.verify:
+                    result.verification = record["verification"] = _verify(
+                        folder.path, base, adapters, weights, options.allow_pickle
+                    )
                 _write_side_files(folder.path, base, config, plan, opened, record)
                 folder.commit()
         finally:
@@ -222,6 +230,17 @@ def _write_tensor(
         weight = add_bias(weight, biases, compute_dtype=compute, out_dtype=out_dtype)
     weight = round_once(weight, out_dtype).cpu().contiguous()
     writer.write(plan.name, weight.reshape(-1).view(torch.uint8).numpy())
+
+
+def _verify(folder: Path, base: Path, adapters, weights, allow_pickle: bool) -> dict:
+    """Run the weight check on what was just written; the verdict goes into the record."""
+    report = verify_weights(folder, base, adapters, weights, allow_pickle=allow_pickle)
+    return {
+        "passed": report.passed,
+        "verdict": report.verdict(),
+        "tolerance_ulp": report.tolerance_ulp,
+        "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def _check_output_is_not_input(output: Path, inputs: list[Path]) -> None:

@@ -27,7 +27,7 @@ This model is `{base_model}` with LoRA adapters merged into its weights by
 |---|---|---|---|---|
 {rows}
 
-Weights: {dtype}. Tensors modified: {modified} of {total}.{notes}
+Weights: {dtype}. Tensors modified: {modified} of {total}.{verification}{notes}
 
 The full provenance record is in `{provenance}`.
 """
@@ -59,6 +59,8 @@ def write_model_card(folder: Path, record: dict) -> None:
     )
     notes = "".join(f"\n\n- {note}" for note in record.get("notes", []))
     base_model = record["base"]["source"]
+    check = record.get("verification")
+    verification = f"\n\nVerification (`loramerge verify`): {check['verdict']}" if check else ""
     card = _CARD_TEMPLATE.format(
         base_model=json.dumps(base_model),
         title=f"{base_model} + {len(record['adapters'])} LoRA adapter(s)",
@@ -67,6 +69,7 @@ def write_model_card(folder: Path, record: dict) -> None:
         dtype=record["dtype"],
         modified=record["tensors"]["modified"],
         total=record["tensors"]["total"],
+        verification=verification,
         notes=notes,
         provenance=PROVENANCE,
     )

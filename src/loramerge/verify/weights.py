@@ -1,0 +1,198 @@
+"""The weight check: recompute every expected tensor in float64 and measure the candidate.
+
+Candidate and base are streamed one tensor at a time, merged tensors in row blocks, so memory
+stays bounded like a merge. Tensors no adapter touches must be bit-identical to the base (or, if
+the candidate changed their dtype, exactly the base rounded once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from loramerge.adapter import Adapter, load_adapter
+from loramerge.compare import Distance
+from loramerge.delta import add_bias, merged_blocks
+from loramerge.jsonfile import read_json_object
+from loramerge.plan import TensorPlan, build_plan
+from loramerge.source.checkpoint import Checkpoint, open_weights
+from loramerge.transform import tensor_inputs
+
+_CPU = torch.device("cpu")
+
+
+@dataclass
+class TensorCheck:
+    """The verdict on one tensor."""
+
+    name: str
+    kind: str  # "merged", "untouched", "missing", "extra", "shape"
+    dtype: str = ""
+    elements: int = 0
+    max_abs: float = 0.0
+    max_ulp: float = 0.0
+    max_ulp_at_value: float = 0.0
+    exact_share: float = 1.0
+    rmse: float = 0.0
+    passed: bool = True
+    note: str = ""
+
+
+@dataclass
+class VerifyReport:
+    """Every tensor's verdict, plus the forward check when one ran."""
+
+    candidate: str
+    base: str
+    adapters: list[dict]
+    tolerance_ulp: float
+    tensors: list[TensorCheck] = field(default_factory=list)
+    forward: dict | None = None
+
+    @property
+    def passed(self) -> bool:
+        """True when every tensor (and the forward check, if run) is within tolerance."""
+        forward_ok = self.forward is None or self.forward.get("passed", False)
+        return forward_ok and all(t.passed for t in self.tensors)
+
+    def failures(self) -> list[TensorCheck]:
+        """The tensors that failed, worst first."""
+        return sorted((t for t in self.tensors if not t.passed), key=lambda t: -t.max_ulp)
+
+    def verdict(self) -> str:
+        """One line a person reads first."""
+        merged = [t for t in self.tensors if t.kind == "merged"]
+        untouched = [t for t in self.tensors if t.kind == "untouched"]
+        worst = max((t.max_ulp for t in merged), default=0.0)
+        exact = sum(t.exact_share * t.elements for t in merged)
+        total = sum(t.elements for t in merged) or 1
+        line = (
+            f"{len(merged)} merged tensors within {worst:.3g} ulp (tolerance "
+            f"{self.tolerance_ulp:g}; {exact / total:.4%} of elements correctly rounded), "
+            f"{sum(t.passed for t in untouched)}/{len(untouched)} untouched tensors bit-identical"
+        )
+        if self.forward is not None:
+            line += f"; forward: {self.forward['summary']}"
+        failures = self.failures()
+        if failures:
+            names = ", ".join(f"{t.name} ({t.note})" for t in failures[:3])
+            line += f"; {len(failures)} failed: {names}"
+        return ("PASS: " if self.passed else "FAIL: ") + line
+
+    def summary(self) -> dict:
+        """Everything, JSON-ready."""
+        return {
+            "command": "verify",
+            "passed": self.passed,
+            "verdict": self.verdict(),
+            "candidate": self.candidate,
+            "base": self.base,
+            "adapters": self.adapters,
+            "tolerance_ulp": self.tolerance_ulp,
+            "ulp_definition": "ulps of the candidate dtype at max(|W0|, |expected|)",
+            "tensors": [asdict(t) for t in self.tensors],
+            "forward": self.forward,
+        }
+
+
+def verify_weights(
+    candidate: Path,
+    base: Path,
+    adapters: list[Path],
+    weights: list[float] | None = None,
+    *,
+    tolerance_ulp: float = 1.0,
+    allow_pickle: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> VerifyReport:
+    """Check CANDIDATE == BASE + sum w_i * adapter_i, tensor by tensor, against float64."""
+    candidate, base = Path(candidate), Path(base)
+    weights = list(weights or [1.0] * len(adapters))
+    config = read_json_object(base / "config.json") if (base / "config.json").is_file() else None
+    report = VerifyReport(
+        str(candidate),
+        str(base),
+        [{"source": str(a), "weight": w} for a, w in zip(adapters, weights, strict=True)],
+        tolerance_ulp,
+    )
+    opened: list[Adapter] = []
+    with (
+        open_weights(base, stem="model", allow_pickle=allow_pickle) as base_ck,
+        open_weights(candidate, stem="model", allow_pickle=allow_pickle) as cand_ck,
+    ):
+        try:
+            opened = [load_adapter(a, allow_pickle=allow_pickle) for a in adapters]
+            plan = build_plan(base_ck, config, opened, weights, None)
+            planned = {t.name for t in plan.tensors}
+            for tensor in plan.tensors:
+                report.tensors.append(_check(tensor, base_ck, cand_ck, opened, tolerance_ulp))
+                if progress:
+                    progress(tensor.nbytes, plan.nbytes)
+            for name in sorted(set(cand_ck.tensors) - planned):
+                report.tensors.append(
+                    TensorCheck(name, "extra", passed=False, note="not in base + adapters")
+                )
+        finally:
+            for adapter in opened:
+                adapter.close()
+    return report
+
+
+def _check(
+    plan: TensorPlan, base: Checkpoint, candidate: Checkpoint, adapters: list[Adapter], tol: float
+) -> TensorCheck:
+    """Measure one candidate tensor against its expected value."""
+    info = candidate.tensors.get(plan.name)
+    if info is None:
+        return TensorCheck(plan.name, "missing", passed=False, note="missing from candidate")
+    if tuple(info.shape) != tuple(plan.shape):
+        note = f"shape {list(info.shape)}, expected {list(plan.shape)}"
+        return TensorCheck(plan.name, "shape", info.dtype, passed=False, note=note)
+    got = candidate.read(plan.name)
+    distance = Distance()
+    if not plan.modified:
+        stored = base.read(plan.source)
+        if got.dtype == stored.dtype and torch.equal(_bytes(got), _bytes(stored)):
+            distance.add_identical(got.numel())
+        else:  # a changed dtype must still be the base rounded once
+            distance.add(got, stored)
+        exact = distance.exact == distance.elements
+        note = "" if exact else "differs from the base tensor no adapter touches"
+        return _result(plan.name, "untouched", info.dtype, distance, exact, note)
+    start, terms, biases = tensor_inputs(plan, base, adapters, _CPU, torch.float64)
+    if terms:
+        for r0, r1, block in merged_blocks(start, terms, torch.float64):
+            distance.add(got[r0:r1], block, start[r0:r1])
+    elif biases:
+        expected = add_bias(start, biases, compute_dtype=torch.float64, out_dtype=torch.float64)
+        distance.add(got, expected, start)
+    else:
+        distance.add(got, start)
+    within = distance.max_ulp <= tol and distance.nonfinite == 0
+    note = "" if within else f"{distance.max_ulp:.3g} ulp"
+    if distance.nonfinite:
+        note = f"{distance.nonfinite} non-finite values"
+    return _result(plan.name, "merged", info.dtype, distance, within, note)
+
+
+def _bytes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _result(name, kind, dtype, distance: Distance, passed: bool, note: str) -> TensorCheck:
+    return TensorCheck(
+        name=name,
+        kind=kind,
+        dtype=dtype,
+        elements=distance.elements,
+        max_abs=distance.max_abs,
+        max_ulp=distance.max_ulp,
+        max_ulp_at_value=distance.max_ulp_at_value,
+        exact_share=distance.exact_share,
+        rmse=distance.rmse,
+        passed=passed,
+        note=note,
+    )

@@ -1,0 +1,166 @@
+"""`loramerge verify`: true positives and true negatives, weights and forward."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import ADAPTERS, GPT2, LLAMA
+from safetensors.torch import load_file, save_file
+
+from loramerge.merge import MergeOptions, merge
+
+
+def _merged(tmp_path, base, adapters, weights=None, **options):
+    out = tmp_path / "merged"
+    paths = [ADAPTERS / a for a in adapters]
+    merge(base, paths, out, MergeOptions(weights=tuple(weights or ()), **options))
+    return out
+
+
+def _verify(cli, candidate, base, adapters=(), weights=(), *extra):
+    args = ["verify", candidate, "--base", base, "--json", *extra]
+    for adapter in adapters:
+        args += ["--adapter", ADAPTERS / adapter]
+    for weight in weights:
+        args += ["-w", weight]
+    result = cli(*args)
+    return result.code, json.loads(result.out) if result.out else None, result
+
+
+def _edit(folder, name, change):
+    """Rewrite the shard holding `name` with `change(state)` applied."""
+    for path in folder.glob("*.safetensors"):
+        state = load_file(path)
+        if name in state:
+            change(state)
+            save_file(state, path, metadata={"format": "pt"})
+            return
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize(
+    "base, adapters, weights, compute",
+    [
+        (LLAMA, ["llama-lora"], [], "float32"),
+        (LLAMA, ["llama-embed"], [], "float32"),
+        (LLAMA, ["llama-dora", "llama-lora-b"], [1.0, -0.5], "float32"),
+        (LLAMA, ["llama-resized"], [], "float64"),
+        (LLAMA, ["llama-tokens"], [], "float32"),
+        (GPT2, ["gpt2-lora"], [], "float32"),
+        (GPT2, ["gpt2-embed"], [], "float64"),
+    ],
+)
+def test_correct_merges_pass(cli, tmp_path, base, adapters, weights, compute):
+    out = _merged(tmp_path, base, adapters, weights, compute_dtype=compute)
+    code, report, result = _verify(cli, out, base, adapters, weights)
+    assert code == 0, report["verdict"]
+    assert report["passed"] and report["verdict"].startswith("PASS")
+    merged = [t for t in report["tensors"] if t["kind"] == "merged"]
+    assert merged and all(t["max_ulp"] <= 1.0 for t in merged)
+    untouched = [t for t in report["tensors"] if t["kind"] == "untouched"]
+    assert all(t["exact_share"] == 1.0 for t in untouched)
+    print(f"\n{adapters}: {report['verdict']}")
+
+
+def test_element_moved_two_ulps_fails_and_is_named(cli, tmp_path):
+    out = _merged(tmp_path, LLAMA, ["llama-lora"])
+    name = "model.layers.1.mlp.up_proj.weight"
+
+    def nudge(state):
+        flat = state[name].view(-1)
+        bits = flat[7:8].view(torch.int16)
+        bits += 2  # two ulps up (same sign, same binade for a normal bf16 value)
+        assert flat[7] != 0
+
+    _edit(out, name, nudge)
+    code, report, result = _verify(cli, out, LLAMA, ["llama-lora"])
+    assert code == 1
+    failed = [t for t in report["tensors"] if not t["passed"]]
+    assert [t["name"] for t in failed] == [name]
+    assert 1.0 < failed[0]["max_ulp"] <= 2.5
+    assert name in report["verdict"]
+
+
+def test_wrong_weight_fails(cli, tmp_path):
+    out = _merged(tmp_path, LLAMA, ["llama-lora"], [0.5])
+    code, report, _ = _verify(cli, out, LLAMA, ["llama-lora"])
+    assert code == 1 and not report["passed"]
+    assert sum(not t["passed"] for t in report["tensors"]) == 14
+
+
+def test_missing_tensor_fails(cli, tmp_path):
+    out = _merged(tmp_path, LLAMA, ["llama-lora"])
+    _edit(out, "model.norm.weight", lambda state: state.pop("model.norm.weight"))
+    code, report, _ = _verify(cli, out, LLAMA, ["llama-lora"])
+    assert code == 1
+    assert {(t["name"], t["kind"]) for t in report["tensors"] if not t["passed"]} == {
+        ("model.norm.weight", "missing")
+    }
+
+
+def test_adapter_never_merged_fails(cli, tmp_path):
+    code, report, _ = _verify(cli, LLAMA, LLAMA, ["llama-lora"])
+    assert code == 1
+    assert sum(t["kind"] == "merged" and not t["passed"] for t in report["tensors"]) == 14
+
+
+def test_without_adapters_candidate_must_equal_base(cli, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(LLAMA, copy)
+    assert _verify(cli, copy, LLAMA)[0] == 0
+    out = _merged(tmp_path, LLAMA, ["llama-rslora"])
+    code, report, _ = _verify(cli, out, LLAMA)
+    assert code == 1
+    assert sum(not t["passed"] for t in report["tensors"]) == 4
+
+
+def test_peft_merge_checked_by_verify(cli, tmp_path):
+    """PEFT's own merged folders: a plain LoRA passes; the tied one fails and says why."""
+    from peft_oracle import peft_model
+
+    model, names = peft_model(LLAMA, [ADAPTERS / "llama-lora"], [1.0], torch.bfloat16)
+    model.merge_and_unload(adapter_names=names).save_pretrained(tmp_path / "peft")
+    assert _verify(cli, tmp_path / "peft", LLAMA, ["llama-lora"])[0] == 0
+    model, names = peft_model(GPT2, [ADAPTERS / "gpt2-embed"], [1.0], torch.bfloat16)
+    model.merge_and_unload(adapter_names=names).save_pretrained(tmp_path / "peft-tied")
+    code, report, _ = _verify(cli, tmp_path / "peft-tied", GPT2, ["gpt2-embed"])
+    assert code == 1
+    assert ("lm_head.weight", "missing") in {(t["name"], t["kind"]) for t in report["tensors"]}
+
+
+def test_forward_check_passes_correct_and_fails_wrong(cli, tmp_path):
+    out = _merged(tmp_path, LLAMA, ["llama-lora"])
+    code, report, _ = _verify(cli, out, LLAMA, ["llama-lora"], (), "--forward")
+    forward = report["forward"]
+    print(f"\ncorrect merge, forward: {forward['summary']}")
+    assert code == 0 and forward["passed"] and forward["top1_agreement_outside_ties"] == 1.0
+    wrong = tmp_path / "wrong"
+    merge(LLAMA, [ADAPTERS / "llama-lora"], wrong, MergeOptions(weights=(0.5,)))
+    code, report, _ = _verify(cli, wrong, LLAMA, ["llama-lora"], (), "--forward")
+    print(f"weight 0.5 instead of 1, forward: {report['forward']['summary']}")
+    assert code == 1 and not report["forward"]["passed"]
+
+
+def test_human_output_and_bad_input(cli, tmp_path):
+    out = _merged(tmp_path, LLAMA, ["llama-lora"])
+    result = cli("verify", out, "--base", LLAMA, "--adapter", ADAPTERS / "llama-lora")
+    assert result.code == 0 and "worst tensors" in result.out and "PASS" in result.out
+    missing = cli("verify", tmp_path / "nope", "--base", LLAMA)
+    assert missing.code == 2 and missing.err.startswith("Error:")
+    weights = cli(
+        "verify", out, "--base", LLAMA, "--adapter", ADAPTERS / "llama-lora", "-w", 1, "-w", 2
+    )
+    assert weights.code == 2
+
+
+def test_merge_verify_records_verdict(cli, tmp_path):
+    out = tmp_path / "out"
+    result = cli("merge", LLAMA, ADAPTERS / "llama-dora", "-o", out, "--verify", "--json")
+    assert result.code == 0
+    assert json.loads(result.out)["verification"]["passed"] is True
+    record = json.loads((out / "loramerge.json").read_text())
+    assert record["verification"]["verdict"].startswith("PASS")
+    assert "Verification (`loramerge verify`): PASS" in (out / "README.md").read_text()
