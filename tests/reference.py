@@ -32,7 +32,7 @@ class Expected:
 def load_base(folder: Path) -> dict[str, torch.Tensor]:
     """All base tensors, sharded or not."""
     tensors: dict[str, torch.Tensor] = {}
-    for path in sorted(Path(folder).glob("*.safetensors")):
+    for path in sorted(Path(folder).glob("model*.safetensors")):
         tensors.update(load_file(path))
     return tensors
 

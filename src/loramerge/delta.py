@@ -1,4 +1,4 @@
-"""The merge arithmetic, pure tensor functions with no I/O.
+"""The merge arithmetic (and its inverse), pure tensor functions with no I/O.
 
     W = W0 + sum_i w_i * c_i
 
@@ -31,6 +31,8 @@ class Term:
     scale: float
     fan_in_fan_out: bool = False
     magnitude: torch.Tensor | None = None
+    undo: bool = False  # taken out of a merged weight (coef already negated for plain LoRA)
+    norm: torch.Tensor | None = None  # DoRA undo: the norm ||W0 + s*dW|| the merge used
 
 
 def transposed(term: Term) -> bool:
@@ -66,14 +68,17 @@ def merge_weight(
     compute_dtype: torch.dtype,
     out_dtype: torch.dtype,
     out: torch.Tensor | None = None,
+    norms: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """W0 + sum of the terms, computed in `compute_dtype` on W0's device, rounded once.
 
-    `out` (W0's shape, `out_dtype`) receives the result and may be W0 itself.
+    `out` (W0's shape, `out_dtype`) receives the result and may be W0 itself. `norms`, when
+    given, receives the DoRA norm of each DoRA term (by its index in `terms`), so an unmerge
+    can later invert the merge.
     """
     if out is None:
         out = torch.empty(w0.shape, dtype=out_dtype, device=w0.device)
-    for r0, r1, acc in merged_blocks(w0, terms, compute_dtype):
+    for r0, r1, acc in merged_blocks(w0, terms, compute_dtype, norms):
         if acc.dtype == torch.float64:
             out[r0:r1].copy_(round_once(acc, out_dtype))
         else:
@@ -82,7 +87,10 @@ def merge_weight(
 
 
 def merged_blocks(
-    w0: torch.Tensor, terms: list[Term], compute_dtype: torch.dtype
+    w0: torch.Tensor,
+    terms: list[Term],
+    compute_dtype: torch.dtype,
+    norms: dict[int, torch.Tensor] | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield (r0, r1, rows r0:r1 of the unrounded merge) block by block.
 
@@ -90,7 +98,7 @@ def merged_blocks(
     next one); DoRA and convolutions need whole tensors and come as one block.
     """
     if w0.dim() != 2 or any(t.kind == "conv" or t.magnitude is not None for t in terms):
-        yield 0, w0.shape[0], _merge_whole(w0, terms, compute_dtype)
+        yield 0, w0.shape[0], _merge_whole(w0, terms, compute_dtype, norms)
         return
     rows, cols = w0.shape
     step = max(1, BLOCK_ELEMENTS // max(cols, 1))
@@ -108,15 +116,32 @@ def merged_blocks(
         yield r0, r1, acc
 
 
-def _merge_whole(w0: torch.Tensor, terms: list[Term], compute_dtype: torch.dtype) -> torch.Tensor:
-    """The unblocked, unrounded merge, for DoRA (whole-row norms) and convolutions."""
+def _merge_whole(
+    w0: torch.Tensor,
+    terms: list[Term],
+    compute_dtype: torch.dtype,
+    norms: dict[int, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The unblocked, unrounded merge, for DoRA (whole-row norms) and convolutions.
+
+    Undo terms go first and recover W0; the added terms are then computed from that W0.
+    """
     acc = w0.to(compute_dtype, copy=True)
-    base = w0.to(compute_dtype) if any(t.magnitude is not None for t in terms) else None
     for term in terms:
+        if term.undo and term.magnitude is None:
+            acc.add_(lora_delta(term, acc.shape, compute_dtype), alpha=term.coef)
+        elif term.undo:
+            acc = undo_dora(acc, term, compute_dtype)
+    added = [(i, t) for i, t in enumerate(terms) if not t.undo]
+    base = acc.clone() if any(t.magnitude is not None for _, t in added) else None
+    for index, term in added:
         if term.magnitude is None:
             acc.add_(lora_delta(term, acc.shape, compute_dtype), alpha=term.coef)
         else:
-            acc.add_(dora_contribution(base, term, compute_dtype), alpha=term.weight)
+            contribution, norm = dora_contribution(base, term, compute_dtype)
+            acc.add_(contribution, alpha=term.weight)
+            if norms is not None:
+                norms[index] = norm.reshape(-1)
     return acc
 
 
@@ -137,14 +162,30 @@ def round_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bits.view(torch.float32).to(dtype)
 
 
-def dora_contribution(base: torch.Tensor, term: Term, dtype: torch.dtype) -> torch.Tensor:
-    """c = f * (W0 + s*dW) - W0, f = magnitude / norm of W0 + s*dW per output feature."""
+def dora_contribution(
+    base: torch.Tensor, term: Term, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c, norm): c = f * (W0 + s*dW) - W0, f = magnitude / norm of W0 + s*dW per output."""
     adapted = base + lora_delta(term, base.shape, dtype) * term.scale
     axis = output_axis(term)
     other = [d for d in range(adapted.dim()) if d != axis]
     norm = torch.linalg.vector_norm(adapted, dim=other, keepdim=True)
     magnitude = term.magnitude.to(dtype).reshape(norm.shape)
-    return adapted * (magnitude / norm) - base
+    return adapted * (magnitude / norm) - base, norm
+
+
+def undo_dora(merged: torch.Tensor, term: Term, dtype: torch.dtype) -> torch.Tensor:
+    """W0 from W = W0 + w (f (W0 + s dW) - W0), with f = m / norm from the merge's record.
+
+    W = W0 (1 - w + w f) + w f s dW, so W0 = (W - w f s dW) / (1 - w + w f). The norm cannot be
+    recomputed from W (it is the norm of the unmerged W0 + s dW), hence the stored one.
+    """
+    shape = [1] * merged.dim()
+    shape[output_axis(term)] = -1
+    factor = (term.magnitude.to(dtype) / term.norm.to(dtype)).reshape(shape)
+    delta = lora_delta(term, merged.shape, dtype) * term.scale
+    w = term.weight
+    return (merged - w * factor * delta) / (1 - w + w * factor)
 
 
 def add_bias(

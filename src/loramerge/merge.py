@@ -20,7 +20,14 @@ from loramerge.errors import LoramergeError
 from loramerge.jsonfile import read_json_object
 from loramerge.plan import Plan, TensorPlan, build_plan
 from loramerge.sink.atomic import AtomicFolder
-from loramerge.sink.hf_folder import copy_files, write_config, write_model_card, write_provenance
+from loramerge.sink.hf_folder import (
+    NORMS_FILE,
+    copy_files,
+    write_config,
+    write_model_card,
+    write_norms,
+    write_provenance,
+)
 from loramerge.sink.safetensors_writer import Entry
 from loramerge.sink.sharded import ShardedWriter
 from loramerge.source.checkpoint import Checkpoint, open_weights
@@ -28,7 +35,7 @@ from loramerge.transform import tensor_inputs
 from loramerge.verify import verify_weights
 
 # Files of a model folder that are weights or that the merge writes itself.
-_NOT_COPIED = {"config.json", "README.md", "loramerge.json", "adapter_config.json"}
+_NOT_COPIED = {"config.json", "README.md", "loramerge.json", "adapter_config.json", NORMS_FILE}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".gguf")
 _TOKENIZER_FILES = {
     "tokenizer.json",
@@ -54,15 +61,18 @@ class MergeResult:
     plan: Plan
     adapters: list[dict]
     dry_run: bool
+    command: str = "merge"
     bytes_written: int = 0
     seconds: float = 0.0
     files: list[str] = field(default_factory=list)
     verification: dict | None = None
+    record: dict | None = None
+    drift: dict | None = None
 
     def summary(self) -> dict:
         """The JSON object `--json` prints."""
         return {
-            "command": "merge",
+            "command": self.command,
             "output": str(self.output),
             "dry_run": self.dry_run,
             "tensors_total": len(self.plan.tensors),
@@ -73,6 +83,7 @@ class MergeResult:
             "adapters": self.adapters,
             "notes": self.plan.notes,
             "verification": self.verification,
+            "drift": self.drift,
         }
 
 
@@ -99,51 +110,97 @@ def merge(
     progress: Progress | None = None,
 ) -> MergeResult:
     """Merge `adapters` (each times its weight) into `base`, writing a new folder `output`."""
-    start = time.perf_counter()
-    base, output = Path(base), Path(output)
     adapters = [Path(a) for a in adapters]
     weights = list(options.weights) or [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise LoramergeError(f"got {len(weights)} weights for {len(adapters)} adapters")
-    _check_output_is_not_input(output, [base, *adapters])
-    if output.exists() and not options.overwrite:
-        raise LoramergeError(f"{output} already exists; pass --overwrite to replace it")
+    job = Job("merge", Path(base), adapters, weights, [False] * len(adapters), Path(output))
+    job.verify_against = (job.source, adapters, weights)
+    return run(job, options, progress)
+
+
+@dataclass
+class Job:
+    """One write: a source checkpoint and the adapters to add to it or take out of it."""
+
+    command: str  # "merge", "unmerge" or "rebase"
+    source: Path  # the base, or the merged model for unmerge and rebase
+    adapters: list[Path]
+    weights: list[float]
+    undo: list[bool]  # per adapter: take it out instead of adding it
+    output: Path
+    # The provenance record of the source (unmerge, rebase) to derive the new one from.
+    record: dict | None = None
+    # DoRA norms of undo terms, by (adapter index, tensor), and stored norms to carry over.
+    norms: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    carried_norms: dict[str, torch.Tensor] = field(default_factory=dict)
+    # What `--verify` checks the output against: (base, adapters, weights).
+    verify_against: tuple[Path, list[Path], list[float]] | None = None
+    # Sources of adapters taken out that are not among `adapters` (a rebuild from the base).
+    removed: list[str] = field(default_factory=list)
+
+
+def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> MergeResult:
+    """Plan the job, stream every tensor into a new folder, write the record, rename into place."""
+    start = time.perf_counter()
+    _check_output_is_not_input(job.output, [job.source, *job.adapters])
+    if job.output.exists() and not options.overwrite:
+        raise LoramergeError(f"{job.output} already exists; pass --overwrite to replace it")
     device = resolve_device(options.device)
     out_dtype = None if options.dtype == "auto" else dtypes.from_name(options.dtype)
     compute = {"float32": torch.float32, "float64": torch.float64}[options.compute_dtype]
-    config = _read_config(base)
+    config = _read_config(job.source)
     opened: list[Adapter] = []
-    with open_weights(base, stem="model", allow_pickle=options.allow_pickle) as checkpoint:
+    with open_weights(job.source, stem="model", allow_pickle=options.allow_pickle) as checkpoint:
         try:
-            for path in adapters:
+            for path in job.adapters:
                 opened.append(load_adapter(path, allow_pickle=options.allow_pickle))
-            plan = build_plan(checkpoint, config, opened, weights, out_dtype)
-            described = [_describe_adapter(a, w) for a, w in zip(opened, weights, strict=True)]
-            result = MergeResult(output, plan, described, options.dry_run)
+            plan = build_plan(checkpoint, config, opened, job.weights, out_dtype, job.undo)
+            described = [
+                _describe_adapter(a, w, plan, i)
+                for i, (a, w) in enumerate(zip(opened, job.weights, strict=True))
+            ]
+            result = MergeResult(job.output, plan, described, options.dry_run, job.command)
             if options.dry_run:
                 return result
-            with AtomicFolder(output, overwrite=options.overwrite) as folder:
+            with AtomicFolder(job.output, overwrite=options.overwrite) as folder:
                 writer = ShardedWriter(
                     folder.path,
                     [Entry(t.name, t.dtype, t.shape) for t in plan.tensors],
                     options.max_shard_size,
                     {"format": "pt"},
                 )
+                norms: dict[tuple[int, str], torch.Tensor] = {}
                 try:
                     result.bytes_written = _write_tensors(
-                        writer, plan, checkpoint, opened, device, compute, progress
+                        writer,
+                        plan,
+                        checkpoint,
+                        opened,
+                        device,
+                        compute,
+                        job.norms,
+                        norms,
+                        progress,
                     )
                     writer.finish()
                 except BaseException:
                     writer.abort()
                     raise
                 result.files = list(writer.files)
-                record = _provenance(base, config, opened, described, plan, options, device)
-                if options.verify:
+                entries = [
+                    {**d, "sha256": a.sha256()} for a, d in zip(opened, described, strict=True)
+                ]
+                record = _provenance(job, config, entries, plan, options, device)
+                stored = {**job.carried_norms, **_norm_keys(norms, entries)}
+                if stored:
+                    record["dora_norms"] = write_norms(folder.path, stored)
+                if options.verify and job.verify_against:
                     result.verification = record["verification"] = _verify(
-                        folder.path, base, adapters, weights, options.allow_pickle
+                        folder.path, *job.verify_against, options.allow_pickle
                     )
-                _write_side_files(folder.path, base, config, plan, opened, record)
+                result.record = record
+                _write_side_files(folder.path, job.source, config, plan, opened, job.undo, record)
                 folder.commit()
         finally:
             for adapter in opened:
@@ -172,7 +229,9 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def _write_tensors(writer, plan, checkpoint, adapters, device, compute, progress) -> int:
+def _write_tensors(
+    writer, plan, checkpoint, adapters, device, compute, norms_in, norms_out, progress
+) -> int:
     """Produce every tensor on a few threads (torch and file I/O release the GIL); bytes written.
 
     Each thread owns one tensor at a time and writes it to its own byte range, so order does not
@@ -184,7 +243,9 @@ def _write_tensors(writer, plan, checkpoint, adapters, device, compute, progress
     done = 0
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="loramerge") as pool:
-            work = partial(_write_tensor, writer, checkpoint, adapters, device, compute)
+            work = partial(
+                _write_tensor, writer, checkpoint, adapters, device, compute, norms_in, norms_out
+            )
             futures = [pool.submit(work, t) for t in plan.tensors]
             try:
                 for future, tensor in zip(futures, plan.tensors, strict=True):
@@ -207,25 +268,34 @@ def _write_tensor(
     adapters: list[Adapter],
     device: torch.device,
     compute: torch.dtype,
+    norms_in: dict[tuple[int, str], torch.Tensor],
+    norms_out: dict[tuple[int, str], torch.Tensor],
     plan: TensorPlan,
 ) -> None:
-    """Produce one output tensor and hand it to the writer (raw bytes when untouched)."""
+    """Produce one output tensor and hand it to the writer (raw bytes when untouched).
+
+    DoRA norms of the terms added here go to `norms_out` by (adapter index, tensor name).
+    """
     stored = base.tensors[plan.source]
     raw = base.raw(plan.source)
     if not plan.modified and plan.dtype == stored.dtype and raw is not None:
         writer.copy(plan.name, raw.fd, raw.offset, raw.nbytes)
         return
     out_dtype = dtypes.to_torch(plan.dtype)
-    weight, terms, biases = tensor_inputs(plan, base, adapters, device, compute)
+    weight, terms, biases = tensor_inputs(plan, base, adapters, device, compute, norms_in)
     if terms:
         in_place = device.type == "cpu" and weight.dtype == out_dtype
+        norms: dict[int, torch.Tensor] = {}
         weight = merge_weight(
             weight.to(device),
             terms,
             compute_dtype=compute,
             out_dtype=out_dtype,
             out=weight if in_place else None,
+            norms=norms,
         )
+        for index, norm in norms.items():  # dict updates are atomic under the GIL
+            norms_out[(plan.lora[index].adapter, plan.name)] = norm.float().cpu()
     elif biases:
         weight = add_bias(weight, biases, compute_dtype=compute, out_dtype=out_dtype)
     weight = round_once(weight, out_dtype).cpu().contiguous()
@@ -258,7 +328,7 @@ def _read_config(base: Path) -> dict | None:
     return read_json_object(path)
 
 
-def _describe_adapter(adapter: Adapter, weight: float) -> dict:
+def _describe_adapter(adapter: Adapter, weight: float, plan: Plan, index: int) -> dict:
     """The provenance entry of one adapter (the sha256 is filled in when writing)."""
     overrides = {m.module: m.scale for m in adapter.modules if m.scale != adapter.default_scale}
     return {
@@ -274,24 +344,51 @@ def _describe_adapter(adapter: Adapter, weight: float) -> dict:
         "lora_modules": len(adapter.modules),
         "replaced_tensors": sorted(f.target for f in adapter.full),
         "trainable_token_rows": sorted(r.target for r in adapter.token_rows),
+        "targets": sorted(t.name for t in plan.tensors if index in _adapters_of(t)),
     }
 
 
-def _provenance(base, config, adapters, described, plan, options, device) -> dict:
+def _adapters_of(tensor: TensorPlan) -> set[int]:
+    """Indices of the adapters that change one planned tensor."""
+    found = {x.adapter for x in (*tensor.lora, *tensor.bias)} | {x.adapter for x in tensor.rows}
+    return found | ({tensor.replace.adapter} if tensor.replace else set())
+
+
+def _norm_keys(norms: dict[tuple[int, str], torch.Tensor], entries: list[dict]) -> dict:
+    """Stored-norm names: '<adapter sha256 prefix>:<tensor>' (stable across rebases)."""
+    return {norm_key(entries[i]["sha256"], name): n for (i, name), n in norms.items()}
+
+
+def norm_key(sha256: str, tensor: str) -> str:
+    """Name of one stored DoRA norm vector."""
+    return f"{sha256[:16]}:{tensor}"
+
+
+def _provenance(job: Job, config, entries: list[dict], plan: Plan, options, device) -> dict:
+    """The new record: the source's (if any) minus what was taken out, plus what was added."""
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    entries = [{**d, "sha256": a.sha256()} for a, d in zip(adapters, described, strict=True)]
+    added = [e for e, undo in zip(entries, job.undo, strict=True) if not undo]
+    removed = [e for e, undo in zip(entries, job.undo, strict=True) if undo]
+    previous = job.record or {}
+    gone = {e["sha256"] for e in removed}
+    kept = [a for a in previous.get("adapters", []) if a["sha256"] not in gone]
+    step = {"op": job.command, "adapters": [e["source"] for e in added], "at": now}
+    if removed or job.removed:
+        step["removed"] = [e["source"] for e in removed] + job.removed
     out_dtypes = sorted({t.dtype for t in plan.tensors if t.modified} or {"unchanged"})
+    base = previous.get("base") or {
+        "source": str(job.source),
+        "architectures": (config or {}).get("architectures"),
+    }
     return {
         "format": "loramerge.provenance",
         "format_version": 1,
         "tool": {"name": "loramerge", "version": __version__},
         "created": now,
-        "base": {"source": str(base), "architectures": (config or {}).get("architectures")},
-        "adapters": entries,
-        "history": [{"op": "merge", "adapters": [e["source"] for e in entries], "at": now}],
-        "dtype": options.dtype
-        if options.dtype != "auto"
-        else "auto (" + ", ".join(out_dtypes) + ")",
+        "base": base,
+        "adapters": kept + added,
+        "history": [*previous.get("history", []), step],
+        "dtype": options.dtype if options.dtype != "auto" else f"auto ({', '.join(out_dtypes)})",
         "compute_dtype": options.compute_dtype,
         "device": device.type,
         "tensors": {"total": len(plan.tensors), "modified": len(plan.modified)},
@@ -299,15 +396,16 @@ def _provenance(base, config, adapters, described, plan, options, device) -> dic
     }
 
 
-def _write_side_files(folder, base, config, plan, adapters, record) -> None:
+def _write_side_files(folder, source, config, plan, adapters, undo, record) -> None:
     """config.json, tokenizer and generation files, model card and provenance."""
     if config is not None:
         write_config(folder, config, plan.config_updates)
-    side = _side_files(base) if base.is_dir() else []
+    side = _side_files(source) if source.is_dir() else []
+    added = [a for a, taken_out in zip(adapters, undo, strict=True) if not taken_out]
     tokenizer_from = next(
         (
             a.path
-            for a in reversed(adapters)
+            for a in reversed(added)
             if any(f.name in _TOKENIZER_FILES for f in _side_files(a.path))
         ),
         None,

@@ -24,11 +24,16 @@ TIED_OUTPUT = "lm_head.weight"
 
 @dataclass(frozen=True)
 class Lora:
-    """Adapter `adapter`'s LoRA module applied with user weight `weight`."""
+    """Adapter `adapter`'s LoRA module applied with user weight `weight`.
+
+    `undo` marks a term taken out of a merged weight: plain LoRA then carries the negated weight
+    (the arithmetic is the same sum), DoRA the weight it was merged with (it is inverted).
+    """
 
     adapter: int
     module: LoraModule
     weight: float
+    undo: bool = False
 
 
 @dataclass(frozen=True)
@@ -99,9 +104,15 @@ def build_plan(
     adapters: list[Adapter],
     weights: list[float],
     out_dtype: str | None,
+    undo: list[bool] | None = None,
 ) -> Plan:
-    """Match every adapter tensor to a base tensor; raise one error listing all mismatches."""
-    builder = _Builder(base, config or {}, adapters, weights, out_dtype)
+    """Match every adapter tensor to a base tensor; raise one error listing all mismatches.
+
+    `undo[i]` marks adapter i as one to take out of `base` (a merged model) with the weight it
+    was merged with, instead of adding it.
+    """
+    undo = undo or [False] * len(adapters)
+    builder = _Builder(base, config or {}, adapters, weights, out_dtype, undo)
     builder.add_adapters()
     builder.handle_vocab_and_ties()
     if builder.errors:
@@ -113,12 +124,13 @@ def build_plan(
 class _Builder:
     """Mutable state while a plan is assembled."""
 
-    def __init__(self, base, config, adapters, weights, out_dtype):
+    def __init__(self, base, config, adapters, weights, out_dtype, undo):
         self.base = base
         self.config = config
         self.adapters = adapters
         self.weights = weights
         self.out_dtype = out_dtype
+        self.undo = undo
         self.errors: list[str] = []
         self.notes: list[str] = []
         self.config_updates: dict[str, object] = {}
@@ -132,14 +144,27 @@ class _Builder:
 
     def add_adapters(self) -> None:
         for index, (adapter, weight) in enumerate(zip(self.adapters, self.weights, strict=True)):
+            undo = self.undo[index]
             for module in adapter.modules:
-                self._add_lora(index, adapter, module, weight)
+                self._add_lora(index, adapter, module, weight, undo)
             for full in adapter.full:
                 if full.base_copy and self._equals_base(adapter, full):
                     continue  # PEFT saved the untouched base layer along with the LoRA
-                self._add_replace(index, adapter, full.target, full.key, weight)
+                if undo:
+                    self._cannot_undo(adapter, full.target, "replaced it whole (modules_to_save)")
+                else:
+                    self._add_replace(index, adapter, full.target, full.key, weight)
             for rows in adapter.token_rows:
-                self._add_rows(index, adapter, rows, weight)
+                if undo:
+                    self._cannot_undo(adapter, rows.target, "replaced rows (trainable tokens)")
+                else:
+                    self._add_rows(index, adapter, rows, weight)
+
+    def _cannot_undo(self, adapter: Adapter, target: str, what: str) -> None:
+        self.errors.append(
+            f"{adapter.path.name} {what} of {target}; the original values are not in the merged "
+            "model: pass --base BASE to rebuild from the base"
+        )
 
     def _resolve(self, adapter: Adapter, target: str) -> TensorPlan | None:
         """The plan for a target name; tolerant of a base-model prefix on either side."""
@@ -164,7 +189,9 @@ class _Builder:
         stored = adapter.weights.read(full.key)
         return bool(torch.equal(stored.to(torch.float64), self.base.read(plan.source).double()))
 
-    def _add_lora(self, index: int, adapter: Adapter, module: LoraModule, weight: float) -> None:
+    def _add_lora(
+        self, index: int, adapter: Adapter, module: LoraModule, weight: float, undo: bool
+    ) -> None:
         plan = self._resolve(adapter, f"{module.module}.weight")
         if plan is None:
             return
@@ -192,13 +219,14 @@ class _Builder:
                     f"{out_features} elements"
                 )
                 return
-        plan.lora.append(Lora(index, module, weight))
+        signed = -weight if undo and not module.magnitude_key else weight
+        plan.lora.append(Lora(index, module, signed, undo))
         if module.bias_key:
             bias = self._resolve(adapter, f"{module.module}.bias")
             if bias is not None and tuple(bias.shape) != tuple(tensors[module.bias_key].shape):
                 self.errors.append(f"{adapter.path.name}: lora_B bias of {module.module} misfits")
             elif bias is not None:
-                bias.bias.append(Lora(index, module, weight))
+                bias.bias.append(Lora(index, module, -weight if undo else weight, undo))
 
     def _add_replace(self, index: int, adapter: Adapter, target: str, key: str, weight: float):
         plan = self._resolve(adapter, target)

@@ -8,11 +8,13 @@ LoRA module's factors onto the compute device. merge writes the result; verify c
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 
 import torch
 
 from loramerge.adapter import Adapter, LoraModule
 from loramerge.delta import Term, replace_rows
+from loramerge.errors import LoramergeError
 from loramerge.plan import TensorPlan
 from loramerge.source.checkpoint import Checkpoint
 
@@ -33,10 +35,12 @@ def tensor_inputs(
     adapters: list[Adapter],
     device: torch.device,
     compute: torch.dtype,
+    norms: Mapping[tuple[int, str], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[Term], list[tuple[float, torch.Tensor]]]:
     """(W0 as the plan starts it, LoRA terms on `device`, (coef, bias) pairs) for one tensor.
 
     W0 lives in this thread's read buffer until the next call, so it may be merged in place.
+    `norms[(adapter index, tensor name)]` holds the DoRA norms a DoRA undo term needs.
     """
     weight = base.read(plan.source, read_buffer(base.tensors[plan.source].nbytes))
     if plan.replace:
@@ -46,7 +50,14 @@ def tensor_inputs(
     for rows in plan.rows:
         new_rows = adapters[rows.adapter].weights.read(rows.rows.key)
         weight = replace_rows(weight, list(rows.rows.indices), new_rows)
-    terms = [_term(adapters[t.adapter], t.module, t.weight, device) for t in plan.lora]
+    terms = []
+    for t in plan.lora:
+        norm = None
+        if t.undo and t.module.magnitude_key:
+            if norms is None or (t.adapter, plan.name) not in norms:
+                raise LoramergeError(f"no stored DoRA norm for {plan.name}: pass --base BASE")
+            norm = norms[(t.adapter, plan.name)].to(device)
+        terms.append(_term(adapters[t.adapter], t.module, t.weight, device, t.undo, norm))
     biases = [
         (t.weight * t.module.scale, adapters[t.adapter].weights.read(t.module.bias_key))
         for t in plan.bias
@@ -54,7 +65,14 @@ def tensor_inputs(
     return weight, terms, biases
 
 
-def _term(adapter: Adapter, module: LoraModule, weight: float, device: torch.device) -> Term:
+def _term(
+    adapter: Adapter,
+    module: LoraModule,
+    weight: float,
+    device: torch.device,
+    undo: bool = False,
+    norm: torch.Tensor | None = None,
+) -> Term:
     """Load one LoRA module's tensors onto the compute device."""
     read = adapter.weights.read
     magnitude = read(module.magnitude_key).to(device) if module.magnitude_key else None
@@ -67,4 +85,6 @@ def _term(adapter: Adapter, module: LoraModule, weight: float, device: torch.dev
         scale=module.scale,
         fan_in_fan_out=module.fan_in_fan_out,
         magnitude=magnitude,
+        undo=undo,
+        norm=norm,
     )

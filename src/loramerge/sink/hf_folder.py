@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
+
 from loramerge.jsonfile import read_json_object
 
 PROVENANCE = "loramerge.json"
+# DoRA norms ||W0 + s*dW|| per merged DoRA term: small vectors an unmerge needs to invert DoRA.
+NORMS_FILE = "loramerge_dora_norms.safetensors"
 _CARD_TEMPLATE = """---
 base_model: {base_model}
 library_name: transformers
@@ -74,6 +80,17 @@ def write_model_card(folder: Path, record: dict) -> None:
         provenance=PROVENANCE,
     )
     (folder / "README.md").write_text(card)
+
+
+def write_norms(folder: Path, norms: dict[str, torch.Tensor]) -> dict:
+    """Store DoRA norms beside the weights; returns the record's entry for them."""
+    path = Path(folder) / NORMS_FILE
+    save_file({k: v.contiguous() for k, v in sorted(norms.items())}, path)
+    return {
+        "file": NORMS_FILE,
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "vectors": len(norms),
+    }
 
 
 def read_provenance(folder: Path) -> dict | None:
