@@ -24,6 +24,7 @@ from loramerge import __version__
 from loramerge.errors import LoramergeError
 from loramerge.inspect import inspect_path
 from loramerge.merge import MergeOptions, MergeResult, merge
+from loramerge.swap import rebase, unmerge
 from loramerge.verify import VerifyReport, verify_weights
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
@@ -141,17 +142,114 @@ def cli(ctx: click.Context, debug: bool) -> None:
 def merge_command(base, adapters, output, as_json, quiet, to, weights, **options):
     """Merge ADAPTERS into BASE: W = W0 + sum w * scale * B @ A, written to OUTPUT."""
     options = MergeOptions(weights=tuple(weights), **options)
-    show_bar = not (quiet or as_json or options.dry_run) and sys.stderr.isatty()
-    with _progress(show_bar) as advance:
+    with _progress(_bar_wanted(quiet, as_json, options)) as advance:
         result = merge(base, list(adapters), output, options, progress=advance)
+    _report(result, options, as_json, quiet)
+
+
+def _swap_options(func):
+    """What unmerge and rebase add to the merge options."""
+    func = click.option(
+        "--force",
+        is_flag=True,
+        help="Take adapters out even if the record says they are not inside.",
+    )(func)
+    return click.option(
+        "--base",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="Rebuild from this base (exact) after checking MERGED against it.",
+    )(func)
+
+
+@cli.command("unmerge")
+@click.argument("merged", type=click.Path(path_type=Path))
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(path_type=Path))
+@_merge_options
+@_swap_options
+def unmerge_command(merged, adapters, output, as_json, quiet, to, weights, base, force, **options):
+    """Take ADAPTERS out of MERGED (each with its recorded weight, or -w), written to OUTPUT."""
+    options = MergeOptions(weights=tuple(weights), **options)
+    with _progress(_bar_wanted(quiet, as_json, options), "unmerging") as advance:
+        result = unmerge(
+            merged, list(adapters), output, options, base=base, force=force, progress=advance
+        )
+    _report(result, options, as_json, quiet)
+
+
+@cli.command("rebase")
+@click.argument("merged", type=click.Path(path_type=Path))
+@click.option(
+    "--remove",
+    "remove",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path),
+    help="An adapter to take out (repeat).",
+)
+@click.option(
+    "--add",
+    "add",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path),
+    help="An adapter to put in (repeat); -w weights apply to these, in order.",
+)
+@_merge_options
+@_swap_options
+def rebase_command(
+    merged, remove, add, output, as_json, quiet, to, weights, base, force, **options
+):
+    """Swap adapters in MERGED: take --remove out and put --add in, in one pass."""
+    options = MergeOptions(weights=tuple(weights), **options)
+    with _progress(_bar_wanted(quiet, as_json, options), "rebasing") as advance:
+        result = rebase(
+            merged,
+            list(remove),
+            list(add),
+            output,
+            options,
+            base=base,
+            force=force,
+            progress=advance,
+        )
+    _report(result, options, as_json, quiet)
+
+
+def _bar_wanted(quiet: bool, as_json: bool, options: MergeOptions) -> bool:
+    return not (quiet or as_json or options.dry_run) and sys.stderr.isatty()
+
+
+def _report(result: MergeResult, options: MergeOptions, as_json: bool, quiet: bool) -> None:
+    """Print what a merge, unmerge or rebase did, and exit 1 if its --verify failed."""
+    for warning in result.warnings:
+        click.echo(f"Warning: {warning}", err=True)
     if as_json:
         click.echo(json.dumps(_with_plan(result) if options.dry_run else result.summary()))
     elif options.dry_run:
         _print_plan(result)
     elif not quiet:
         _print_summary(result)
+        if result.drift:
+            _print_drift(result.drift)
     if result.verification and not result.verification["passed"]:
         sys.exit(1)
+
+
+def _print_drift(drift: dict) -> None:
+    if not drift["measured"]:
+        click.echo(f"drift: not measured ({drift['reason']}); bound: {drift['bound']}")
+        return
+    click.echo(
+        f"drift against the exact result: max {drift['max_ulp']:.3g} ulp, "
+        f"{drift['exact_share']:.4%} of elements bit-exact"
+    )
+    table = Table(title="tensors that differ from the exact result (worst first)")
+    for column in ("tensor", "max ulp", "bit-exact"):
+        table.add_column(column, overflow="fold")
+    for t in drift["tensors"][:10]:
+        table.add_row(t["name"], f"{t['max_ulp']:.3g}", f"{t['exact_share']:.4%}")
+    Console().print(table)
 
 
 @cli.command("verify")
@@ -365,8 +463,9 @@ def _print_plan(result: MergeResult) -> None:
 
 def _print_summary(result: MergeResult) -> None:
     summary = result.summary()
+    verb = {"merge": "Merged", "unmerge": "Unmerged", "rebase": "Rebased"}[result.command]
     click.echo(
-        f"Merged {len(result.adapters)} adapter(s): {summary['tensors_modified']} of "
+        f"{verb} {len(result.adapters)} adapter(s): {summary['tensors_modified']} of "
         f"{summary['tensors_total']} tensors changed, {summary['bytes_written'] / 1e6:.1f} MB "
         f"in {summary['seconds']:.1f} s -> {result.output}"
     )

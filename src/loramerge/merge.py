@@ -68,6 +68,7 @@ class MergeResult:
     verification: dict | None = None
     record: dict | None = None
     drift: dict | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
         """The JSON object `--json` prints."""
@@ -84,6 +85,7 @@ class MergeResult:
             "notes": self.plan.notes,
             "verification": self.verification,
             "drift": self.drift,
+            "warnings": self.warnings,
         }
 
 
@@ -134,8 +136,10 @@ class Job:
     # DoRA norms of undo terms, by (adapter index, tensor), and stored norms to carry over.
     norms: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     carried_norms: dict[str, torch.Tensor] = field(default_factory=dict)
-    # What `--verify` checks the output against: (base, adapters, weights).
+    # What `--verify` checks the output against: (base, adapters, weights), and the merged
+    # model an unmerge started from (its magnitudes count in the ulp scale).
     verify_against: tuple[Path, list[Path], list[float]] | None = None
+    verify_through: Path | None = None
     # Sources of adapters taken out that are not among `adapters` (a rebuild from the base).
     removed: list[str] = field(default_factory=list)
 
@@ -197,7 +201,7 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
                     record["dora_norms"] = write_norms(folder.path, stored)
                 if options.verify and job.verify_against:
                     result.verification = record["verification"] = _verify(
-                        folder.path, *job.verify_against, options.allow_pickle
+                        folder.path, *job.verify_against, options.allow_pickle, job.verify_through
                     )
                 result.record = record
                 _write_side_files(folder.path, job.source, config, plan, opened, job.undo, record)
@@ -302,9 +306,11 @@ def _write_tensor(
     writer.write(plan.name, weight.reshape(-1).view(torch.uint8).numpy())
 
 
-def _verify(folder: Path, base: Path, adapters, weights, allow_pickle: bool) -> dict:
+def _verify(folder: Path, base: Path, adapters, weights, allow_pickle: bool, through) -> dict:
     """Run the weight check on what was just written; the verdict goes into the record."""
-    report = verify_weights(folder, base, adapters, weights, allow_pickle=allow_pickle)
+    report = verify_weights(
+        folder, base, adapters, weights, allow_pickle=allow_pickle, through=through
+    )
     return {
         "passed": report.passed,
         "verdict": report.verdict(),

@@ -151,19 +151,19 @@ class _Builder:
                 if full.base_copy and self._equals_base(adapter, full):
                     continue  # PEFT saved the untouched base layer along with the LoRA
                 if undo:
-                    self._cannot_undo(adapter, full.target, "replaced it whole (modules_to_save)")
+                    self._cannot_undo(adapter, f"replaced {full.target} whole (modules_to_save)")
                 else:
                     self._add_replace(index, adapter, full.target, full.key, weight)
             for rows in adapter.token_rows:
                 if undo:
-                    self._cannot_undo(adapter, rows.target, "replaced rows (trainable tokens)")
+                    self._cannot_undo(adapter, f"replaced rows of {rows.target} (trainable tokens)")
                 else:
                     self._add_rows(index, adapter, rows, weight)
 
-    def _cannot_undo(self, adapter: Adapter, target: str, what: str) -> None:
+    def _cannot_undo(self, adapter: Adapter, what: str) -> None:
         self.errors.append(
-            f"{adapter.path.name} {what} of {target}; the original values are not in the merged "
-            "model: pass --base BASE to rebuild from the base"
+            f"{adapter.path.name} {what}; the original values are not in the merged model: "
+            "pass --base BASE to rebuild from the base"
         )
 
     def _resolve(self, adapter: Adapter, target: str) -> TensorPlan | None:

@@ -1,0 +1,248 @@
+"""unmerge and rebase: take adapters out of a merged model (and put others in), checked against
+the model's provenance record.
+
+Without a base, the adapters' terms are subtracted from the merged weights in one pass (DoRA is
+inverted with the norms the merge stored); the result carries the rounding of the first merge,
+and when the recorded base is at hand the drift is measured. With `--base`, the output is
+rebuilt from the base itself, after checking the merged model really is base + what its record
+says, and is bit-identical to merging the remaining adapters into the base directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loramerge.adapter import load_adapter
+from loramerge.errors import LoramergeError
+from loramerge.merge import Job, MergeOptions, MergeResult, Progress, norm_key, run
+from loramerge.sink.hf_folder import NORMS_FILE, read_provenance
+from loramerge.source.checkpoint import open_weights
+from loramerge.verify import verify_weights
+
+
+@dataclass
+class _Removal:
+    """An adapter to take out, matched against the record."""
+
+    path: Path
+    sha256: str
+    weight: float
+    use_dora: bool
+    entry: dict | None  # its entry in the record, when found
+    targets: list[str] = field(default_factory=list)
+
+
+def unmerge(
+    merged: Path,
+    adapters: list[Path],
+    output: Path,
+    options: MergeOptions | None = None,
+    *,
+    base: Path | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> MergeResult:
+    """Take `adapters` out of `merged` (each with the weight it was merged with, or -w)."""
+    options = options or MergeOptions()
+    return _swap("unmerge", merged, adapters, [], options, output, base, force, progress)
+
+
+def rebase(
+    merged: Path,
+    remove: list[Path],
+    add: list[Path],
+    output: Path,
+    options: MergeOptions | None = None,
+    *,
+    base: Path | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> MergeResult:
+    """Take `remove` out of `merged` and put `add` in (weights -w apply to `add`), in one pass."""
+    options = options or MergeOptions()
+    return _swap("rebase", merged, remove, add, options, output, base, force, progress)
+
+
+def _swap(command, merged, remove, add, options, output, base, force, progress) -> MergeResult:
+    merged, output = Path(merged), Path(output)
+    remove, add = [Path(p) for p in remove], [Path(p) for p in add]
+    record = read_provenance(merged) if merged.is_dir() else None
+    user_weights = list(options.weights)
+    remove_weights = user_weights if command == "unmerge" else []
+    add_weights = user_weights if command == "rebase" else []
+    for given, paths, what in ((remove_weights, remove, "removed"), (add_weights, add, "added")):
+        if given and len(given) != len(paths):
+            raise LoramergeError(f"got {len(given)} weights for {len(paths)} {what} adapters")
+    add_weights = add_weights or [1.0] * len(add)
+    removals = [_match(record, p, w, force, options) for p, w in _pair(remove, remove_weights)]
+    kept = _kept(record, removals)
+    warnings = [] if record else [f"{merged} has no provenance record: nothing can be checked"]
+    if base is not None:
+        result = _rebuild(
+            command,
+            merged,
+            Path(base),
+            record,
+            removals,
+            kept,
+            add,
+            add_weights,
+            output,
+            options,
+            progress,
+        )
+    else:
+        job = _subtract_job(command, merged, record, removals, kept, add, add_weights, output)
+        job.verify_against = _base_at_hand(record, kept, add, add_weights)
+        job.verify_through = merged
+        result = run(job, options, progress)
+        if not options.dry_run:
+            result.drift = _drift(output, merged, job.verify_against, options.allow_pickle)
+    if options.verify and result.verification is None and not options.dry_run:
+        warnings.append("--verify: the recorded base is not at hand, nothing to verify against")
+    result.warnings = warnings
+    return result
+
+
+def _pair(paths: list[Path], weights: list[float]) -> list[tuple[Path, float | None]]:
+    return list(zip(paths, weights or [None] * len(paths), strict=True))
+
+
+def _match(record, path: Path, weight: float | None, force: bool, options) -> _Removal:
+    """Find an adapter to remove in the record (by the sha256 of its weights)."""
+    adapter = load_adapter(path, allow_pickle=options.allow_pickle)
+    try:
+        sha, use_dora = adapter.sha256(), adapter.use_dora
+    finally:
+        adapter.close()
+    entries = (record or {}).get("adapters", [])
+    entry = next((e for e in entries if e.get("sha256") == sha), None)
+    if entry is None and record is not None and not force:
+        inside = ", ".join(f"{e['source']} (w={e['weight']:g})" for e in entries) or "nothing"
+        raise LoramergeError(
+            f"{path} is not inside this model according to its record (inside: {inside}); "
+            "pass --force to take it out anyway"
+        )
+    recorded = entry["weight"] if entry else 1.0
+    targets = entry.get("targets", []) if entry else []
+    return _Removal(path, sha, recorded if weight is None else weight, use_dora, entry, targets)
+
+
+def _kept(record, removals: list[_Removal]) -> list[dict]:
+    """Record entries of the adapters that stay inside."""
+    gone = {r.sha256 for r in removals}
+    return [e for e in (record or {}).get("adapters", []) if e["sha256"] not in gone]
+
+
+def _subtract_job(command, merged, record, removals, kept, add, add_weights, output) -> Job:
+    """The one-pass job: subtract (or invert DoRA) the removed terms, add the new ones."""
+    job = Job(
+        command,
+        merged,
+        [r.path for r in removals] + add,
+        [r.weight for r in removals] + add_weights,
+        [True] * len(removals) + [False] * len(add),
+        output,
+        record=record,
+    )
+    stored = _stored_norms(merged, record)
+    kept_targets = {t for e in kept for t in e.get("targets", [])}
+    for index, removal in enumerate(removals):
+        if not removal.use_dora:
+            continue
+        shared = sorted(kept_targets & set(removal.targets))
+        if shared:
+            raise LoramergeError(
+                f"{removal.path} is DoRA and other adapters inside also change {shared[0]}; "
+                "DoRA cannot be taken out of a shared tensor: pass --base BASE"
+            )
+        keys = {t: norm_key(removal.sha256, t) for t in removal.targets}
+        if not removal.targets or any(k not in stored for k in keys.values()):
+            raise LoramergeError(
+                f"{removal.path} is DoRA, and undoing it needs the norms loramerge stores when it "
+                "merges (not found in this model): pass --base BASE"
+            )
+        for tensor, key in keys.items():
+            job.norms[(index, tensor)] = stored[key]
+    keep = {e["sha256"][:16] for e in kept}
+    job.carried_norms = {k: v for k, v in stored.items() if k.split(":", 1)[0] in keep}
+    return job
+
+
+def _stored_norms(merged: Path, record) -> dict[str, torch.Tensor]:
+    """The DoRA norms the merge stored beside the weights (empty when there are none)."""
+    if not record or "dora_norms" not in record or not (merged / NORMS_FILE).is_file():
+        return {}
+    with open_weights(merged / NORMS_FILE, stem="model", allow_pickle=False) as norms:
+        return {name: norms.read(name).clone() for name in norms.tensors}
+
+
+def _base_at_hand(record, kept, add, add_weights):
+    """(base, adapters, weights) of the exact result, when the recorded files are all here."""
+    if not record:
+        return None
+    base = Path(record["base"]["source"])
+    sources = [Path(e["source"]) for e in kept]
+    if not base.exists() or not all(p.is_dir() for p in sources):
+        return None
+    return base, sources + add, [e["weight"] for e in kept] + add_weights
+
+
+def _drift(output: Path, merged: Path, exact, allow_pickle: bool) -> dict:
+    """How far the subtracted result is from the exact one, per tensor (when the base is here)."""
+    if exact is None:
+        return {
+            "measured": False,
+            "reason": "the recorded base (or a remaining adapter) is not at hand",
+            "bound": "1 ulp at max(|W0|, |W0 + delta|) per element",
+        }
+    report = verify_weights(output, *exact, allow_pickle=allow_pickle, through=merged)
+    changed = [t for t in report.tensors if t.exact_share < 1.0 or t.max_ulp > 0]
+    total = sum(t.elements for t in report.tensors) or 1
+    return {
+        "measured": True,
+        "against": f"{exact[0]} + {[str(p) for p in exact[1]]}",
+        "ulp_definition": "ulps of the output dtype at max(|exact|, |merged input|)",
+        "max_ulp": max((t.max_ulp for t in report.tensors), default=0.0),
+        "exact_share": sum(t.exact_share * t.elements for t in report.tensors) / total,
+        "tensors": [
+            {"name": t.name, "max_ulp": t.max_ulp, "exact_share": t.exact_share}
+            for t in sorted(changed, key=lambda t: -t.max_ulp)
+        ],
+    }
+
+
+def _rebuild(
+    command, merged, base, record, removals, kept, add, add_weights, output, options, progress
+) -> MergeResult:
+    """Check MERGED is BASE + its adapters, then merge what should remain into BASE afresh."""
+    missing = [e["source"] for e in kept if not Path(e["source"]).is_dir()]
+    if missing:
+        raise LoramergeError(
+            f"rebuilding from --base needs every adapter that stays inside; not found: {missing}"
+        )
+    inside = [Path(e["source"]) for e in kept] + [r.path for r in removals]
+    weights = [e["weight"] for e in kept] + [r.weight for r in removals]
+    check = verify_weights(merged, base, inside, weights, allow_pickle=options.allow_pickle)
+    if not check.passed and not force:
+        worst = ", ".join(f"{t.name} ({t.note or t.kind})" for t in check.failures()[:5])
+        raise LoramergeError(
+            f"{merged} is not {base} + its adapters within 1 ulp (worst tensors: {worst}); "
+            "pass --force to rebuild from the base anyway"
+        )
+    adapters = [Path(e["source"]) for e in kept] + add
+    job = Job(
+        command,
+        base,
+        adapters,
+        [e["weight"] for e in kept] + add_weights,
+        [False] * len(adapters),
+        output,
+        record={"base": (record or {}).get("base"), "history": (record or {}).get("history", [])},
+        removed=[str(r.path) for r in removals],
+    )
+    job.verify_against = (base, adapters, job.weights)
+    return run(job, options, progress)
