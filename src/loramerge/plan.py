@@ -148,7 +148,7 @@ class _Builder:
             for module in adapter.modules:
                 self._add_lora(index, adapter, module, weight, undo)
             for full in adapter.full:
-                if full.base_copy and self._equals_base(adapter, full):
+                if full.base_copy and (undo or self._equals_base(adapter, full)):
                     continue  # PEFT saved the untouched base layer along with the LoRA
                 if undo:
                     self._cannot_undo(adapter, f"replaced {full.target} whole (modules_to_save)")

@@ -66,6 +66,22 @@ def rebase(
     return _swap("rebase", merged, remove, add, options, output, base, force, progress)
 
 
+@dataclass
+class _Swap:
+    """Everything one unmerge or rebase works from, once the removals are matched."""
+
+    command: str
+    merged: Path
+    record: dict | None
+    removals: list[_Removal]
+    kept: list[dict]  # record entries of the adapters that stay inside
+    add: list[Path]
+    add_weights: list[float]
+    output: Path
+    options: MergeOptions
+    force: bool
+
+
 def _swap(command, merged, remove, add, options, output, base, force, progress) -> MergeResult:
     merged, output = Path(merged), Path(output)
     remove, add = [Path(p) for p in remove], [Path(p) for p in add]
@@ -76,28 +92,24 @@ def _swap(command, merged, remove, add, options, output, base, force, progress) 
     for given, paths, what in ((remove_weights, remove, "removed"), (add_weights, add, "added")):
         if given and len(given) != len(paths):
             raise LoramergeError(f"got {len(given)} weights for {len(paths)} {what} adapters")
-    add_weights = add_weights or [1.0] * len(add)
     removals = [_match(record, p, w, force, options) for p, w in _pair(remove, remove_weights)]
-    kept = _kept(record, removals)
+    swap = _Swap(
+        command,
+        merged,
+        record,
+        removals,
+        _kept(record, removals),
+        add,
+        add_weights or [1.0] * len(add),
+        output,
+        options,
+        force,
+    )
     warnings = [] if record else [f"{merged} has no provenance record: nothing can be checked"]
     if base is not None:
-        result = _rebuild(
-            command,
-            merged,
-            Path(base),
-            record,
-            removals,
-            kept,
-            add,
-            add_weights,
-            output,
-            options,
-            progress,
-        )
+        result = run(_rebuild_job(swap, Path(base)), options, progress)
     else:
-        job = _subtract_job(command, merged, record, removals, kept, add, add_weights, output)
-        job.verify_against = _base_at_hand(record, kept, add, add_weights)
-        job.verify_through = merged
+        job = _subtract_job(swap)
         result = run(job, options, progress)
         if not options.dry_run:
             result.drift = _drift(output, merged, job.verify_against, options.allow_pickle)
@@ -137,19 +149,22 @@ def _kept(record, removals: list[_Removal]) -> list[dict]:
     return [e for e in (record or {}).get("adapters", []) if e["sha256"] not in gone]
 
 
-def _subtract_job(command, merged, record, removals, kept, add, add_weights, output) -> Job:
+def _subtract_job(swap: _Swap) -> Job:
     """The one-pass job: subtract (or invert DoRA) the removed terms, add the new ones."""
+    removals = swap.removals
     job = Job(
-        command,
-        merged,
-        [r.path for r in removals] + add,
-        [r.weight for r in removals] + add_weights,
-        [True] * len(removals) + [False] * len(add),
-        output,
-        record=record,
+        swap.command,
+        swap.merged,
+        [r.path for r in removals] + swap.add,
+        [r.weight for r in removals] + swap.add_weights,
+        [True] * len(removals) + [False] * len(swap.add),
+        swap.output,
+        record=swap.record,
+        verify_against=_base_at_hand(swap),
+        verify_through=swap.merged,
     )
-    stored = _stored_norms(merged, record)
-    kept_targets = {t for e in kept for t in e.get("targets", [])}
+    stored = _stored_norms(swap.merged, swap.record)
+    kept_targets = {t for e in swap.kept for t in e.get("targets", [])}
     for index, removal in enumerate(removals):
         if not removal.use_dora:
             continue
@@ -167,7 +182,7 @@ def _subtract_job(command, merged, record, removals, kept, add, add_weights, out
             )
         for tensor, key in keys.items():
             job.norms[(index, tensor)] = stored[key]
-    keep = {e["sha256"][:16] for e in kept}
+    keep = {e["sha256"][:16] for e in swap.kept}
     job.carried_norms = {k: v for k, v in stored.items() if k.split(":", 1)[0] in keep}
     return job
 
@@ -180,15 +195,15 @@ def _stored_norms(merged: Path, record) -> dict[str, torch.Tensor]:
         return {name: norms.read(name).clone() for name in norms.tensors}
 
 
-def _base_at_hand(record, kept, add, add_weights):
+def _base_at_hand(swap: _Swap):
     """(base, adapters, weights) of the exact result, when the recorded files are all here."""
-    if not record:
+    if not swap.record:
         return None
-    base = Path(record["base"]["source"])
-    sources = [Path(e["source"]) for e in kept]
+    base = Path(swap.record["base"]["source"])
+    sources = [Path(e["source"]) for e in swap.kept]
     if not base.exists() or not all(p.is_dir() for p in sources):
         return None
-    return base, sources + add, [e["weight"] for e in kept] + add_weights
+    return base, sources + swap.add, [e["weight"] for e in swap.kept] + swap.add_weights
 
 
 def _drift(output: Path, merged: Path, exact, allow_pickle: bool) -> dict:
@@ -215,34 +230,34 @@ def _drift(output: Path, merged: Path, exact, allow_pickle: bool) -> dict:
     }
 
 
-def _rebuild(
-    command, merged, base, record, removals, kept, add, add_weights, output, options, progress
-) -> MergeResult:
+def _rebuild_job(swap: _Swap, base: Path) -> Job:
     """Check MERGED is BASE + its adapters, then merge what should remain into BASE afresh."""
-    missing = [e["source"] for e in kept if not Path(e["source"]).is_dir()]
+    missing = [e["source"] for e in swap.kept if not Path(e["source"]).is_dir()]
     if missing:
         raise LoramergeError(
             f"rebuilding from --base needs every adapter that stays inside; not found: {missing}"
         )
-    inside = [Path(e["source"]) for e in kept] + [r.path for r in removals]
-    weights = [e["weight"] for e in kept] + [r.weight for r in removals]
-    check = verify_weights(merged, base, inside, weights, allow_pickle=options.allow_pickle)
-    if not check.passed and not force:
+    inside = [Path(e["source"]) for e in swap.kept] + [r.path for r in swap.removals]
+    weights = [e["weight"] for e in swap.kept] + [r.weight for r in swap.removals]
+    allow_pickle = swap.options.allow_pickle
+    check = verify_weights(swap.merged, base, inside, weights, allow_pickle=allow_pickle)
+    if not check.passed and not swap.force:
         worst = ", ".join(f"{t.name} ({t.note or t.kind})" for t in check.failures()[:5])
         raise LoramergeError(
-            f"{merged} is not {base} + its adapters within 1 ulp (worst tensors: {worst}); "
+            f"{swap.merged} is not {base} + its adapters within 1 ulp (worst tensors: {worst}); "
             "pass --force to rebuild from the base anyway"
         )
-    adapters = [Path(e["source"]) for e in kept] + add
-    job = Job(
-        command,
+    adapters = [Path(e["source"]) for e in swap.kept] + swap.add
+    weights = [e["weight"] for e in swap.kept] + swap.add_weights
+    record = swap.record or {}
+    return Job(
+        swap.command,
         base,
         adapters,
-        [e["weight"] for e in kept] + add_weights,
+        weights,
         [False] * len(adapters),
-        output,
-        record={"base": (record or {}).get("base"), "history": (record or {}).get("history", [])},
-        removed=[str(r.path) for r in removals],
+        swap.output,
+        record={"base": record.get("base"), "history": record.get("history", [])},
+        verify_against=(base, adapters, weights),
+        removed=[str(r.path) for r in swap.removals],
     )
-    job.verify_against = (base, adapters, job.weights)
-    return run(job, options, progress)
