@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -476,6 +477,8 @@ def _print_summary(result: MergeResult) -> None:
 def main() -> None:
     """Entry point: run the CLI, turning our errors into one `Error:` line and exit 2."""
     debug = "--debug" in sys.argv[1:]
+    # A file-size limit (ulimit -f) must surface as an EFBIG error, not kill the process.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         sys.exit(cli.main(standalone_mode=False) or 0)
     except click.ClickException as exc:

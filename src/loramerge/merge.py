@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -167,7 +168,9 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
             result = MergeResult(job.output, plan, described, options.dry_run, job.command)
             if options.dry_run:
                 return result
+            _check_free_space(job.output, plan.nbytes)
             with AtomicFolder(job.output, overwrite=options.overwrite) as folder:
+                result.warnings.extend(folder.recovered)
                 writer = ShardedWriter(
                     folder.path,
                     [Entry(t.name, t.dtype, t.shape) for t in plan.tensors],
@@ -317,6 +320,20 @@ def _verify(folder: Path, base: Path, adapters, weights, allow_pickle: bool, thr
         "tolerance_ulp": report.tolerance_ulp,
         "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _check_free_space(output: Path, nbytes: int) -> None:
+    """Refuse up front when the output cannot fit (tensor bytes plus 1% for headers and files)."""
+    folder = output.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    needed = int(nbytes * 1.01) + (1 << 20)
+    if needed > free:
+        raise LoramergeError(
+            f"{output} needs {needed / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free on "
+            f"{folder}"
+        )
 
 
 def _check_output_is_not_input(output: Path, inputs: list[Path]) -> None:

@@ -1,7 +1,16 @@
-"""Outputs that appear whole or not at all: build in a temporary sibling, then rename into place."""
+"""Outputs that appear whole or not at all: build in a temporary sibling, then rename into place.
+
+While a run builds `OUT` it holds an exclusive lock on `.OUT.loramerge-lock` (released by the
+kernel even when the process is killed), so a second run writing the same OUT fails at once
+instead of interleaving. A temporary left by a killed run is recognised by the next one (its pid
+no longer holds the lock) and removed; an old OUT that a killed `--overwrite` had moved aside
+is put back first.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -9,6 +18,7 @@ from pathlib import Path
 from loramerge.errors import LoramergeError
 
 TEMP_MARK = ".loramerge-tmp-"
+_OLD_MARK = "old-"
 
 
 class AtomicFolder:
@@ -16,38 +26,49 @@ class AtomicFolder:
 
     def __init__(self, final: Path, *, overwrite: bool) -> None:
         self.final = Path(final).absolute()
-        if self.final.exists() and not overwrite:
-            raise LoramergeError(f"{self.final} already exists; pass --overwrite to replace it")
-        if self.final.exists() and not self.final.is_dir():
-            raise LoramergeError(f"{self.final} exists and is not a folder")
         parent = self.final.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise LoramergeError(f"cannot create output folder {parent}: {exc.strerror}") from exc
-        self.path = parent / f".{self.final.name}{TEMP_MARK}{os.getpid()}"
-        if self.path.exists():
-            shutil.rmtree(self.path)
+        self._lock_path = parent / f".{self.final.name}.loramerge-lock"
+        self._lock = _acquire(self._lock_path, self.final)
         try:
+            self.recovered = _clean_stale(self.final)
+            if self.final.exists() and not overwrite:
+                raise LoramergeError(f"{self.final} already exists; pass --overwrite to replace it")
+            if self.final.exists() and not self.final.is_dir():
+                raise LoramergeError(f"{self.final} exists and is not a folder")
+            self.path = parent / f".{self.final.name}{TEMP_MARK}{os.getpid()}"
             self.path.mkdir()
         except OSError as exc:
-            raise LoramergeError(f"cannot create {self.path}: {exc.strerror}") from exc
+            self._release()
+            raise LoramergeError(
+                f"cannot create {parent / self.final.name}: {exc.strerror}"
+            ) from exc
+        except BaseException:
+            self._release()
+            raise
 
     def commit(self) -> None:
         """fsync the folder, move it into place (replacing an old one), fsync the parent."""
+        for file in self.path.iterdir():
+            fsync_file(file)
         _fsync_dir(self.path)
         old = None
         if self.final.exists():
-            old = self.final.parent / f".{self.final.name}{TEMP_MARK}old-{os.getpid()}"
+            old = self.final.parent / f".{self.final.name}{TEMP_MARK}{_OLD_MARK}{os.getpid()}"
             os.rename(self.final, old)
         os.rename(self.path, self.final)
         _fsync_dir(self.final.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        self._release()
 
     def abort(self) -> None:
         """Remove the temporary folder and everything in it."""
         shutil.rmtree(self.path, ignore_errors=True)
+        self._release()
 
     def __enter__(self) -> AtomicFolder:
         return self
@@ -55,6 +76,52 @@ class AtomicFolder:
     def __exit__(self, exc_type, *exc: object) -> None:
         if exc_type is not None:
             self.abort()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            with contextlib.suppress(FileNotFoundError):  # the next run makes a new one
+                os.unlink(self._lock_path)
+            os.close(self._lock)
+            self._lock = None
+
+
+def _acquire(lock_path: Path, final: Path) -> int:
+    """Hold the exclusive lock for writing `final`, or fail if another run holds it."""
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise LoramergeError(f"cannot write into {final.parent}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LoramergeError(
+                f"another loramerge run is writing {final} right now; wait for it or pick "
+                "another output"
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not a lock file the previous holder unlinked after we opened it
+            return fd
+        os.close(fd)
+
+
+def _clean_stale(final: Path) -> list[str]:
+    """Remove temporaries of killed runs (we hold the lock, so none is live); restore an OUT a
+    killed --overwrite had moved aside. Returns what was done, for the report."""
+    done = []
+    prefix = f".{final.name}{TEMP_MARK}"
+    for stale in sorted(final.parent.glob(f"{prefix}*")):
+        if stale.name.startswith(prefix + _OLD_MARK) and not final.exists():
+            os.rename(stale, final)
+            done.append(f"restored {final} that an interrupted --overwrite had moved aside")
+        else:
+            shutil.rmtree(stale, ignore_errors=True)
+            done.append(f"removed {stale.name}, left by an interrupted run")
+    return done
 
 
 def fsync_file(path: Path) -> None:

@@ -8,14 +8,18 @@ moves the bytes; they never enter this process).
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from loramerge import dtypes
+from loramerge.errors import LoramergeError
 
 _CHUNK = 64 << 20
 
@@ -79,17 +83,25 @@ class SafetensorsWriter:
         }
         self._pending = set(self._ranges)
         self._lock = threading.Lock()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        _pwrite_all(self._fd, memoryview(len(raw).to_bytes(8, "little") + raw), 0)
+        self._fd = -1
+        with self._io_errors():
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            _pwrite_all(self._fd, memoryview(len(raw).to_bytes(8, "little") + raw), 0)
 
     def write(self, name: str, data) -> None:
         """Write the bytes of tensor `name` to its place."""
         view = memoryview(data).cast("B")
-        _pwrite_all(self._fd, view, self._claim(name, len(view)))
+        position = self._claim(name, len(view))
+        with self._io_errors():
+            _pwrite_all(self._fd, view, position)
 
     def copy(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
         """Write tensor `name` by copying `nbytes` from another file, kernel side."""
         position = self._claim(name, nbytes)
+        with self._io_errors():
+            self._copy(src_fd, src_offset, nbytes, position)
+
+    def _copy(self, src_fd: int, src_offset: int, nbytes: int, position: int) -> None:
         done = 0
         while done < nbytes:
             size = min(nbytes - done, _CHUNK)
@@ -102,7 +114,7 @@ class SafetensorsWriter:
             if moved == 0:
                 data = os.pread(src_fd, size, src_offset + done)
                 if not data:
-                    raise OSError(f"source ended early while copying {name}")
+                    raise OSError(errno.EIO, "source file ended early")
                 _pwrite_all(self._fd, memoryview(data), position + done)
                 moved = len(data)
             done += moved
@@ -111,7 +123,8 @@ class SafetensorsWriter:
         """Check every tensor was written, flush to disk, close."""
         if self._pending:
             raise RuntimeError(f"{self.path}: never written: {sorted(self._pending)[:5]}")
-        os.fsync(self._fd)
+        with self._io_errors():
+            os.fsync(self._fd)
         self.close()
 
     def close(self) -> None:
@@ -119,6 +132,15 @@ class SafetensorsWriter:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+    @contextmanager
+    def _io_errors(self) -> Iterator[None]:
+        """A full disk, a size limit, an I/O error or a read-only target: one clear error."""
+        try:
+            yield
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise LoramergeError(f"cannot write {self.path}: {reason}") from exc
 
     def _claim(self, name: str, nbytes: int) -> int:
         """Mark `name` written once, check its size, and return its file offset."""
