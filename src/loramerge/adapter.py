@@ -7,13 +7,15 @@ exactly is refused by name, never skipped.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from loramerge.errors import LoramergeError
+from loramerge.hashing import sha256_of
 from loramerge.jsonfile import read_json_object
 from loramerge.source.checkpoint import Checkpoint, open_weights
 
@@ -50,6 +52,11 @@ _KEY_PATTERNS = [
 # When one module's whole tensor is stored under several names, the first listed wins:
 # current PEFT writes the trained copy as `X.weight` and again as `X.modules_to_save.weight`.
 _FULL_PRIORITY = ("full", "saved", "base_copy")
+# A quantified group holding a quantifier or an alternation, e.g. (a+)+ or (a|a)*: the shape of
+# regular expressions that backtrack exponentially. PEFT's patterns never need one.
+_NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*[*+}|](?:[^()\\]|\\.)*\)(?:[*+?]|\{\d)")
+_MAX_NAME = 1024
+
 # Tensor names of other PEFT tuners (LoHa, LoKr, IA3, VeRA, AdaLoRA, OFT, ...): refused by name.
 _FOREIGN = re.compile(
     r"\.(hada_|lokr_|ia3_|vera_|lora_E|oft_|boft_|fourierft_|vblora_|hra_|ln_tuning|"
@@ -133,12 +140,16 @@ class Adapter:
 
     def sha256(self) -> str:
         """sha256 of the weights file(s), for the provenance record."""
-        digest = hashlib.sha256()
-        for path in self.weights.files:
-            with open(path, "rb") as fh:
-                while chunk := fh.read(1 << 20):
-                    digest.update(chunk)
-        return digest.hexdigest()
+        return sha256_of(self.weights.files)
+
+    def nonfinite(self) -> list[str]:
+        """Names of tensors holding NaN or Inf (read one at a time)."""
+        bad = []
+        for name, info in self.weights.tensors.items():
+            floating = info.dtype in ("F16", "BF16", "F32", "F64")
+            if floating and not bool(torch.isfinite(self.weights.read(name)).all()):
+                bad.append(name)
+        return bad
 
     def close(self) -> None:
         """Close the weights file."""
@@ -211,6 +222,11 @@ def _check_types(config_path: Path, config: dict) -> None:
         ):
             raise LoramergeError(f"{config_path}: {name} must map strings to positive numbers")
         for key in pattern:
+            if len(key) > _MAX_NAME or _NESTED_QUANTIFIER.search(key):
+                raise LoramergeError(
+                    f"{config_path}: {name} key {key[:60]!r} is too long or nests quantifiers "
+                    "(it could take exponential time to match); write it without nesting"
+                )
             try:
                 re.compile(rf"(.*\.)?({key})$")
             except (re.error, RecursionError) as exc:
@@ -228,6 +244,8 @@ def _parse_keys(adapter: Adapter) -> None:
     full: dict[str, dict[str, str]] = {}
     where = adapter.weights.files[0]
     for key in adapter.weights.tensors:
+        if len(key) > _MAX_NAME:
+            raise LoramergeError(f"{where}: a tensor name is {len(key)} characters long")
         if _FOREIGN.search(key):
             raise LoramergeError(f"{where}: {key!r} belongs to another PEFT tuner; cannot merge")
         name = key[len(PREFIX) :] if key.startswith(PREFIX) else key

@@ -27,6 +27,7 @@ from loramerge.inspect import inspect_path
 from loramerge.merge import MergeOptions, MergeResult, merge
 from loramerge.swap import rebase, unmerge
 from loramerge.verify import VerifyReport, verify_weights
+from loramerge.verify.files import verify_files
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
@@ -115,6 +116,11 @@ def _merge_options(func):
         click.option("--dry-run", is_flag=True, help="Print the plan and write nothing."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bar, no summary."),
+        click.option(
+            "--allow-nonfinite",
+            is_flag=True,
+            help="Merge adapters holding NaN or Inf (refused by default).",
+        ),
         click.option(
             "--verify",
             "verify",
@@ -257,9 +263,15 @@ def _print_drift(drift: dict) -> None:
 @click.argument("candidate", type=click.Path(path_type=Path))
 @click.option(
     "--base",
-    required=True,
     type=click.Path(path_type=Path),
+    default=None,
     help="The base checkpoint the candidate claims to start from.",
+)
+@click.option(
+    "--files",
+    "files",
+    is_flag=True,
+    help="Re-hash every file against the sha256 in the candidate's record.",
 )
 @click.option(
     "--adapter",
@@ -293,34 +305,45 @@ def _print_drift(drift: dict) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--quiet", "-q", is_flag=True, help="Only the verdict line.")
 def verify_command(
-    candidate, base, adapters, weights, tolerance, forward, allow_pickle, as_json, quiet
+    candidate, base, files, adapters, weights, tolerance, forward, allow_pickle, as_json, quiet
 ):
     """Prove CANDIDATE is BASE + ADAPTERS: exit 0 within tolerance, 1 if not, 2 on bad input."""
+    if base is None and not files:
+        raise LoramergeError("verify needs --base BASE (the weight check) or --files (integrity)")
     if weights and len(weights) != len(adapters):
         raise LoramergeError(f"got {len(weights)} weights for {len(adapters)} adapters")
-    weights = list(weights) or [1.0] * len(adapters)
-    show_bar = not (quiet or as_json) and sys.stderr.isatty()
-    with _progress(show_bar, "verifying") as advance:
-        report = verify_weights(
-            candidate,
-            base,
-            list(adapters),
-            weights,
-            tolerance_ulp=tolerance,
-            allow_pickle=allow_pickle,
-            progress=advance,
-        )
-    if forward:
-        from loramerge.verify.forward import verify_forward
+    integrity = verify_files(candidate) if files else None
+    report = None
+    if base is not None:
+        weights = list(weights) or [1.0] * len(adapters)
+        show_bar = not (quiet or as_json) and sys.stderr.isatty()
+        with _progress(show_bar, "verifying") as advance:
+            report = verify_weights(
+                candidate,
+                base,
+                list(adapters),
+                weights,
+                tolerance_ulp=tolerance,
+                allow_pickle=allow_pickle,
+                progress=advance,
+            )
+        if forward:
+            from loramerge.verify.forward import verify_forward
 
-        report.forward = verify_forward(candidate, base, list(adapters), weights)
+            report.forward = verify_forward(candidate, base, list(adapters), weights)
+    passed = (report is None or report.passed) and (integrity is None or integrity["passed"])
     if as_json:
-        click.echo(json.dumps(report.summary()))
+        summary = report.summary() if report else {"command": "verify"}
+        summary.update(passed=passed, files=integrity)
+        click.echo(json.dumps(summary))
     else:
-        if not quiet:
+        if report and not quiet:
             _print_verify_table(report)
-        click.echo(report.verdict())
-    sys.exit(0 if report.passed else 1)
+        if integrity:
+            click.echo(("PASS: " if integrity["passed"] else "FAIL: ") + integrity["summary"])
+        if report:
+            click.echo(report.verdict())
+    sys.exit(0 if passed else 1)
 
 
 def _print_verify_table(report: VerifyReport) -> None:

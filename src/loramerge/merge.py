@@ -24,6 +24,7 @@ from loramerge.sink.atomic import AtomicFolder
 from loramerge.sink.hf_folder import (
     NORMS_FILE,
     copy_files,
+    hash_files,
     write_config,
     write_model_card,
     write_norms,
@@ -103,6 +104,7 @@ class MergeOptions:
     allow_pickle: bool = False
     dry_run: bool = False
     verify: bool = False
+    allow_nonfinite: bool = False
 
 
 def merge(
@@ -161,6 +163,8 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
             for path in job.adapters:
                 opened.append(load_adapter(path, allow_pickle=options.allow_pickle))
             plan = build_plan(checkpoint, config, opened, job.weights, out_dtype, job.undo)
+            if not options.allow_nonfinite:
+                _check_finite(opened)
             described = [
                 _describe_adapter(a, w, plan, i)
                 for i, (a, w) in enumerate(zip(opened, job.weights, strict=True))
@@ -322,6 +326,17 @@ def _verify(folder: Path, base: Path, adapters, weights, allow_pickle: bool, thr
     }
 
 
+def _check_finite(adapters: list[Adapter]) -> None:
+    """NaN or Inf in an adapter would spread into every weight it touches: refuse it."""
+    for adapter in adapters:
+        bad = adapter.nonfinite()
+        if bad:
+            raise LoramergeError(
+                f"{adapter.path}: NaN or Inf in {len(bad)} tensor(s), e.g. {bad[0]}; pass "
+                "--allow-nonfinite to merge anyway"
+            )
+
+
 def _check_free_space(output: Path, nbytes: int) -> None:
     """Refuse up front when the output cannot fit (tensor bytes plus 1% for headers and files)."""
     folder = output.absolute().parent
@@ -438,8 +453,9 @@ def _write_side_files(folder, source, config, plan, adapters, undo, record) -> N
         side += [f for f in _side_files(tokenizer_from) if f.name in _TOKENIZER_FILES]
         record["notes"].append(f"tokenizer files taken from adapter {tokenizer_from}")
     copy_files(folder, side)
-    write_provenance(folder, record)
     write_model_card(folder, record)
+    record["files"] = hash_files(folder)  # every file but the record itself, written last
+    write_provenance(folder, record)
 
 
 def _side_files(folder: Path) -> list[Path]:

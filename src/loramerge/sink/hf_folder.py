@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from loramerge.hashing import sha256_of
 from loramerge.jsonfile import read_json_object
 
 PROVENANCE = "loramerge.json"
@@ -88,9 +90,17 @@ def write_norms(folder: Path, norms: dict[str, torch.Tensor]) -> dict:
     save_file({k: v.contiguous() for k, v in sorted(norms.items())}, path)
     return {
         "file": NORMS_FILE,
-        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "sha256": sha256_of([path]),
         "vectors": len(norms),
     }
+
+
+def hash_files(folder: Path) -> dict[str, str]:
+    """sha256 of every file in the folder but the provenance record, hashed in parallel."""
+    paths = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.name != PROVENANCE)
+    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:  # hashlib releases the GIL
+        digests = pool.map(lambda p: sha256_of([p]), paths)
+    return dict(zip((p.name for p in paths), digests, strict=True))
 
 
 def read_provenance(folder: Path) -> dict | None:

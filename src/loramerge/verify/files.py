@@ -1,0 +1,43 @@
+"""The integrity check: re-hash every file a merged folder's record lists."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from loramerge.errors import LoramergeError
+from loramerge.hashing import sha256_of
+from loramerge.sink.hf_folder import PROVENANCE, read_provenance
+
+
+def verify_files(folder: Path) -> dict:
+    """Compare each file's sha256 with the record's: changed, missing and unlisted files."""
+    folder = Path(folder)
+    record = read_provenance(folder) if folder.is_dir() else None
+    listed = (record or {}).get("files")
+    if not listed:
+        raise LoramergeError(f"{folder} has no record of file hashes to check against")
+    present = {p.name for p in folder.iterdir() if p.is_file() and p.name != PROVENANCE}
+    to_hash = sorted(set(listed) & present)
+    with ThreadPoolExecutor(4) as pool:
+        actual = dict(
+            zip(to_hash, pool.map(lambda n: sha256_of([folder / n]), to_hash), strict=True)
+        )
+    changed = [name for name in to_hash if actual[name] != listed[name]]
+    missing = sorted(set(listed) - present)
+    extra = sorted(present - set(listed))
+    passed = not changed and not missing
+    summary = (
+        f"{len(to_hash) - len(changed)}/{len(listed)} files match their recorded sha256"
+        + (f"; changed: {', '.join(changed)}" if changed else "")
+        + (f"; missing: {', '.join(missing)}" if missing else "")
+        + (f"; not in the record: {', '.join(extra)}" if extra else "")
+    )
+    return {
+        "passed": passed,
+        "summary": summary,
+        "changed": changed,
+        "missing": missing,
+        "extra": extra,
+        "checked": len(to_hash),
+    }
