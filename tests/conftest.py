@@ -25,12 +25,17 @@ def tree_hashes(folder: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="session", autouse=True)
-def fixtures_unchanged():
-    """Every committed fixture file has the same sha256 after the whole suite as before it."""
-    before = tree_hashes(FIXTURES)
+@pytest.fixture(scope="session")
+def fixture_hashes() -> dict[str, str]:
+    """sha256 of every committed fixture file, taken once before the first test."""
+    return tree_hashes(FIXTURES)
+
+
+@pytest.fixture(autouse=True)
+def inputs_unchanged(fixture_hashes):
+    """After every test, every input fixture file still has its original sha256."""
     yield
-    assert tree_hashes(FIXTURES) == before, "a test modified an input fixture"
+    assert tree_hashes(FIXTURES) == fixture_hashes, "a test modified an input fixture"
 
 
 class CliResult:

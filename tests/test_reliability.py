@@ -1,0 +1,266 @@
+"""Nothing lost under crashes, full disks and concurrent runs.
+
+Crashes are real: a merge runs in a child process that SIGKILLs itself at a chosen point (after
+the n-th tensor, while closing shards, while writing the record, between the renames of an
+--overwrite). Afterwards OUT is absent or complete and verifiable, and a rerun succeeds.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from conftest import ADAPTERS, LLAMA, tree_hashes
+from safetensors.torch import load_file, save_file
+
+ADAPTER = ADAPTERS / "llama-lora"
+# Runs the real CLI after arranging for SIGKILL (or a pause) at one point of the write.
+HARNESS = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    from loramerge.sink import hf_folder, sharded
+    from loramerge import merge as merge_module
+    point, n = sys.argv[1], int(sys.argv[2])
+    seen = [0]
+
+    def hit():
+        seen[0] += 1
+        if seen[0] == n and point.startswith("pause"):
+            time.sleep(5)  # long enough for the test to act, then carry on
+        elif seen[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def after(owner, name):
+        original = getattr(owner, name)
+        def wrapped(*args, **kwargs):
+            result = original(*args, **kwargs)
+            hit()
+            return result
+        setattr(owner, name, wrapped)
+
+    if point in ("tensor", "pause-tensor"):
+        after(sharded.ShardedWriter, "write")
+        after(sharded.ShardedWriter, "copy")
+    elif point == "finish":
+        after(sharded.SafetensorsWriter, "finish")
+    elif point == "record":
+        after(merge_module, "write_provenance")
+    elif point == "rename":
+        after(os, "rename")
+    sys.argv = ["loramerge", *sys.argv[3:]]
+    from loramerge.cli import main
+    main()
+    """
+)
+
+
+def _child(tmp_path, point: str, n: int, *args, **kwargs) -> subprocess.Popen:
+    script = tmp_path / "harness.py"
+    script.write_text(HARNESS)
+    cmd = [sys.executable, str(script), point, str(n), *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+def _merge_args(out, *extra):
+    return ["merge", LLAMA, ADAPTER, "-o", out, "--max-shard-size", "60KB", *extra]
+
+
+def _complete(cli, out) -> bool:
+    """OUT is a finished merge: files match the record and weights match base + adapter."""
+    files = cli("verify", out, "--files")
+    weights = cli("verify", out, "--base", LLAMA, "--adapter", ADAPTER, "-q")
+    return files.code == 0 and weights.code == 0
+
+
+@pytest.mark.parametrize(
+    "point, n",
+    [
+        ("tensor", 1),
+        ("tensor", 5),
+        ("tensor", 14),
+        ("tensor", 21),
+        ("finish", 1),
+        ("finish", 3),
+        ("record", 1),
+        ("rename", 1),
+        ("rename", 2),
+    ],
+)
+def test_sigkill_leaves_nothing_or_everything(cli, tmp_path, point, n):
+    out = tmp_path / "out"
+    if point == "rename":
+        assert cli(*_merge_args(out)).code == 0  # an older OUT that --overwrite replaces
+        old = tree_hashes(out)
+    child = _child(tmp_path, point, n, *_merge_args(out, "--overwrite"))
+    child.wait(timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stderr.read().decode()
+    if out.exists():
+        assert _complete(cli, out) or (point == "rename" and tree_hashes(out) == old)
+    rerun = cli(*_merge_args(out, "--overwrite"))
+    assert rerun.code == 0, rerun.err
+    assert _complete(cli, out)
+    assert [p.name for p in tmp_path.iterdir() if ".loramerge-" in p.name] == []
+
+
+def test_killed_overwrite_between_renames_restores_the_old_output(cli, tmp_path):
+    out = tmp_path / "out"
+    assert cli(*_merge_args(out)).code == 0
+    old = tree_hashes(out)
+    child = _child(tmp_path, "rename", 1, *_merge_args(out, "--overwrite"))
+    child.wait(timeout=120)
+    assert not out.exists()  # killed after moving the old OUT aside
+    result = cli("merge", LLAMA, ADAPTERS / "llama-rslora", "-o", out)
+    assert result.code == 2 and "already exists" in result.err  # the old one is back
+    assert tree_hashes(out) == old
+
+
+def test_second_run_on_the_same_output_fails_clearly(cli, tmp_path):
+    out = tmp_path / "out"
+    first = _child(tmp_path, "pause-tensor", 1, *_merge_args(out))
+    lock = tmp_path / ".out.loramerge-lock"
+    deadline = time.time() + 60
+    while not lock.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    second = cli(*_merge_args(out))
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    assert second.code == 2 and "another loramerge run is writing" in second.err
+    assert not out.exists()
+    assert cli(*_merge_args(out)).code == 0 and _complete(cli, out)
+
+
+def test_ctrl_c_removes_the_temporary(tmp_path):
+    out = tmp_path / "out"
+    child = _child(tmp_path, "pause-tensor", 1, *_merge_args(out))
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".out.loramerge-tmp-*")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    child.send_signal(signal.SIGINT)
+    child.wait(timeout=60)
+    assert child.returncode == 130
+    assert child.stderr.read().decode().strip().endswith("Error: interrupted")
+    assert not out.exists() and not list(tmp_path.glob(".out.loramerge-*"))
+
+
+def test_file_size_limit_mid_write(tmp_path):
+    """RLIMIT_FSIZE (EFBIG) during the first shard: one clear error, nothing left behind."""
+    out = tmp_path / "out"
+    before = tree_hashes(LLAMA.parent)
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "loramerge", "merge", LLAMA, ADAPTER, "-o", out],
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("Error: cannot write ") and "File too large" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob(".out.loramerge-*"))
+    assert tree_hashes(LLAMA.parent) == before
+
+
+@pytest.mark.parametrize(
+    "code, words",
+    [(errno.ENOSPC, "No space left on device"), (errno.EIO, "Input/output error")],
+)
+def test_write_errors_mid_write(cli, tmp_path, monkeypatch, code, words):
+    from loramerge.sink import safetensors_writer
+
+    calls = [0]
+    real = os.pwrite
+
+    def failing(fd, data, offset):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise OSError(code, os.strerror(code))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(safetensors_writer.os, "pwrite", failing)
+    out = tmp_path / "out"
+    result = cli("merge", LLAMA, ADAPTER, "-o", out)
+    assert result.code == 2 and words in result.err and "model.safetensors" in result.err
+    assert result.err.count("\n") == 1
+    assert not out.exists() and not list(tmp_path.glob(".out.loramerge-*"))
+
+
+def test_read_only_target(cli, tmp_path, monkeypatch):
+    target = tmp_path / "ro"
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if str(path).startswith(str(target)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    target.mkdir()
+    monkeypatch.setattr(os, "open", read_only)
+    result = cli("merge", LLAMA, ADAPTER, "-o", target / "out")
+    assert result.code == 2 and "Read-only file system" in result.err
+    assert list(target.iterdir()) == []
+
+
+def test_free_space_is_checked_up_front(cli, tmp_path, monkeypatch):
+    from loramerge import merge as merge_module
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(merge_module.shutil, "disk_usage", lambda _: usage._replace(free=100_000))
+    result = cli("merge", LLAMA, ADAPTER, "-o", tmp_path / "out")
+    assert result.code == 2 and "GB are free" in result.err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nonfinite_adapter_is_refused_unless_allowed(cli, tmp_path):
+    adapter = tmp_path / "nan-adapter"
+    shutil.copytree(ADAPTER, adapter)
+    state = load_file(adapter / "adapter_model.safetensors")
+    key = next(k for k in state if k.endswith("lora_B.weight"))
+    state[key][0, 0] = float("nan")
+    save_file(state, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    result = cli("merge", LLAMA, adapter, "-o", tmp_path / "out")
+    assert result.code == 2 and "--allow-nonfinite" in result.err and key in result.err
+    assert not (tmp_path / "out").exists()
+    allowed = cli("merge", LLAMA, adapter, "-o", tmp_path / "out", "--allow-nonfinite")
+    assert allowed.code == 0
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    assert any(torch.isnan(t).any() for t in merged.values())
+
+
+@pytest.mark.parametrize("pattern", ["(a+)+", "(q|q)*_proj", "(x{1,3})+y"])
+def test_backtracking_patterns_are_refused(cli, tmp_path, pattern):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(ADAPTER, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["rank_pattern"] = {pattern: 8}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    result = cli("merge", LLAMA, adapter, "-o", tmp_path / "out")
+    assert result.code == 2 and "nests quantifiers" in result.err
+
+
+def test_integrity_record_and_check(cli, tmp_path):
+    out = tmp_path / "out"
+    assert cli(*_merge_args(out)).code == 0
+    record = json.loads((out / "loramerge.json").read_text())
+    on_disk = {p.name for p in out.iterdir()} - {"loramerge.json"}
+    assert set(record["files"]) == on_disk
+    assert cli("verify", out, "--files").code == 0
+    shard = sorted(out.glob("model-*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    broken = cli("verify", out, "--files")
+    assert broken.code == 1 and shard.name in broken.out
