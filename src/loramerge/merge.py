@@ -211,6 +211,7 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
                         folder.path, *job.verify_against, options.allow_pickle, job.verify_through
                     )
                 result.record = record
+                record["files"] = dict(writer.hashes)
                 _write_side_files(folder.path, job.source, config, plan, opened, job.undo, record)
                 folder.commit()
         finally:
@@ -257,9 +258,11 @@ def _write_tensors(
             work = partial(
                 _write_tensor, writer, checkpoint, adapters, device, compute, norms_in, norms_out
             )
-            futures = [pool.submit(work, t) for t in plan.tensors]
+            by_name = {t.name: t for t in plan.tensors}
+            ordered = [by_name[name] for name in writer.order]
+            futures = [pool.submit(work, t) for t in ordered]
             try:
-                for future, tensor in zip(futures, plan.tensors, strict=True):
+                for future, tensor in zip(futures, ordered, strict=True):
                     future.result()
                     done += tensor.nbytes
                     if progress:
@@ -454,7 +457,8 @@ def _write_side_files(folder, source, config, plan, adapters, undo, record) -> N
         record["notes"].append(f"tokenizer files taken from adapter {tokenizer_from}")
     copy_files(folder, side)
     write_model_card(folder, record)
-    record["files"] = hash_files(folder)  # every file but the record itself, written last
+    # every file but the record itself (written last); shards were hashed as they were written
+    record["files"] = hash_files(folder, known=record.get("files", {}))
     write_provenance(folder, record)
 
 

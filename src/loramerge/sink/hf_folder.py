@@ -95,12 +95,18 @@ def write_norms(folder: Path, norms: dict[str, torch.Tensor]) -> dict:
     }
 
 
-def hash_files(folder: Path) -> dict[str, str]:
-    """sha256 of every file in the folder but the provenance record, hashed in parallel."""
-    paths = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.name != PROVENANCE)
+def hash_files(folder: Path, known: dict[str, str]) -> dict[str, str]:
+    """sha256 of every file in the folder but the provenance record (`known` ones not redone)."""
+    paths = sorted(
+        p
+        for p in Path(folder).iterdir()
+        if p.is_file() and p.name != PROVENANCE and p.name not in known
+    )
     with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:  # hashlib releases the GIL
         digests = pool.map(lambda p: sha256_of([p]), paths)
-    return dict(zip((p.name for p in paths), digests, strict=True))
+    return dict(
+        sorted({**known, **dict(zip((p.name for p in paths), digests, strict=True))}.items())
+    )
 
 
 def read_provenance(folder: Path) -> dict | None:

@@ -9,6 +9,7 @@ moves the bytes; they never enter this process).
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -84,9 +85,13 @@ class SafetensorsWriter:
         self._pending = set(self._ranges)
         self._lock = threading.Lock()
         self._fd = -1
+        self._hasher: _PrefixHasher | None = None
+        self.sha256 = ""
         with self._io_errors():
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             _pwrite_all(self._fd, memoryview(len(raw).to_bytes(8, "little") + raw), 0)
+            self._hasher = _PrefixHasher(self.path, start + offset)
+        self._hasher.completed(0, start)
 
     def write(self, name: str, data) -> None:
         """Write the bytes of tensor `name` to its place."""
@@ -94,12 +99,14 @@ class SafetensorsWriter:
         position = self._claim(name, len(view))
         with self._io_errors():
             _pwrite_all(self._fd, view, position)
+        self._hasher.completed(position, position + len(view))
 
     def copy(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
         """Write tensor `name` by copying `nbytes` from another file, kernel side."""
         position = self._claim(name, nbytes)
         with self._io_errors():
             self._copy(src_fd, src_offset, nbytes, position)
+        self._hasher.completed(position, position + nbytes)
 
     def _copy(self, src_fd: int, src_offset: int, nbytes: int, position: int) -> None:
         done = 0
@@ -125,10 +132,14 @@ class SafetensorsWriter:
             raise RuntimeError(f"{self.path}: never written: {sorted(self._pending)[:5]}")
         with self._io_errors():
             os.fsync(self._fd)
+            self.sha256 = self._hasher.hexdigest()
         self.close()
 
     def close(self) -> None:
         """Close without checks (on abort)."""
+        if self._hasher is not None:
+            self._hasher.stop()
+            self._hasher = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -150,6 +161,70 @@ class SafetensorsWriter:
                 raise RuntimeError(f"{self.path}: {name} written twice or with {nbytes} bytes")
             self._pending.remove(name)
         return position
+
+
+class _PrefixHasher:
+    """sha256 of a file written out of order, computed while it is written.
+
+    A background thread hashes each byte range as soon as everything before it is in the file,
+    reading it back from the page cache; tensors are written roughly in file order, so the hash
+    keeps up with the merge instead of costing a second pass at the end.
+    """
+
+    def __init__(self, path: Path, total: int) -> None:
+        self._fd = os.open(path, os.O_RDONLY)
+        self._total = total
+        self._next = 0
+        self._done: dict[int, int] = {}  # start -> end of written ranges not yet hashed
+        self._digest = hashlib.sha256()
+        self._error: OSError | None = None
+        self._stopped = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="loramerge-sha256", daemon=True)
+        self._thread.start()
+
+    def completed(self, start: int, end: int) -> None:
+        """Bytes [start, end) are in the file."""
+        with self._cond:
+            self._done[start] = end
+            self._cond.notify()
+
+    def hexdigest(self) -> str:
+        """Wait for the whole file to be hashed."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self._next != self._total:
+            raise RuntimeError("hashing stopped before the end of the file")
+        return self._digest.hexdigest()
+
+    def stop(self) -> None:
+        """Stop early (abort) and release the file."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _run(self) -> None:
+        while self._next < self._total:
+            with self._cond:
+                while self._next not in self._done and not self._stopped:
+                    self._cond.wait()
+                if self._next not in self._done:
+                    return
+                end = self._done.pop(self._next)
+                while end in self._done:
+                    end = self._done.pop(end)
+            try:
+                for offset in range(self._next, end, _CHUNK):
+                    self._digest.update(os.pread(self._fd, min(_CHUNK, end - offset), offset))
+            except OSError as exc:
+                self._error = exc
+                return
+            self._next = end
 
 
 def _pwrite_all(fd: int, view: memoryview, position: int) -> None:

@@ -12,7 +12,8 @@ INDEX = "model.safetensors.index.json"
 
 
 class ShardedWriter:
-    """All shards of one checkpoint, headers written up front; tensors go in by name."""
+    """All shards of one checkpoint, headers written up front; tensors go in by name (any order,
+    though `order`, the order in the files, lets each shard's sha256 keep pace)."""
 
     def __init__(self, folder: Path, entries: list[Entry], max_shard_bytes: int, metadata: dict):
         self.folder = Path(folder)
@@ -23,6 +24,8 @@ class ShardedWriter:
             if count == 1
             else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
         )
+        self.order = [entry.name for shard in shards for entry in shard]  # file order
+        self.hashes: dict[str, str] = {}
         self._writers: list[SafetensorsWriter] = []
         self._owner: dict[str, SafetensorsWriter] = {}
         self._weight_map: dict[str, str] = {}
@@ -48,8 +51,9 @@ class ShardedWriter:
 
     def finish(self) -> None:
         """Flush and close every shard; write the index when there are several."""
-        for writer in self._writers:
+        for name, writer in zip(self.files, self._writers, strict=True):
             writer.finish()
+            self.hashes[name] = writer.sha256
         if len(self.files) > 1:
             index = {
                 "metadata": {"total_size": self._total},
