@@ -23,6 +23,7 @@ from loramerge import dtypes
 from loramerge.errors import LoramergeError
 
 _CHUNK = 64 << 20
+_HASH_CHUNK = 4 << 20  # small reads stay in cache and keep the hasher's memory low
 
 
 @dataclass(frozen=True)
@@ -219,8 +220,9 @@ class _PrefixHasher:
                 while end in self._done:
                     end = self._done.pop(end)
             try:
-                for offset in range(self._next, end, _CHUNK):
-                    self._digest.update(os.pread(self._fd, min(_CHUNK, end - offset), offset))
+                for offset in range(self._next, end, _HASH_CHUNK):
+                    size = min(_HASH_CHUNK, end - offset)
+                    self._digest.update(os.pread(self._fd, size, offset))
             except OSError as exc:
                 self._error = exc
                 return
