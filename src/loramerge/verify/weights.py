@@ -7,19 +7,22 @@ the candidate changed their dtype, exactly the base rounded once).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from loramerge import dtypes
 from loramerge.adapter import Adapter, load_adapter
-from loramerge.compare import Distance
+from loramerge.compare import Distance, ulp
 from loramerge.delta import add_bias, merged_blocks
 from loramerge.jsonfile import read_json_object
 from loramerge.plan import TensorPlan, build_plan
 from loramerge.source.checkpoint import Checkpoint, open_weights
 from loramerge.transform import tensor_inputs
+from loramerge.verify.quantized import NF4Candidate, open_quantized
 
 _CPU = torch.device("cpu")
 
@@ -39,6 +42,8 @@ class TensorCheck:
     rmse: float = 0.0
     passed: bool = True
     note: str = ""
+    snr_db: float | None = None  # quantized candidates: signal-to-noise of the dequantized tensor
+    bound_ratio: float | None = None  # quantized candidates: worst error / allowed error
 
 
 @dataclass
@@ -64,6 +69,9 @@ class VerifyReport:
 
     def verdict(self) -> str:
         """One line a person reads first."""
+        bounded = [t for t in self.tensors if t.bound_ratio is not None]
+        if bounded:
+            return self._quantized_verdict(bounded)
         merged = [t for t in self.tensors if t.kind == "merged"]
         untouched = [t for t in self.tensors if t.kind == "untouched"]
         worst = max((t.max_ulp for t in merged), default=0.0)
@@ -79,6 +87,20 @@ class VerifyReport:
         failures = self.failures()
         if failures:
             names = ", ".join(f"{t.name} ({t.note})" for t in failures[:3])
+            line += f"; {len(failures)} failed: {names}"
+        return ("PASS: " if self.passed else "FAIL: ") + line
+
+    def _quantized_verdict(self, bounded: list[TensorCheck]) -> str:
+        worst = max(t.bound_ratio for t in bounded)
+        snr = min((t.snr_db for t in bounded if t.snr_db is not None), default=float("inf"))
+        formats = ", ".join(sorted({t.dtype for t in bounded}))
+        line = (
+            f"{len(bounded)} quantized tensors ({formats}) within {worst:.3g}x of their format's "
+            f"error bound, lowest SNR {snr:.1f} dB"
+        )
+        failures = self.failures()
+        if failures:
+            names = ", ".join(f"{t.name} ({t.note or t.kind})" for t in failures[:3])
             line += f"; {len(failures)} failed: {names}"
         return ("PASS: " if self.passed else "FAIL: ") + line
 
@@ -123,6 +145,16 @@ def verify_weights(
         [{"source": str(a), "weight": w} for a, w in zip(adapters, weights, strict=True)],
         tolerance_ulp,
     )
+    quantized = open_quantized(candidate, allow_pickle)
+    if quantized is not None:
+        with open_weights(base, stem="model", allow_pickle=allow_pickle) as base_ck:
+            try:
+                _check_all_quantized(
+                    report, quantized, base_ck, config, adapters, weights, progress
+                )
+            finally:
+                quantized.close()
+        return report
     opened: list[Adapter] = []
     with (
         open_weights(base, stem="model", allow_pickle=allow_pickle) as base_ck,
@@ -140,14 +172,83 @@ def verify_weights(
                 )
                 if progress:
                     progress(tensor.nbytes, plan.nbytes)
-            for name in sorted(set(cand_ck.tensors) - planned):
-                report.tensors.append(
-                    TensorCheck(name, "extra", passed=False, note="not in base + adapters")
-                )
+            report.tensors += _extras(sorted(set(cand_ck.tensors) - planned))
         finally:
             for adapter in opened:
                 adapter.close()
     return report
+
+
+def _extras(names: list[str]) -> list[TensorCheck]:
+    return [TensorCheck(n, "extra", passed=False, note="not in base + adapters") for n in names]
+
+
+def _check_all_quantized(report, reader, base_ck, config, adapters, weights, progress) -> None:
+    """The weight check of a GGUF or NF4 candidate: each tensor against its format's bound."""
+    opened = [load_adapter(a) for a in adapters]
+    try:
+        plan = build_plan(base_ck, config, opened, weights, None)
+        located = set()
+        for tensor in plan.tensors:
+            name = reader.locate(tensor.name)
+            if name is None:
+                report.tensors.append(
+                    TensorCheck(tensor.name, "missing", passed=False, note="missing from candidate")
+                )
+                continue
+            located.add(name)
+            if isinstance(reader, NF4Candidate) and not reader.quantized(tensor.name):
+                report.tensors.append(
+                    _check(tensor, base_ck, reader.checkpoint, opened, report.tolerance_ulp, None)
+                )
+            else:
+                report.tensors.append(
+                    _check_quantized(tensor, base_ck, reader, opened, report.tolerance_ulp)
+                )
+            if progress:
+                progress(tensor.nbytes, plan.nbytes)
+        report.tensors += _extras(reader.extra(located))
+    finally:
+        for adapter in opened:
+            adapter.close()
+
+
+def _check_quantized(plan, base, reader, adapters, tol: float) -> TensorCheck:
+    """|dequantized - expected| <= format bound + tol ulps of the source dtype, elementwise."""
+    values, bound, kind = reader.read(plan.name, tuple(plan.shape))
+    start, terms, biases = tensor_inputs(plan, base, adapters, _CPU, torch.float64)
+    if terms:
+        expected = torch.empty(tuple(plan.shape), dtype=torch.float64)
+        for r0, r1, block in merged_blocks(start, terms, torch.float64):
+            expected[r0:r1] = block
+    elif biases:
+        expected = add_bias(start, biases, compute_dtype=torch.float64, out_dtype=torch.float64)
+    else:
+        expected = start.to(torch.float64)
+    source = dtypes.to_torch(base.tensors[plan.source].dtype)
+    scale = expected.abs() if expected.shape != start.shape else _larger(start, expected.abs())
+    allowed = bound(expected) + tol * ulp(scale, source)
+    error = (values - expected).abs()
+    finite = bool(torch.isfinite(values).all())
+    ratio = float((error / allowed).max()) if error.numel() else 0.0
+    signal = float((expected**2).sum())
+    noise = float((error**2).sum())
+    snr = 10 * math.log10(signal / noise) if noise and signal else float("inf")
+    passed = finite and ratio <= 1.0
+    note = "" if passed else (f"{ratio:.3g}x its bound" if finite else "non-finite values")
+    return TensorCheck(
+        name=plan.name,
+        kind="merged" if plan.modified else "untouched",
+        dtype=kind,
+        elements=error.numel(),
+        max_abs=float(error.max()) if error.numel() else 0.0,
+        rmse=math.sqrt(noise / max(error.numel(), 1)),
+        exact_share=float((error == 0).double().mean()) if error.numel() else 1.0,
+        passed=passed,
+        note=note,
+        snr_db=snr,
+        bound_ratio=ratio,
+    )
 
 
 def _check(
