@@ -8,6 +8,7 @@ resized on one side only) into one error, so a wrong adapter is caught before an
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -73,10 +74,7 @@ class TensorPlan:
     @property
     def nbytes(self) -> int:
         """Size of the output tensor."""
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        return count * dtypes.itemsize(self.dtype)
+        return math.prod(self.shape) * dtypes.itemsize(self.dtype)
 
 
 @dataclass
@@ -213,7 +211,7 @@ class _Builder:
             out_features = (
                 expected[1] if module.kind == "embedding" or module.fan_in_fan_out else b[0]
             )
-            if _numel(tensors[module.magnitude_key].shape) != out_features:
+            if math.prod(tensors[module.magnitude_key].shape) != out_features:
                 self.errors.append(
                     f"{adapter.path.name}: DoRA magnitude of {module.module} does not have "
                     f"{out_features} elements"
@@ -368,10 +366,3 @@ class _Builder:
             return (files.get(info.path, 0), info.offset) if info else last
 
         return sorted(self.plans.values(), key=position)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
