@@ -27,17 +27,17 @@ ADAPTER = ADAPTERS / "llama-lora"
 # Runs the real CLI after arranging for SIGKILL (or a pause) at one point of the write.
 HARNESS = textwrap.dedent(
     """
-    import os, signal, sys, time
+    import itertools, os, signal, sys, time
     from loramerge.sink import hf_folder, sharded
     from loramerge import merge as merge_module
     point, n = sys.argv[1], int(sys.argv[2])
-    seen = [0]
+    calls = itertools.count(1)  # next() is atomic: worker threads race here
 
     def hit():
-        seen[0] += 1
-        if seen[0] == n and point.startswith("pause"):
+        seen = next(calls)
+        if seen == n and point.startswith("pause"):
             time.sleep(5)  # long enough for the test to act, then carry on
-        elif seen[0] == n:
+        elif seen == n:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def after(owner, name):
