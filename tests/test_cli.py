@@ -154,3 +154,39 @@ def test_single_safetensors_file_as_base(cli, tmp_path):
     folder = tmp_path / "folder"
     cli("merge", GPT2, ADAPTERS / "gpt2-lora", "-o", folder)
     assert (out / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+
+
+def _on_terminal(args) -> str:
+    """Run the CLI with a pseudo-terminal as stdout and stderr; return what it showed."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    leader, follower = pty.openpty()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "loramerge", *map(str, args)],
+        stdout=follower,
+        stderr=follower,
+        env={**os.environ, "COLUMNS": "120"},
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    child.wait(timeout=120)
+    os.close(leader)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bar_on_a_terminal_and_quiet(tmp_path):
+    shown = _on_terminal(["merge", LLAMA, ADAPTERS / "llama-lora", "-o", tmp_path / "a"])
+    assert "merging" in shown and "kB" in shown and "Merged 1 adapter(s)" in shown
+    quiet = _on_terminal(["merge", LLAMA, ADAPTERS / "llama-lora", "-o", tmp_path / "b", "-q"])
+    assert quiet.strip() == ""
