@@ -63,7 +63,12 @@ class Checkpoint:
     def read(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
         """Read one tensor into CPU memory (into a view of the uint8 buffer `into`, if given)."""
         if name in self._pickled:
-            return self._pickled[name]
+            tensor = self._pickled[name]
+            if into is None:
+                return tensor
+            # a view of our buffer, like a file read, so callers may work in place
+            view = into[: tensor.numel() * tensor.element_size()].view(tensor.dtype)
+            return view.view(tensor.shape).copy_(tensor)
         return self._owner[name].read(name, into)
 
     def raw(self, name: str) -> RawRange | None:
