@@ -8,6 +8,7 @@ the n-th tensor, while closing shards, while writing the record, between the ren
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import os
 import resource
@@ -27,9 +28,9 @@ ADAPTER = ADAPTERS / "llama-lora"
 # Runs the real CLI after arranging for SIGKILL (or a pause) at one point of the write.
 HARNESS = textwrap.dedent(
     """
-    import itertools, os, signal, sys, time
-    from loramerge.sink import hf_folder, sharded
-    from loramerge import merge as merge_module
+    import importlib, itertools, os, signal, sys, time
+    from loramerge.sink import sharded
+    merge_module = importlib.import_module("loramerge.merge")
     point, n = sys.argv[1], int(sys.argv[2])
     calls = itertools.count(1)  # next() is atomic: worker threads race here
 
@@ -215,8 +216,7 @@ def test_read_only_target(cli, tmp_path, monkeypatch):
 
 
 def test_free_space_is_checked_up_front(cli, tmp_path, monkeypatch):
-    from loramerge import merge as merge_module
-
+    merge_module = importlib.import_module("loramerge.merge")
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(merge_module.shutil, "disk_usage", lambda _: usage._replace(free=100_000))
     result = cli("merge", LLAMA, ADAPTER, "-o", tmp_path / "out")

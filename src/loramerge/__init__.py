@@ -1,7 +1,26 @@
-"""loramerge: stream LoRA adapters into Hugging Face checkpoints, tensor by tensor."""
+"""loramerge: stream LoRA adapters into Hugging Face checkpoints, tensor by tensor.
+
+The Python API mirrors the commands: `merge`, `unmerge`, `rebase`, `verify_weights`,
+`inspect_path`, all configured with `MergeOptions` where they write.
+"""
 
 __version__ = "0.1.0"
 
 from loramerge.errors import LoramergeError  # noqa: E402
+from loramerge.inspect import inspect_path  # noqa: E402
+from loramerge.merge import MergeOptions, MergeResult, merge  # noqa: E402
+from loramerge.swap import rebase, unmerge  # noqa: E402
+from loramerge.verify import VerifyReport, verify_weights  # noqa: E402
 
-__all__ = ["LoramergeError", "__version__"]
+__all__ = [
+    "LoramergeError",
+    "MergeOptions",
+    "MergeResult",
+    "VerifyReport",
+    "__version__",
+    "inspect_path",
+    "merge",
+    "rebase",
+    "unmerge",
+    "verify_weights",
+]
