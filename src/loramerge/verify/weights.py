@@ -216,17 +216,12 @@ def _check_all_quantized(report, reader, base_ck, config, adapters, weights, pro
 def _check_quantized(plan, base, reader, adapters, tol: float) -> TensorCheck:
     """|dequantized - expected| <= format bound + tol ulps of the source dtype, elementwise."""
     values, bound, kind = reader.read(plan.name, tuple(plan.shape))
-    start, terms, biases = tensor_inputs(plan, base, adapters, _CPU, torch.float64)
-    if terms:
-        expected = torch.empty(tuple(plan.shape), dtype=torch.float64)
-        for r0, r1, block in merged_blocks(start, terms, torch.float64):
-            expected[r0:r1] = block
-    elif biases:
-        expected = add_bias(start, biases, compute_dtype=torch.float64, out_dtype=torch.float64)
-    else:
-        expected = start.to(torch.float64)
+    start, blocks = _expected_blocks(plan, base, adapters)
+    expected = torch.empty(tuple(plan.shape), dtype=torch.float64)
+    for r0, r1, block in blocks:
+        expected[r0:r1] = block
     source = dtypes.to_torch(base.tensors[plan.source].dtype)
-    scale = expected.abs() if expected.shape != start.shape else _larger(start, expected.abs())
+    scale = _larger(start, expected.abs())
     allowed = bound(expected) + tol * ulp(scale, source)
     error = (values - expected).abs()
     finite = bool(torch.isfinite(values).all())
@@ -282,21 +277,27 @@ def _check(
         ok = exact or (through is not None and distance.max_ulp <= tol and not distance.nonfinite)
         note = "" if ok else "differs from the base tensor no adapter touches"
         return _result(plan.name, "untouched", info.dtype, distance, ok, note)
-    start, terms, biases = tensor_inputs(plan, base, adapters, _CPU, torch.float64)
-    if terms:
-        for r0, r1, block in merged_blocks(start, terms, torch.float64):
-            scale = _larger(start[r0:r1], None if passed is None else passed[r0:r1])
-            distance.add(got[r0:r1], block, scale)
-    elif biases:
-        expected = add_bias(start, biases, compute_dtype=torch.float64, out_dtype=torch.float64)
-        distance.add(got, expected, _larger(start, passed))
-    else:
-        distance.add(got, start, _larger(start, passed))
+    start, blocks = _expected_blocks(plan, base, adapters)
+    for r0, r1, block in blocks:
+        scale = _larger(start[r0:r1], None if passed is None else passed[r0:r1])
+        distance.add(got[r0:r1], block, scale)
     within = distance.max_ulp <= tol and distance.nonfinite == 0
     note = "" if within else f"{distance.max_ulp:.3g} ulp"
     if distance.nonfinite:
         note = f"{distance.nonfinite} non-finite values"
     return _result(plan.name, "merged", info.dtype, distance, within, note)
+
+
+def _expected_blocks(plan: TensorPlan, base: Checkpoint, adapters: list[Adapter]):
+    """(W0, blocks of (r0, r1, expected rows in float64)): what one tensor should hold."""
+    start, terms, biases = tensor_inputs(plan, base, adapters, _CPU, torch.float64)
+    if terms:
+        return start, merged_blocks(start, terms, torch.float64)
+    if biases:
+        expected = add_bias(start, biases, compute_dtype=torch.float64, out_dtype=torch.float64)
+    else:
+        expected = start.to(torch.float64)
+    return start, iter([(0, expected.shape[0], expected)])
 
 
 def _larger(start: torch.Tensor, passed: torch.Tensor | None) -> torch.Tensor:
