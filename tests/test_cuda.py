@@ -72,4 +72,4 @@ def test_cuda_requested_without_cuda_is_refused():
         pytest.skip("a CUDA device is present")
     with pytest.raises(LoramergeError, match="no CUDA device"):
         resolve_device("cuda")
-    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("auto") == "cpu"

@@ -10,7 +10,16 @@ from loramerge.errors import LoramergeError  # noqa: E402
 from loramerge.inspect import inspect_path  # noqa: E402
 from loramerge.merge import MergeOptions, MergeResult, merge  # noqa: E402
 from loramerge.swap import rebase, unmerge  # noqa: E402
-from loramerge.verify import VerifyReport, verify_weights  # noqa: E402
+
+
+def __getattr__(name: str):
+    """The verify API imports torch, so it loads on first use (a CPU merge never needs torch)."""
+    if name in ("VerifyReport", "verify_weights"):
+        from loramerge import verify
+
+        return getattr(verify, name)
+    raise AttributeError(f"module 'loramerge' has no attribute {name!r}")
+
 
 __all__ = [
     "LoramergeError",

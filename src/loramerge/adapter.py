@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from loramerge.errors import LoramergeError
 from loramerge.hashing import sha256_of
@@ -147,7 +147,7 @@ class Adapter:
         bad = []
         for name, info in self.weights.tensors.items():
             floating = info.dtype in ("F16", "BF16", "F32", "F64")
-            if floating and not bool(torch.isfinite(self.weights.read(name)).all()):
+            if floating and not np.isfinite(self.weights.read(name)).all():
                 bad.append(name)
         return bad
 

@@ -8,6 +8,7 @@ import signal
 import sys
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
@@ -26,8 +27,10 @@ from loramerge.errors import LoramergeError
 from loramerge.inspect import inspect_path
 from loramerge.merge import MergeOptions, MergeResult, merge
 from loramerge.swap import rebase, unmerge
-from loramerge.verify import VerifyReport, verify_weights
 from loramerge.verify.files import verify_files
+
+if TYPE_CHECKING:
+    from loramerge.verify import VerifyReport
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
@@ -317,6 +320,8 @@ def verify_command(
     if base is not None:
         weights = list(weights) or [1.0] * len(adapters)
         show_bar = not (quiet or as_json) and sys.stderr.isatty()
+        from loramerge.verify import verify_weights  # torch, loaded only for this command
+
         with _progress(show_bar, "verifying") as advance:
             report = verify_weights(
                 candidate,

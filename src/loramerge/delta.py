@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from loramerge.blocked import BLOCK_ELEMENTS
+
 
 @dataclass(frozen=True)
 class Term:
@@ -54,11 +56,6 @@ def lora_delta(term: Term, shape: torch.Size, dtype: torch.dtype) -> torch.Tenso
         conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[a.dim()]
         return conv(a.transpose(0, 1), b).transpose(0, 1)
     return a.T @ b.T if transposed(term) else b @ a
-
-
-# Rows per block are chosen so one float32 block (~1 MiB) stays in cache between the
-# conversion, the rank-r update and the rounding: three passes over cache, one over memory.
-BLOCK_ELEMENTS = 1 << 18
 
 
 def merge_weight(
@@ -103,16 +100,17 @@ def merged_blocks(
     rows, cols = w0.shape
     step = max(1, BLOCK_ELEMENTS // max(cols, 1))
     scratch = torch.empty(step * cols, dtype=compute_dtype, device=w0.device)
-    factors = [(t.a.to(compute_dtype), t.b.to(compute_dtype), t) for t in terms]
+    # the coefficient goes into B (r values per row), as in `blocked`, the numpy twin of this loop
+    factors = [(t.a.to(compute_dtype), t.b.to(compute_dtype) * t.coef, t) for t in terms]
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         acc = scratch[: (r1 - r0) * cols].view(r1 - r0, cols)
         acc.copy_(w0[r0:r1])
         for a, b, term in factors:
             if transposed(term):  # rows r0:r1 of (B@A)^T are A[:, r0:r1]^T @ B^T
-                acc.addmm_(a[:, r0:r1].T, b.T, alpha=term.coef)
+                acc.addmm_(a[:, r0:r1].T, b.T)
             else:
-                acc.addmm_(b[r0:r1], a, alpha=term.coef)
+                acc.addmm_(b[r0:r1], a)
         yield r0, r1, acc
 
 

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
-import torch
+import numpy as np
+from threadpoolctl import threadpool_limits
 
-from loramerge import __version__, dtypes
+from loramerge import __version__, blocked, dtypes
 from loramerge.adapter import Adapter, load_adapter
-from loramerge.delta import add_bias, merge_weight, round_once
 from loramerge.errors import LoramergeError
 from loramerge.jsonfile import read_json_object
 from loramerge.plan import Plan, TensorPlan, build_plan
@@ -32,9 +34,7 @@ from loramerge.sink.hf_folder import (
 )
 from loramerge.sink.safetensors_writer import Entry
 from loramerge.sink.sharded import ShardedWriter
-from loramerge.source.checkpoint import Checkpoint, open_weights
-from loramerge.transform import tensor_inputs
-from loramerge.verify import verify_weights
+from loramerge.source.checkpoint import Checkpoint, RawRange, open_weights, read_buffer
 
 # Files of a model folder that are weights or that the merge writes itself.
 _NOT_COPIED = {"config.json", "README.md", "loramerge.json", "adapter_config.json", NORMS_FILE}
@@ -137,8 +137,8 @@ class Job:
     # The provenance record of the source (unmerge, rebase) to derive the new one from.
     record: dict | None = None
     # DoRA norms of undo terms, by (adapter index, tensor), and stored norms to carry over.
-    norms: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
-    carried_norms: dict[str, torch.Tensor] = field(default_factory=dict)
+    norms: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)
+    carried_norms: dict[str, np.ndarray] = field(default_factory=dict)
     # What `--verify` checks the output against: (base, adapters, weights), and the merged
     # model an unmerge started from (its magnitudes count in the ulp scale).
     verify_against: tuple[Path, list[Path], list[float]] | None = None
@@ -155,7 +155,10 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
         raise LoramergeError(f"{job.output} already exists; pass --overwrite to replace it")
     device = resolve_device(options.device)
     out_dtype = None if options.dtype == "auto" else dtypes.from_name(options.dtype)
-    compute = {"float32": torch.float32, "float64": torch.float64}[options.compute_dtype]
+    if options.compute_dtype not in ("float32", "float64"):
+        raise LoramergeError(
+            f"compute dtype must be float32 or float64, not {options.compute_dtype}"
+        )
     config = _read_config(job.source)
     opened: list[Adapter] = []
     with open_weights(job.source, stem="model", allow_pickle=options.allow_pickle) as checkpoint:
@@ -181,18 +184,11 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
                     options.max_shard_size,
                     {"format": "pt"},
                 )
-                norms: dict[tuple[int, str], torch.Tensor] = {}
+                norms: dict[tuple[int, str], np.ndarray] = {}
+                route = Route(device, options.compute_dtype, job.norms, norms)
                 try:
                     result.bytes_written = _write_tensors(
-                        writer,
-                        plan,
-                        checkpoint,
-                        opened,
-                        device,
-                        compute,
-                        job.norms,
-                        norms,
-                        progress,
+                        writer, plan, checkpoint, opened, route, progress
                     )
                     writer.finish()
                 except BaseException:
@@ -221,10 +217,17 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
     return result
 
 
-def resolve_device(device: str) -> torch.device:
-    """`auto` picks CUDA when present; an explicit CUDA device must exist."""
+def resolve_device(device: str) -> str:
+    """`auto` picks CUDA when torch sees a GPU; an explicit CUDA device must exist.
+
+    On Linux without a GPU device node, `auto` means the CPU without importing torch.
+    """
+    if device == "cpu" or (device == "auto" and not _gpu_node_present()):
+        return "cpu"
+    import torch
+
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
         resolved = torch.device(device)
     except RuntimeError:
@@ -238,86 +241,149 @@ def resolve_device(device: str) -> torch.device:
             )
     elif resolved.type != "cpu":
         raise LoramergeError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
-    return resolved
+    return str(resolved)
 
 
-def _write_tensors(
-    writer, plan, checkpoint, adapters, device, compute, norms_in, norms_out, progress
-) -> int:
-    """Produce every tensor on a few threads (torch and file I/O release the GIL); bytes written.
+def _gpu_node_present() -> bool:
+    """Whether torch could see a GPU: an NVIDIA or ROCm device node (only Linux can tell)."""
+    if not sys.platform.startswith("linux"):
+        return True
+    dev = Path("/dev")
+    return (dev / "kfd").exists() or any(dev.glob("nvidia[0-9]*"))
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where and how modified tensors are computed, and the DoRA norms going in and out."""
+
+    device: str  # "cpu", "cuda", "cuda:N"
+    compute: str  # "float32" or "float64"
+    norms_in: dict[tuple[int, str], np.ndarray]
+    norms_out: dict[tuple[int, str], np.ndarray]
+
+    def by_numpy(self, plan: TensorPlan, stored_dtype: str) -> bool:
+        """Whether numpy computes this tensor: plain LoRA on a bf16/f32 matrix (or a bare dtype
+        change), in float32 on the CPU."""
+        if not (
+            self.device == "cpu"
+            and self.compute == "float32"
+            and stored_dtype in blocked.DTYPES
+            and plan.dtype in blocked.DTYPES
+            and not (plan.replace or plan.rows or plan.bias)
+        ):
+            return False
+        return not plan.lora or (
+            len(plan.shape) == 2
+            and all(t.module.kind != "conv" and not t.module.magnitude_key for t in plan.lora)
+        )
+
+    def by_torch(self, plan: TensorPlan, base: Checkpoint) -> bool:
+        """Whether this tensor needs torch (neither copied as raw bytes nor done by numpy)."""
+        stored = base.tensors[plan.source].dtype
+        return _copied(plan, base) is None and not self.by_numpy(plan, stored)
+
+
+def _copied(plan: TensorPlan, base: Checkpoint) -> RawRange | None:
+    """The stored bytes of a tensor that is written unchanged, when they can be copied as such."""
+    if plan.modified or plan.dtype != base.tensors[plan.source].dtype:
+        return None
+    return base.raw(plan.source)
+
+
+def _write_tensors(writer, plan, checkpoint, adapters, route: Route, progress) -> int:
+    """Produce every tensor on a few threads (numpy, torch and file I/O release the GIL).
 
     Each thread owns one tensor at a time and writes it to its own byte range, so order does not
-    matter; torch's own thread pool is held to one thread meanwhile to avoid oversubscription.
+    matter; BLAS and torch thread pools are held to one thread meanwhile (no oversubscription).
     """
     workers = min(4, os.cpu_count() or 1)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+    by_torch = any(route.by_torch(t, checkpoint) for t in plan.tensors)
     done = 0
+    with (
+        threadpool_limits(limits=1, user_api="blas"),
+        _torch_threads(1 if by_torch else None),
+        ThreadPoolExecutor(workers, thread_name_prefix="loramerge") as pool,
+    ):
+        work = partial(_write_tensor, writer, checkpoint, adapters, route)
+        by_name = {t.name: t for t in plan.tensors}
+        ordered = [by_name[name] for name in writer.order]
+        futures = [pool.submit(work, t) for t in ordered]
+        try:
+            for future, tensor in zip(futures, ordered, strict=True):
+                future.result()
+                done += tensor.nbytes
+                if progress:
+                    progress(tensor.nbytes, plan.nbytes)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    return done
+
+
+@contextmanager
+def _torch_threads(count: int | None) -> Iterator[None]:
+    """Hold torch's intra-op pool to `count` threads (None: torch is not needed, not imported)."""
+    if count is None:
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
     try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="loramerge") as pool:
-            work = partial(
-                _write_tensor, writer, checkpoint, adapters, device, compute, norms_in, norms_out
-            )
-            by_name = {t.name: t for t in plan.tensors}
-            ordered = [by_name[name] for name in writer.order]
-            futures = [pool.submit(work, t) for t in ordered]
-            try:
-                for future, tensor in zip(futures, ordered, strict=True):
-                    future.result()
-                    done += tensor.nbytes
-                    if progress:
-                        progress(tensor.nbytes, plan.nbytes)
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
+        yield
     finally:
         torch.set_num_threads(previous)
-    return done
 
 
 def _write_tensor(
     writer: ShardedWriter,
     base: Checkpoint,
     adapters: list[Adapter],
-    device: torch.device,
-    compute: torch.dtype,
-    norms_in: dict[tuple[int, str], torch.Tensor],
-    norms_out: dict[tuple[int, str], torch.Tensor],
+    route: Route,
     plan: TensorPlan,
 ) -> None:
-    """Produce one output tensor and hand it to the writer (raw bytes when untouched).
-
-    DoRA norms of the terms added here go to `norms_out` by (adapter index, tensor name).
-    """
-    stored = base.tensors[plan.source]
-    raw = base.raw(plan.source)
-    if not plan.modified and plan.dtype == stored.dtype and raw is not None:
+    """Produce one output tensor and hand it to the writer (raw bytes when untouched)."""
+    raw = _copied(plan, base)
+    if raw is not None:
         writer.copy(plan.name, raw.fd, raw.offset, raw.nbytes)
         return
-    out_dtype = dtypes.to_torch(plan.dtype)
-    weight, terms, biases = tensor_inputs(plan, base, adapters, device, compute, norms_in)
-    if terms:
-        in_place = device.type == "cpu" and weight.dtype == out_dtype
-        norms: dict[int, torch.Tensor] = {}
-        weight = merge_weight(
-            weight.to(device),
-            terms,
-            compute_dtype=compute,
-            out_dtype=out_dtype,
-            out=weight if in_place else None,
-            norms=norms,
+    if route.by_numpy(plan, base.tensors[plan.source].dtype):
+        weight = _merge_numpy(plan, base, adapters)
+    else:
+        from loramerge import transform  # torch; imported (once) only when some tensor needs it
+
+        weight = transform.produce(
+            plan, base, adapters, route.device, route.compute, route.norms_in, route.norms_out
         )
-        for index, norm in norms.items():  # dict updates are atomic under the GIL
-            norms_out[(plan.lora[index].adapter, plan.name)] = norm.float().cpu()
-    elif biases:
-        weight = add_bias(weight, biases, compute_dtype=compute, out_dtype=out_dtype)
-    weight = round_once(weight, out_dtype).cpu().contiguous()
-    writer.write(plan.name, weight.reshape(-1).view(torch.uint8).numpy())
+    writer.write(plan.name, weight.reshape(-1).view(np.uint8))
+
+
+def _merge_numpy(plan: TensorPlan, base: Checkpoint, adapters: list[Adapter]) -> np.ndarray:
+    """Plain LoRA on a bf16/f32 matrix with `blocked`, in place in the read buffer if it can."""
+    w0 = base.read(plan.source, read_buffer(base.tensors[plan.source].nbytes))
+    out_dtype = dtypes.to_numpy(plan.dtype)
+    if w0.dtype == out_dtype and not plan.lora:
+        return w0  # a pickled tensor written as it is
+    out = w0 if w0.dtype == out_dtype else np.empty(plan.shape, dtype=out_dtype)
+    if not plan.lora:
+        np.copyto(out, w0, casting="unsafe")  # a dtype change: one rounding to nearest even
+        return out
+    factors = []
+    for t in plan.lora:
+        read = adapters[t.adapter].weights.read
+        transposed = t.module.kind == "embedding" or t.module.fan_in_fan_out
+        coef = t.weight * t.module.scale
+        factors.append(blocked.factor(read(t.module.a_key), read(t.module.b_key), coef, transposed))
+    blocked.merge_rows(w0, factors, out)
+    return out
 
 
 def _verify(folder: Path, base: Path, adapters, weights, allow_pickle: bool, through) -> dict:
     """Run the weight check on what was just written; the verdict goes into the record."""
+    from loramerge.verify import verify_weights  # torch, loaded only when a check runs
+
     report = verify_weights(
         folder, base, adapters, weights, allow_pickle=allow_pickle, through=through
     )
@@ -395,7 +461,7 @@ def _adapters_of(tensor: TensorPlan) -> set[int]:
     return found | ({tensor.replace.adapter} if tensor.replace else set())
 
 
-def _norm_keys(norms: dict[tuple[int, str], torch.Tensor], entries: list[dict]) -> dict:
+def _norm_keys(norms: dict[tuple[int, str], np.ndarray], entries: list[dict]) -> dict:
     """Stored-norm names: '<adapter sha256 prefix>:<tensor>' (stable across rebases)."""
     return {norm_key(entries[i]["sha256"], name): n for (i, name), n in norms.items()}
 
@@ -431,7 +497,7 @@ def _provenance(job: Job, config, entries: list[dict], plan: Plan, options, devi
         "history": [*previous.get("history", []), step],
         "dtype": options.dtype if options.dtype != "auto" else f"auto ({', '.join(out_dtypes)})",
         "compute_dtype": options.compute_dtype,
-        "device": device.type,
+        "device": device.split(":")[0],
         "tensors": {"total": len(plan.tensors), "modified": len(plan.modified)},
         "notes": list(plan.notes),
     }

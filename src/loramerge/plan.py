@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from loramerge import dtypes
 from loramerge.adapter import Adapter, FullTensor, LoraModule, TokenRows
@@ -185,7 +185,8 @@ class _Builder:
         if plan is None or tuple(adapter.weights.tensors[full.key].shape) != tuple(plan.shape):
             return False
         stored = adapter.weights.read(full.key)
-        return bool(torch.equal(stored.to(torch.float64), self.base.read(plan.source).double()))
+        base = self.base.read(plan.source)
+        return bool(np.array_equal(stored.astype(np.float64), base.astype(np.float64)))
 
     def _add_lora(
         self, index: int, adapter: Adapter, module: LoraModule, weight: float, undo: bool

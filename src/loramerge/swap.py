@@ -13,14 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from loramerge.adapter import load_adapter
 from loramerge.errors import LoramergeError
 from loramerge.merge import Job, MergeOptions, MergeResult, Progress, norm_key, run
 from loramerge.sink.hf_folder import NORMS_FILE, read_provenance
 from loramerge.source.checkpoint import open_weights
-from loramerge.verify import verify_weights
 
 
 @dataclass
@@ -187,12 +186,12 @@ def _subtract_job(swap: _Swap) -> Job:
     return job
 
 
-def _stored_norms(merged: Path, record) -> dict[str, torch.Tensor]:
+def _stored_norms(merged: Path, record) -> dict[str, np.ndarray]:
     """The DoRA norms the merge stored beside the weights (empty when there are none)."""
     if not record or "dora_norms" not in record or not (merged / NORMS_FILE).is_file():
         return {}
     with open_weights(merged / NORMS_FILE, stem="model", allow_pickle=False) as norms:
-        return {name: norms.read(name).clone() for name in norms.tensors}
+        return {name: norms.read(name).copy() for name in norms.tensors}
 
 
 def _base_at_hand(swap: _Swap):
@@ -214,6 +213,8 @@ def _drift(output: Path, merged: Path, exact, allow_pickle: bool) -> dict:
             "reason": "the recorded base (or a remaining adapter) is not at hand",
             "bound": "1 ulp at max(|W0|, |W0 + delta|) per element",
         }
+    from loramerge.verify import verify_weights  # torch, loaded only when a check runs
+
     report = verify_weights(output, *exact, allow_pickle=allow_pickle, through=merged)
     changed = [t for t in report.tensors if t.exact_share < 1.0 or t.max_ulp > 0]
     total = sum(t.elements for t in report.tensors) or 1
@@ -240,6 +241,8 @@ def _rebuild_job(swap: _Swap, base: Path) -> Job:
     inside = [Path(e["source"]) for e in swap.kept] + [r.path for r in swap.removals]
     weights = [e["weight"] for e in swap.kept] + [r.weight for r in swap.removals]
     allow_pickle = swap.options.allow_pickle
+    from loramerge.verify import verify_weights  # torch, loaded only when a check runs
+
     check = verify_weights(swap.merged, base, inside, weights, allow_pickle=allow_pickle)
     if not check.passed and not swap.force:
         worst = ", ".join(f"{t.name} ({t.note or t.kind})" for t in check.failures()[:5])

@@ -1,32 +1,61 @@
-"""Bind a planned tensor to real tensors: the starting weight and the adapter terms to add.
+"""Bind a planned tensor to torch tensors and compute it: the route for what `blocked` leaves out.
 
-This is the step between the Plan (names) and the math in `delta` (tensors): it reads what one
-output tensor needs from the sources, applies whole-tensor and row replacements, and loads each
-LoRA module's factors onto the compute device. merge writes the result; verify compares it.
+This is the step between the Plan (names) and the math in `delta` (tensors) for CUDA, float64
+compute, DoRA, convolutions, float16, row and whole-tensor replacements and bias: it reads what
+one output tensor needs from the sources, applies replacements, loads each LoRA module's factors
+onto the compute device and merges. merge writes the result; verify compares it.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
+from functools import partial
 
+import numpy as np
 import torch
 
+from loramerge import dtypes
 from loramerge.adapter import Adapter, LoraModule
-from loramerge.delta import Term, replace_rows
+from loramerge.delta import Term, add_bias, merge_weight, replace_rows, round_once
 from loramerge.errors import LoramergeError
 from loramerge.plan import TensorPlan
-from loramerge.source.checkpoint import Checkpoint
+from loramerge.source.checkpoint import Checkpoint, read_buffer
 
-_scratch = threading.local()
+COMPUTE = {"float32": torch.float32, "float64": torch.float64}
 
 
-def read_buffer(nbytes: int) -> torch.Tensor:
-    """This thread's reusable read buffer, grown as needed (no fresh pages per tensor)."""
-    buffer = getattr(_scratch, "buffer", None)
-    if buffer is None or buffer.numel() < nbytes:
-        buffer = _scratch.buffer = torch.empty(nbytes, dtype=torch.uint8)
-    return buffer
+def produce(
+    plan: TensorPlan,
+    base: Checkpoint,
+    adapters: list[Adapter],
+    device: str,
+    compute: str,
+    norms_in: Mapping[tuple[int, str], np.ndarray],
+    norms_out: dict[tuple[int, str], np.ndarray],
+) -> np.ndarray:
+    """One output tensor on the CPU, merged on `device` in `compute` precision.
+
+    DoRA norms of the terms added here go to `norms_out` by (adapter index, tensor name).
+    """
+    on = torch.device(device)
+    out_dtype = dtypes.to_torch(plan.dtype)
+    weight, terms, biases = tensor_inputs(plan, base, adapters, on, COMPUTE[compute], norms_in)
+    if terms:
+        in_place = on.type == "cpu" and weight.dtype == out_dtype
+        norms: dict[int, torch.Tensor] = {}
+        weight = merge_weight(
+            weight.to(on),
+            terms,
+            compute_dtype=COMPUTE[compute],
+            out_dtype=out_dtype,
+            out=weight if in_place else None,
+            norms=norms,
+        )
+        for index, norm in norms.items():  # dict updates are atomic under the GIL
+            norms_out[(plan.lora[index].adapter, plan.name)] = dtypes.as_numpy(norm.float().cpu())
+    elif biases:
+        weight = add_bias(weight, biases, compute_dtype=COMPUTE[compute], out_dtype=out_dtype)
+    return dtypes.as_numpy(round_once(weight, out_dtype).cpu())
 
 
 def tensor_inputs(
@@ -35,20 +64,20 @@ def tensor_inputs(
     adapters: list[Adapter],
     device: torch.device,
     compute: torch.dtype,
-    norms: Mapping[tuple[int, str], torch.Tensor] | None = None,
+    norms: Mapping[tuple[int, str], np.ndarray] | None = None,
 ) -> tuple[torch.Tensor, list[Term], list[tuple[float, torch.Tensor]]]:
     """(W0 as the plan starts it, LoRA terms on `device`, (coef, bias) pairs) for one tensor.
 
     W0 lives in this thread's read buffer until the next call, so it may be merged in place.
     `norms[(adapter index, tensor name)]` holds the DoRA norms a DoRA undo term needs.
     """
-    weight = base.read(plan.source, read_buffer(base.tensors[plan.source].nbytes))
+    weight = _read(base, plan.source, read_buffer(base.tensors[plan.source].nbytes))
     if plan.replace:
-        weight = adapters[plan.replace.adapter].weights.read(plan.replace.key)
+        weight = _read(adapters[plan.replace.adapter].weights, plan.replace.key)
     if plan.rows:
         weight = weight.to(compute)  # new rows stay exact until the one final rounding
     for rows in plan.rows:
-        new_rows = adapters[rows.adapter].weights.read(rows.rows.key)
+        new_rows = _read(adapters[rows.adapter].weights, rows.rows.key)
         weight = replace_rows(weight, list(rows.rows.indices), new_rows)
     terms = []
     for t in plan.lora:
@@ -56,10 +85,10 @@ def tensor_inputs(
         if t.undo and t.module.magnitude_key:
             if norms is None or (t.adapter, plan.name) not in norms:
                 raise LoramergeError(f"no stored DoRA norm for {plan.name}: pass --base BASE")
-            norm = norms[(t.adapter, plan.name)].to(device)
+            norm = dtypes.as_torch(norms[(t.adapter, plan.name)]).to(device)
         terms.append(_term(adapters[t.adapter], t.module, t.weight, device, t.undo, norm))
     biases = [
-        (t.weight * t.module.scale, adapters[t.adapter].weights.read(t.module.bias_key))
+        (t.weight * t.module.scale, _read(adapters[t.adapter].weights, t.module.bias_key))
         for t in plan.bias
     ]
     return weight, terms, biases
@@ -74,7 +103,7 @@ def _term(
     norm: torch.Tensor | None = None,
 ) -> Term:
     """Load one LoRA module's tensors onto the compute device."""
-    read = adapter.weights.read
+    read = partial(_read, adapter.weights)
     magnitude = read(module.magnitude_key).to(device) if module.magnitude_key else None
     return Term(
         kind=module.kind,
@@ -88,3 +117,8 @@ def _term(
         undo=undo,
         norm=norm,
     )
+
+
+def _read(checkpoint: Checkpoint, name: str, into: np.ndarray | None = None) -> torch.Tensor:
+    """One tensor as a CPU torch tensor (sharing the array the source read)."""
+    return dtypes.as_torch(checkpoint.read(name, into))

@@ -8,8 +8,8 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
+import numpy as np
+from safetensors.numpy import save_file
 
 from loramerge.hashing import sha256_of
 from loramerge.jsonfile import read_json_object
@@ -84,10 +84,10 @@ def write_model_card(folder: Path, record: dict) -> None:
     (folder / "README.md").write_text(card)
 
 
-def write_norms(folder: Path, norms: dict[str, torch.Tensor]) -> dict:
+def write_norms(folder: Path, norms: dict[str, np.ndarray]) -> dict:
     """Store DoRA norms beside the weights; returns the record's entry for them."""
     path = Path(folder) / NORMS_FILE
-    save_file({k: v.contiguous() for k, v in sorted(norms.items())}, path)
+    save_file({k: np.ascontiguousarray(v) for k, v in sorted(norms.items())}, path)
     return {
         "file": NORMS_FILE,
         "sha256": sha256_of([path]),

@@ -7,15 +7,26 @@ single `model.safetensors`, a bare `.safetensors` file, and (only when the user 
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from loramerge import dtypes
 from loramerge.errors import LoramergeError
 from loramerge.jsonfile import read_json_object
 from loramerge.source.safetensors_file import SafetensorsFile, TensorInfo
+
+_scratch = threading.local()
+
+
+def read_buffer(nbytes: int) -> np.ndarray:
+    """This thread's reusable read buffer (uint8), grown as needed: no fresh pages per tensor."""
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.size < nbytes:
+        buffer = _scratch.buffer = np.empty(nbytes, dtype=np.uint8)
+    return buffer
 
 
 @dataclass(frozen=True)
@@ -45,14 +56,9 @@ class Checkpoint:
                     )
                 self.tensors[name] = info
                 self._owner[name] = file
-        for name, tensor in self._pickled.items():
+        for name, array in self._pickled.items():
             self.tensors[name] = TensorInfo(
-                name,
-                path,
-                dtypes.from_torch(tensor.dtype),
-                tuple(tensor.shape),
-                0,
-                tensor.numel() * tensor.element_size(),
+                name, path, dtypes.from_numpy(array.dtype), array.shape, 0, array.nbytes
             )
 
     @property
@@ -60,15 +66,16 @@ class Checkpoint:
         """The weight files this checkpoint reads."""
         return [f.path for f in self._files] or [self.path]
 
-    def read(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
+    def read(self, name: str, into: np.ndarray | None = None) -> np.ndarray:
         """Read one tensor into CPU memory (into a view of the uint8 buffer `into`, if given)."""
         if name in self._pickled:
-            tensor = self._pickled[name]
+            array = self._pickled[name]
             if into is None:
-                return tensor
+                return array
             # a view of our buffer, like a file read, so callers may work in place
-            view = into[: tensor.numel() * tensor.element_size()].view(tensor.dtype)
-            return view.view(tensor.shape).copy_(tensor)
+            view = into[: array.nbytes].view(array.dtype).reshape(array.shape)
+            np.copyto(view, array)
+            return view
         return self._owner[name].read(name, into)
 
     def raw(self, name: str) -> RawRange | None:
@@ -165,6 +172,8 @@ def _open_pickle(root: Path, path: Path, allow_pickle: bool) -> Checkpoint:
             f"{path} is a pickle file, which can run code when loaded; pass --allow-pickle to "
             "load it anyway (with torch.load(weights_only=True))"
         )
+    import torch
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # torch raises many types for a bad pickle
@@ -173,4 +182,4 @@ def _open_pickle(root: Path, path: Path, allow_pickle: bool) -> Checkpoint:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise LoramergeError(f"{path}: not a state dict of named tensors")
-    return Checkpoint(root, [], pickled={k: v.contiguous() for k, v in state.items()})
+    return Checkpoint(root, [], pickled={k: dtypes.as_numpy(v) for k, v in state.items()})

@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from loramerge import dtypes
 from loramerge.errors import LoramergeError
@@ -64,13 +64,13 @@ class SafetensorsFile:
         """The open file descriptor (for raw byte copies)."""
         return self._fd
 
-    def read(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
-        """Read one tensor into CPU memory: a new tensor, or a view of `into` (uint8, 1-D)."""
+    def read(self, name: str, into: np.ndarray | None = None) -> np.ndarray:
+        """Read one tensor into CPU memory: a new array, or a view of `into` (uint8, 1-D)."""
         info = self.tensors[name]
-        raw = torch.empty(info.nbytes, dtype=torch.uint8) if into is None else into[: info.nbytes]
+        raw = np.empty(info.nbytes, dtype=np.uint8) if into is None else into[: info.nbytes]
         if info.nbytes:
-            read_exact(self._fd, memoryview(raw.numpy()), info.offset, self.path)
-        return raw.view(dtypes.to_torch(info.dtype)).view(info.shape)
+            read_exact(self._fd, memoryview(raw), info.offset, self.path)
+        return raw.view(dtypes.to_numpy(info.dtype)).reshape(info.shape)
 
     def close(self) -> None:
         """Release the file descriptor."""
@@ -134,6 +134,8 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> Tenso
         raise LoramergeError(f"{where}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(_is_uint(d) for d in shape) or len(shape) > 16:
         raise LoramergeError(f"{where}: bad shape {shape!r}")
+    if math.prod(d for d in shape if d) * dtypes.itemsize(dtype) >= 2**62:  # even when empty
+        raise LoramergeError(f"{where}: shape {shape} is too large for any array")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(o) for o in offsets):
         raise LoramergeError(f"{where}: bad data_offsets {offsets!r}")
     begin, end = offsets

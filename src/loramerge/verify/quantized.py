@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from loramerge import dtypes
 from loramerge.compare import ulp
 from loramerge.errors import LoramergeError
 from loramerge.jsonfile import parse_json
@@ -159,7 +160,10 @@ class NF4Candidate:
 
     def read(self, hf_name: str, shape: tuple[int, ...]) -> Dequantized:
         """Dequantize as bitsandbytes does: code table[nibble] * block absmax, high nibble first."""
-        read = self.checkpoint.read
+
+        def read(name: str) -> torch.Tensor:
+            return dtypes.as_torch(self.checkpoint.read(name))
+
         state = parse_json(bytes(read(hf_name + _NF4_STATE).numpy()), f"{self.path}: {hf_name}")
         if not isinstance(state, dict) or state.get("quant_type") != "nf4":
             raise LoramergeError(f"{self.path}: {hf_name} is not NF4-quantized")

@@ -261,13 +261,13 @@ def _check(
     if tuple(info.shape) != tuple(plan.shape):
         note = f"shape {list(info.shape)}, expected {list(plan.shape)}"
         return TensorCheck(plan.name, "shape", info.dtype, passed=False, note=note)
-    got = candidate.read(plan.name)
+    got = _tensor(candidate, plan.name)
     passed = None
     if through is not None and plan.name in through.tensors:
-        passed = through.read(plan.name).to(torch.float64).abs()
+        passed = _tensor(through, plan.name).to(torch.float64).abs()
     distance = Distance()
     if not plan.modified:
-        stored = base.read(plan.source)
+        stored = _tensor(base, plan.source)
         if got.dtype == stored.dtype and torch.equal(_bytes(got), _bytes(stored)):
             distance.add_identical(got.numel())
         else:  # a changed dtype must still be the base rounded once
@@ -308,6 +308,10 @@ def _larger(start: torch.Tensor, passed: torch.Tensor | None) -> torch.Tensor:
         if passed is None or passed.shape != magnitude.shape
         else magnitude.maximum(passed)
     )
+
+
+def _tensor(checkpoint: Checkpoint, name: str) -> torch.Tensor:
+    return dtypes.as_torch(checkpoint.read(name))
 
 
 def _bytes(tensor: torch.Tensor) -> torch.Tensor:

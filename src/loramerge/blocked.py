@@ -1,0 +1,59 @@
+"""The common merge on the CPU with numpy alone: W = W0 + sum_i c_i * B_i @ A_i for 2-D weights.
+
+Plain LoRA on Linear, Conv1D (fan_in_fan_out) and embedding weights stored in bfloat16 or float32
+covers nearly every real merge; doing it without torch saves the second it takes to import. The
+arithmetic is the one `delta.merged_blocks` does with torch: float32, rows in cache-sized blocks
+(conversion, rank-r update and rounding stay in cache), one rounding to nearest even at the end
+(ml_dtypes rounds float32 to bfloat16 exactly as torch does). DoRA, convolutions, float64,
+float16 and CUDA go through torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Stored and output dtypes this path handles (safetensors names).
+DTYPES = frozenset({"BF16", "F32"})
+# Rows per block are chosen so one float32 block (1 MiB) and its delta stay in cache.
+BLOCK_ELEMENTS = 1 << 18
+
+
+@dataclass(frozen=True)
+class Factor:
+    """One term c * dW in float32: dW = B @ A, or (B @ A)^T for Conv1D weights and embeddings."""
+
+    a: np.ndarray  # (r, in), or (r, rows of W) when transposed
+    b: np.ndarray  # (out, r), already times the coefficient c
+    transposed: bool
+
+
+def factor(a: np.ndarray, b: np.ndarray, coef: float, transposed: bool) -> Factor:
+    """A term in float32, its coefficient folded into B (r values per row, not one per weight)."""
+    return Factor(
+        np.ascontiguousarray(a, dtype=np.float32),
+        np.ascontiguousarray(np.asarray(b, dtype=np.float32) * np.float32(coef)),
+        transposed,
+    )
+
+
+def merge_rows(w0: np.ndarray, factors: list[Factor], out: np.ndarray) -> None:
+    """out = W0 + sum of the factors, rounded once to out's dtype; `out` may be `w0` itself."""
+    rows, cols = w0.shape
+    step = max(1, BLOCK_ELEMENTS // max(cols, 1))
+    acc_buffer = np.empty(step * cols, dtype=np.float32)
+    delta_buffer = np.empty(step * cols, dtype=np.float32)
+    with np.errstate(all="ignore"):  # NaN and overflow merge as IEEE says (--allow-nonfinite)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            acc = acc_buffer[: (r1 - r0) * cols].reshape(r1 - r0, cols)
+            delta = delta_buffer[: (r1 - r0) * cols].reshape(r1 - r0, cols)
+            np.copyto(acc, w0[r0:r1])  # bfloat16 -> float32 is exact
+            for f in factors:
+                if f.transposed:  # rows r0:r1 of (B@A)^T are A[:, r0:r1]^T @ B^T
+                    np.matmul(f.a[:, r0:r1].T, f.b.T, out=delta)
+                else:
+                    np.matmul(f.b[r0:r1], f.a, out=delta)
+                acc += delta
+            np.copyto(out[r0:r1], acc, casting="unsafe")  # the one rounding, to nearest even

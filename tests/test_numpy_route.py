@@ -1,0 +1,145 @@
+"""The torch-free CPU route (`blocked`): when it is taken, and that it computes what torch does.
+
+Plain LoRA on bf16/f32 matrices merges with numpy alone, so `loramerge merge` does not pay the
+second torch takes to import. Its rounding is judged against torch's own float32 -> bfloat16
+conversion on every kind of float32 value, and its arithmetic against the torch route.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from conftest import ADAPTERS, GPT2, LLAMA, ROOT
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loramerge import blocked, dtypes
+from loramerge.adapter import load_adapter
+from loramerge.compare import ulp
+from loramerge.delta import Term, merge_weight
+from loramerge.merge import Route, _read_config
+from loramerge.plan import build_plan
+from loramerge.source.checkpoint import open_weights
+
+IMPORTS_TORCH = """
+import sys
+from loramerge.cli import cli
+try:
+    cli(sys.argv[1:])
+except SystemExit as exit:
+    assert exit.code == 0, exit.code
+print("torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize(
+    "base, adapter, uses_torch",
+    [
+        (LLAMA, "llama-lora", False),
+        (LLAMA, "llama-embed", False),  # embeddings: (B@A)^T
+        (GPT2, "gpt2-embed", False),  # tied embeddings, untied
+        (GPT2, "gpt2-lora", True),  # Conv1D weights go by numpy, its lora_bias by torch
+        (LLAMA, "llama-dora", True),  # DoRA needs torch, and the check can tell
+    ],
+)
+def test_plain_lora_on_the_cpu_never_imports_torch(tmp_path, base, adapter, uses_torch):
+    out = tmp_path / "out"
+    args = ["merge", str(base), str(ADAPTERS / adapter), "-o", str(out), "--quiet"]
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORTS_TORCH, *args], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(uses_torch)
+    assert (out / "loramerge.json").is_file()
+
+
+# every float32 bit pattern class: normals, subnormals, ties, overflow, infinities, NaN
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=64))
+def test_rounding_to_bfloat16_is_torchs(bits):
+    ties = [0x3F808000, 0x3F818000, 0x00008000, 0x7F7F8000, 0x7F7FFFFF, 0x80018000]
+    values = np.array(bits + ties, dtype=np.uint32).view(np.float32).reshape(1, -1)
+    ours = np.empty(values.shape, dtype=ml_dtypes.bfloat16)
+    blocked.merge_rows(values, [], ours)
+    theirs = torch.from_numpy(values).to(torch.bfloat16)
+    nan = np.isnan(values)
+    assert np.array_equal(np.isnan(ours.astype(np.float32)), nan)
+    assert np.array_equal(  # NaN payloads aside (torch writes 0xFFFF, ml_dtypes a quiet NaN)
+        ours.view(np.uint16)[~nan], dtypes.as_numpy(theirs).view(np.uint16)[~nan]
+    )
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("out_dtype", ["BF16", "F32"])
+def test_numpy_route_equals_the_torch_route(transposed, out_dtype):
+    rng = np.random.default_rng(7)
+    rows, cols, rank = 300, 1100, 8  # several row blocks, the last one partial
+    w0 = (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+    terms = []
+    for coef in (2.0, -0.37):
+        a = rng.standard_normal((rank, rows if transposed else cols), dtype=np.float32) * 0.1
+        b = rng.standard_normal((cols if transposed else rows, rank), dtype=np.float32) * 0.01
+        terms.append((a, b, coef))
+    ours = np.empty((rows, cols), dtype=dtypes.to_numpy(out_dtype))
+    factors = [blocked.factor(a, b, coef, transposed) for a, b, coef in terms]
+    blocked.merge_rows(w0, factors, ours)
+    kind = "embedding" if transposed else "linear"
+    theirs = merge_weight(
+        dtypes.as_torch(w0),
+        [
+            Term(kind, torch.from_numpy(a), torch.from_numpy(b), coef, 1.0, coef)
+            for a, b, coef in terms
+        ],
+        compute_dtype=torch.float32,
+        out_dtype=dtypes.to_torch(out_dtype),
+    )
+    theirs = dtypes.as_numpy(theirs)
+    # Both are float32 sums of the same products; BLAS libraries may order them differently.
+    assert (ours.view(np.uint8) == theirs.view(np.uint8)).mean() > 0.99
+    got, want = (torch.from_numpy(x.astype(np.float64)) for x in (ours, theirs))
+    scale = torch.maximum(torch.from_numpy(w0.astype(np.float64)).abs(), want.abs())
+    steps = (got - want).abs() / ulp(scale, dtypes.to_torch(out_dtype))
+    assert steps.max() <= (1 if out_dtype == "BF16" else 2)
+
+
+def _plan(base, adapter, out_dtype=None):
+    with open_weights(base, stem="model", allow_pickle=False) as checkpoint:
+        opened = load_adapter(ADAPTERS / adapter, allow_pickle=False)
+        try:
+            plan = build_plan(checkpoint, _read_config(base), [opened], [1.0], out_dtype)
+        finally:
+            opened.close()
+        return plan, {n: i.dtype for n, i in checkpoint.tensors.items()}
+
+
+@pytest.mark.parametrize(
+    "adapter, device, compute, out_dtype, expected",
+    [
+        ("llama-lora", "cpu", "float32", None, True),
+        ("llama-lora", "cpu", "float32", "F32", True),
+        ("llama-lora", "cpu", "float64", None, False),  # round-to-odd lives in the torch route
+        ("llama-lora", "cuda", "float32", None, False),
+        ("llama-lora", "cpu", "float32", "F16", False),  # numpy's float16 casts are scalar
+        ("llama-dora", "cpu", "float32", None, False),
+    ],
+)
+def test_route_choice(adapter, device, compute, out_dtype, expected):
+    plan, stored = _plan(LLAMA, adapter, out_dtype)
+    route = Route(device, compute, {}, {})
+    modified = [t for t in plan.tensors if t.modified]
+    assert modified
+    chosen = {route.by_numpy(t, stored[t.source]) for t in modified}
+    assert chosen == {expected}
+
+
+def test_replaced_rows_and_tensors_take_the_torch_route():
+    plan, stored = _plan(LLAMA, "llama-resized")  # modules_to_save with a resized vocabulary
+    route = Route("cpu", "float32", {}, {})
+    replaced = [t for t in plan.tensors if t.replace or t.rows]
+    assert replaced
+    assert not any(route.by_numpy(t, stored[t.source]) for t in replaced)
