@@ -10,6 +10,7 @@ float16 and CUDA go through torch.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,8 @@ import numpy as np
 DTYPES = frozenset({"BF16", "F32"})
 # Rows per block are chosen so one float32 block (1 MiB) and its delta stay in cache.
 BLOCK_ELEMENTS = 1 << 18
+
+_local = threading.local()
 
 
 @dataclass(frozen=True)
@@ -42,8 +45,7 @@ def merge_rows(w0: np.ndarray, factors: list[Factor], out: np.ndarray) -> None:
     """out = W0 + sum of the factors, rounded once to out's dtype; `out` may be `w0` itself."""
     rows, cols = w0.shape
     step = max(1, BLOCK_ELEMENTS // max(cols, 1))
-    acc_buffer = np.empty(step * cols, dtype=np.float32)
-    delta_buffer = np.empty(step * cols, dtype=np.float32)
+    acc_buffer, delta_buffer = _scratch(step * cols)
     with np.errstate(all="ignore"):  # NaN and overflow merge as IEEE says (--allow-nonfinite)
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
@@ -57,3 +59,11 @@ def merge_rows(w0: np.ndarray, factors: list[Factor], out: np.ndarray) -> None:
                     np.matmul(f.b[r0:r1], f.a, out=delta)
                 acc += delta
             np.copyto(out[r0:r1], acc, casting="unsafe")  # the one rounding, to nearest even
+
+
+def _scratch(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """This thread's two float32 block buffers, reused from tensor to tensor (no fresh pages)."""
+    buffers = getattr(_local, "buffers", None)
+    if buffers is None or buffers[0].size < n:
+        buffers = _local.buffers = (np.empty(n, np.float32), np.empty(n, np.float32))
+    return buffers

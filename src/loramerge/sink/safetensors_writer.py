@@ -87,6 +87,7 @@ class SafetensorsWriter:
         }
         self._pending = set(self._ranges)
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self._fd = -1
         self._hasher: _PrefixHasher | None = None
         self.sha256 = ""
@@ -100,7 +101,9 @@ class SafetensorsWriter:
         """Write the bytes of tensor `name` to its place."""
         view = memoryview(data).cast("B")
         position = self._claim(name, len(view))
-        with self._io_errors():
+        # One write at a time per file: ext4 serialises them on the inode lock anyway, and a
+        # thread waiting here sleeps where one waiting there spins.
+        with self._io_errors(), self._write_lock:
             _pwrite_all(self._fd, view, position)
         start_writeback(self._fd, position, len(view))
         self._hasher.completed(position, position + len(view))
@@ -182,6 +185,7 @@ class _PrefixHasher:
         self._next = 0
         self._done: dict[int, int] = {}  # start -> end of written ranges not yet hashed
         self._digest = hashlib.sha256()
+        self._buffer = memoryview(bytearray(_HASH_CHUNK))  # reused: no fresh pages per chunk
         self._error: OSError | None = None
         self._stopped = False
         self._cond = threading.Condition()
@@ -225,8 +229,10 @@ class _PrefixHasher:
                     end = self._done.pop(end)
             try:
                 for offset in range(self._next, end, _HASH_CHUNK):
-                    size = min(_HASH_CHUNK, end - offset)
-                    self._digest.update(os.pread(self._fd, size, offset))
+                    chunk = self._buffer[: min(_HASH_CHUNK, end - offset)]
+                    if os.preadv(self._fd, [chunk], offset) != len(chunk):
+                        raise OSError(errno.EIO, "file shorter than what was written")
+                    self._digest.update(chunk)
             except OSError as exc:
                 self._error = exc
                 return
