@@ -23,6 +23,7 @@ from loramerge.errors import LoramergeError
 from loramerge.jsonfile import read_json_object
 from loramerge.plan import Plan, TensorPlan, build_plan
 from loramerge.sink.atomic import AtomicFolder
+from loramerge.sink.direct_io import ALIGN
 from loramerge.sink.hf_folder import (
     NORMS_FILE,
     copy_files,
@@ -293,10 +294,12 @@ def _copied(plan: TensorPlan, base: Checkpoint) -> RawRange | None:
 def _write_tensors(writer, plan, checkpoint, adapters, route: Route, progress) -> int:
     """Produce every tensor on a few threads (numpy, torch and file I/O release the GIL).
 
-    Each thread owns one tensor at a time and writes it to its own byte range, so order does not
-    matter; BLAS and torch thread pools are held to one thread meanwhile (no oversubscription).
+    Each thread owns one tensor at a time and writes it to its own byte range, in the writer's
+    order so each shard's hash keeps pace; BLAS and torch thread pools are held to one thread
+    meanwhile (no oversubscription).
     """
-    workers = min(4, os.cpu_count() or 1)
+    # Two more threads than cores: direct writes and the in-order hashing leave threads waiting.
+    workers = min(4, (os.cpu_count() or 1) + 2)
     by_torch = any(route.by_torch(t, checkpoint) for t in plan.tensors)
     done = 0
     with (
@@ -317,6 +320,7 @@ def _write_tensors(writer, plan, checkpoint, adapters, route: Route, progress) -
         except BaseException:
             for future in futures:
                 future.cancel()
+            writer.cancel()  # a worker may wait for bytes that will never come
             raise
     return done
 
@@ -350,7 +354,7 @@ def _write_tensor(
         writer.copy(plan.name, raw.fd, raw.offset, raw.nbytes)
         return
     if route.by_numpy(plan, base.tensors[plan.source].dtype):
-        weight = _merge_numpy(plan, base, adapters)
+        weight = _merge_numpy(writer, plan, base, adapters)
     else:
         from loramerge import transform  # torch; imported (once) only when some tensor needs it
 
@@ -360,9 +364,12 @@ def _write_tensor(
     writer.write(plan.name, weight.reshape(-1).view(np.uint8))
 
 
-def _merge_numpy(plan: TensorPlan, base: Checkpoint, adapters: list[Adapter]) -> np.ndarray:
+def _merge_numpy(
+    writer: ShardedWriter, plan: TensorPlan, base: Checkpoint, adapters: list[Adapter]
+) -> np.ndarray:
     """Plain LoRA on a bf16/f32 matrix with `blocked`, in place in the read buffer if it can."""
-    w0 = base.read(plan.source, read_buffer(base.tensors[plan.source].nbytes))
+    phase = writer.position(plan.name) % ALIGN  # in place, then written with no staging copy
+    w0 = base.read(plan.source, read_buffer(base.tensors[plan.source].nbytes, phase))
     out_dtype = dtypes.to_numpy(plan.dtype)
     if w0.dtype == out_dtype and not plan.lora:
         return w0  # a pickled tensor written as it is

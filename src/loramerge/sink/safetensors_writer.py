@@ -2,30 +2,32 @@
 
 Shapes and dtypes come from the plan, so the header is written at once and each tensor then goes
 to its own byte range with positional writes, in any order and from several threads; no shard is
-ever held in memory. Untouched tensors are copied file to file with `copy_file_range` (the kernel
-moves the bytes; they never enter this process).
+ever held in memory. Writes bypass the page cache where the filesystem allows (`direct_io`);
+untouched tensors then pass through a small buffer, and otherwise are copied file to file with
+`copy_file_range`. Each file's sha256 is computed while it is written.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
 import json
 import math
 import os
-import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from loramerge import dtypes
 from loramerge.errors import LoramergeError
+from loramerge.sink.direct_io import ALIGN, PositionalFile, aligned_buffer, start_writeback
 
 _CHUNK = 64 << 20
+_COPY_CHUNK = 16 << 20  # untouched tensors pass through memory in pieces this size
 _HASH_CHUNK = 4 << 20  # small reads stay in cache and keep the hasher's memory low
+_SPARES = 4  # buffers kept for copies of bytes written ahead of a gap
 
 
 @dataclass(frozen=True)
@@ -87,42 +89,60 @@ class SafetensorsWriter:
         }
         self._pending = set(self._ranges)
         self._lock = threading.Lock()
-        self._write_lock = threading.Lock()
-        self._fd = -1
+        self._file: PositionalFile | None = None
         self._hasher: _PrefixHasher | None = None
         self.sha256 = ""
+        head = memoryview(len(raw).to_bytes(8, "little") + raw)
         with self._io_errors():
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            _pwrite_all(self._fd, memoryview(len(raw).to_bytes(8, "little") + raw), 0)
+            self._file = PositionalFile(self.path, start + offset)
+            self._file.write(head, 0)
             self._hasher = _PrefixHasher(self.path, start + offset)
-        self._hasher.completed(0, start)
+        self._hasher.completed(0, start, head)
+
+    def position(self, name: str) -> int:
+        """File offset where tensor `name`'s bytes go."""
+        return self._ranges[name][0]
 
     def write(self, name: str, data) -> None:
-        """Write the bytes of tensor `name` to its place."""
+        """Write the bytes of tensor `name` to its place; the caller may then reuse `data`."""
         view = memoryview(data).cast("B")
         position = self._claim(name, len(view))
-        # One write at a time per file: ext4 serialises them on the inode lock anyway, and a
-        # thread waiting here sleeps where one waiting there spins.
-        with self._io_errors(), self._write_lock:
-            _pwrite_all(self._fd, view, position)
-        start_writeback(self._fd, position, len(view))
-        self._hasher.completed(position, position + len(view))
+        with self._io_errors():
+            self._file.write(view, position)
+        self._hashed(position, view)
 
     def copy(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
-        """Write tensor `name` by copying `nbytes` from another file, kernel side."""
+        """Write tensor `name` by copying `nbytes` from another file."""
         position = self._claim(name, nbytes)
         with self._io_errors():
-            self._copy(src_fd, src_offset, nbytes, position)
-        start_writeback(self._fd, position, nbytes)
-        self._hasher.completed(position, position + nbytes)
+            if self._file.direct:
+                self._copy_through_memory(src_fd, src_offset, nbytes, position)
+                return
+            self._copy_in_kernel(src_fd, src_offset, nbytes, position)
+        self._hasher.completed(position, position + nbytes)  # hashed from the file
 
-    def _copy(self, src_fd: int, src_offset: int, nbytes: int, position: int) -> None:
+    def _copy_through_memory(self, src_fd: int, src_offset: int, nbytes: int, position: int):
+        """Read into memory and write directly: cheaper than filling the page cache."""
+        buffer = aligned_buffer("copy", _COPY_CHUNK)
+        done = 0
+        while done < nbytes:
+            at = position + done
+            phase = at % ALIGN  # memory and file offsets agree modulo ALIGN: no staging copy
+            size = min(nbytes - done, _COPY_CHUNK - phase)
+            view = buffer[phase : phase + size]
+            _read_exact(src_fd, view, src_offset + done)
+            self._file.write(view, at)
+            self._hashed(at, view)
+            done += size
+
+    def _copy_in_kernel(self, src_fd: int, src_offset: int, nbytes: int, position: int):
+        """`copy_file_range`: the bytes never enter this process."""
         done = 0
         while done < nbytes:
             size = min(nbytes - done, _CHUNK)
             try:
                 moved = os.copy_file_range(
-                    src_fd, self._fd, size, src_offset + done, position + done
+                    src_fd, self._file.fd, size, src_offset + done, position + done
                 )
             except OSError:
                 moved = 0  # cross-device or unsupported: fall back to read + write
@@ -130,27 +150,38 @@ class SafetensorsWriter:
                 data = os.pread(src_fd, size, src_offset + done)
                 if not data:
                     raise OSError(errno.EIO, "source file ended early")
-                _pwrite_all(self._fd, memoryview(data), position + done)
+                self._file.write(memoryview(data), position + done)
                 moved = len(data)
             done += moved
+        start_writeback(self._file.fd, position, nbytes)
+
+    def _hashed(self, position: int, view: memoryview) -> None:
+        """Hand bytes just written to the hasher; once this returns, `view` may be reused."""
+        if self._hasher.completed(position, position + len(view), view):
+            self._hasher.wait_past(position + len(view))
 
     def finish(self) -> None:
         """Check every tensor was written, flush to disk, close."""
         if self._pending:
             raise RuntimeError(f"{self.path}: never written: {sorted(self._pending)[:5]}")
         with self._io_errors():
-            os.fsync(self._fd)
+            self._file.fsync()
             self.sha256 = self._hasher.hexdigest()
         self.close()
+
+    def cancel(self) -> None:
+        """Stop hashing, so no thread waits on it any more (before an abort)."""
+        if self._hasher is not None:
+            self._hasher.stop()
 
     def close(self) -> None:
         """Close without checks (on abort)."""
         if self._hasher is not None:
             self._hasher.stop()
             self._hasher = None
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     @contextmanager
     def _io_errors(self) -> Iterator[None]:
@@ -174,16 +205,20 @@ class SafetensorsWriter:
 class _PrefixHasher:
     """sha256 of a file written out of order, computed while it is written.
 
-    A background thread hashes each byte range as soon as everything before it is in the file,
-    reading it back from the page cache; tensors are written roughly in file order, so the hash
-    keeps up with the merge instead of costing a second pass at the end.
+    A background thread hashes each byte range as soon as everything before it is in the file:
+    from the writer's memory when it is handed over (the writer waits until it is hashed before
+    reusing it), else read back from the page cache. Tensors are written roughly in file order,
+    so the hash keeps up with the merge instead of costing a second pass at the end.
     """
 
     def __init__(self, path: Path, total: int) -> None:
         self._fd = os.open(path, os.O_RDONLY)
         self._total = total
-        self._next = 0
-        self._done: dict[int, int] = {}  # start -> end of written ranges not yet hashed
+        self._next = 0  # everything before is hashed
+        self._frontier = 0  # everything before is in the file
+        # start -> (end, bytes or None to read them back, private copy's buffer or None)
+        self._done: dict[int, tuple[int, memoryview | None, bytearray | None]] = {}
+        self._spares: list[bytearray] = []  # buffers of hashed private copies, for reuse
         self._digest = hashlib.sha256()
         self._buffer = memoryview(bytearray(_HASH_CHUNK))  # reused: no fresh pages per chunk
         self._error: OSError | None = None
@@ -192,11 +227,45 @@ class _PrefixHasher:
         self._thread = threading.Thread(target=self._run, name="loramerge-sha256", daemon=True)
         self._thread.start()
 
-    def completed(self, start: int, end: int) -> None:
-        """Bytes [start, end) are in the file."""
+    def completed(self, start: int, end: int, data: memoryview | None = None) -> bool:
+        """Bytes [start, end) are in the file (and in `data`, if given).
+
+        Returns whether the caller must `wait_past(end)` before reusing `data`: only when every
+        earlier byte is already in, so the wait needs nothing more from anyone. Bytes that arrive
+        ahead of a gap are copied instead (a writer going out of order must not wait for itself).
+        """
+        if end == start:  # an empty tensor: nothing to hash
+            return False
+        with self._cond:  # (the frontier only grows: a stale answer just copies needlessly)
+            wait = data is not None and start == self._frontier
+        owned = None
+        if data is not None and not wait:
+            owned, data = self._copy(data)
         with self._cond:
-            self._done[start] = end
-            self._cond.notify()
+            self._done[start] = (end, data, owned)
+            while self._frontier in self._done:
+                self._frontier = self._done[self._frontier][0]
+            self._cond.notify_all()
+        return wait
+
+    def _copy(self, data: memoryview) -> tuple[bytearray, memoryview]:
+        """(buffer, view) of a private copy of `data`, in a spare buffer when one is big enough."""
+        with self._cond:
+            buffer = next((b for b in self._spares if len(b) >= len(data)), None)
+            if buffer is not None:
+                self._spares.remove(buffer)
+        buffer = buffer if buffer is not None else bytearray(len(data))
+        view = memoryview(buffer)[: len(data)]
+        view[:] = data
+        return buffer, view
+
+    def wait_past(self, end: int) -> None:
+        """Block until everything before `end` is hashed (or hashing stopped)."""
+        with self._cond:
+            while self._next < end and not self._stopped and self._error is None:
+                self._cond.wait()
+            if self._next < end:
+                raise LoramergeError("writing was cancelled")
 
     def hexdigest(self) -> str:
         """Wait for the whole file to be hashed."""
@@ -208,10 +277,10 @@ class _PrefixHasher:
         return self._digest.hexdigest()
 
     def stop(self) -> None:
-        """Stop early (abort) and release the file."""
+        """Stop early (abort), wake every waiter, and release the file."""
         with self._cond:
             self._stopped = True
-            self._cond.notify()
+            self._cond.notify_all()
         self._thread.join()
         if self._fd >= 0:
             os.close(self._fd)
@@ -224,49 +293,34 @@ class _PrefixHasher:
                     self._cond.wait()
                 if self._next not in self._done:
                     return
-                end = self._done.pop(self._next)
-                while end in self._done:
-                    end = self._done.pop(end)
+                end, data, owned = self._done.pop(self._next)
             try:
-                for offset in range(self._next, end, _HASH_CHUNK):
-                    chunk = self._buffer[: min(_HASH_CHUNK, end - offset)]
-                    if os.preadv(self._fd, [chunk], offset) != len(chunk):
-                        raise OSError(errno.EIO, "file shorter than what was written")
-                    self._digest.update(chunk)
+                if data is not None:
+                    self._digest.update(data)
+                else:
+                    self._hash_from_file(self._next, end)
             except OSError as exc:
-                self._error = exc
+                with self._cond:
+                    self._error = exc
+                    self._cond.notify_all()
                 return
-            self._next = end
+            with self._cond:
+                self._next = end
+                if owned is not None and len(self._spares) < _SPARES:
+                    self._spares.append(owned)  # memory stays flat: copies reuse a few buffers
+                self._cond.notify_all()
+
+    def _hash_from_file(self, start: int, end: int) -> None:
+        for offset in range(start, end, _HASH_CHUNK):
+            chunk = self._buffer[: min(_HASH_CHUNK, end - offset)]
+            if os.preadv(self._fd, [chunk], offset) != len(chunk):
+                raise OSError(errno.EIO, "file shorter than what was written")
+            self._digest.update(chunk)
 
 
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """Linux's sync_file_range from libc, or None where there is none."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function
-
-
-_SYNC_FILE_RANGE = _sync_file_range()
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def start_writeback(fd: int, offset: int, nbytes: int) -> None:
-    """Start writing a range to disk now, without waiting: the final fsync then has little left.
-
-    Only a head start (durability still comes from fsync), so a failure here is ignored.
-    """
-    if _SYNC_FILE_RANGE is not None:
-        _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
-
-
-def _pwrite_all(fd: int, view: memoryview, position: int) -> None:
+def _read_exact(fd: int, view: memoryview, offset: int) -> None:
     while view:
-        written = os.pwrite(fd, view[:_CHUNK], position)
-        position += written
-        view = view[written:]
+        got = os.preadv(fd, [view], offset)
+        if got == 0:
+            raise OSError(errno.EIO, "source file ended early")
+        view, offset = view[got:], offset + got

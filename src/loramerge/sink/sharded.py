@@ -13,7 +13,7 @@ INDEX = "model.safetensors.index.json"
 
 class ShardedWriter:
     """All shards of one checkpoint, headers written up front; tensors go in by name (any order,
-    though `order`, the order in the files, lets each shard's sha256 keep pace)."""
+    though `order` lets each shard's sha256 keep pace)."""
 
     def __init__(self, folder: Path, entries: list[Entry], max_shard_bytes: int, metadata: dict):
         self.folder = Path(folder)
@@ -24,7 +24,7 @@ class ShardedWriter:
             if count == 1
             else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
         )
-        self.order = [entry.name for shard in shards for entry in shard]  # file order
+        self.order = _interleaved(shards)
         self.hashes: dict[str, str] = {}
         self._writers: list[SafetensorsWriter] = []
         self._owner: dict[str, SafetensorsWriter] = {}
@@ -40,6 +40,10 @@ class ShardedWriter:
         except BaseException:
             self.abort()
             raise
+
+    def position(self, name: str) -> int:
+        """File offset of tensor `name`'s bytes in its shard."""
+        return self._owner[name].position(name)
 
     def write(self, name: str, data) -> None:
         """Write one tensor's bytes (thread-safe, any order)."""
@@ -61,7 +65,25 @@ class ShardedWriter:
             }
             (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
+    def cancel(self) -> None:
+        """Wake every thread waiting on a shard, so a failed write can wind down."""
+        for writer in self._writers:
+            writer.cancel()
+
     def abort(self) -> None:
         """Close every shard without checks."""
         for writer in self._writers:
             writer.close()
+
+
+def _interleaved(shards: list[list[Entry]]) -> list[str]:
+    """Tensor names in file order within each shard, the shards advancing at the same pace, so
+    their hashes (one thread per shard) run side by side."""
+    keyed = []
+    for shard in shards:
+        total = sum(e.nbytes for e in shard) or 1
+        done = 0
+        for entry in shard:
+            keyed.append((done / total, len(keyed), entry.name))
+            done += entry.nbytes
+    return [name for _, _, name in sorted(keyed)]

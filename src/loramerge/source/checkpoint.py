@@ -19,14 +19,20 @@ from loramerge.jsonfile import read_json_object
 from loramerge.source.safetensors_file import SafetensorsFile, TensorInfo
 
 _scratch = threading.local()
+_PAGE = 4096
 
 
-def read_buffer(nbytes: int) -> np.ndarray:
-    """This thread's reusable read buffer (uint8), grown as needed: no fresh pages per tensor."""
+def read_buffer(nbytes: int, phase: int = 0) -> np.ndarray:
+    """This thread's reusable read buffer (uint8), grown as needed: no fresh pages per tensor.
+
+    Its address is `phase` modulo the 4 KiB page, so a writer can pass it to the disk directly
+    when that is where the bytes go in the output file.
+    """
     buffer = getattr(_scratch, "buffer", None)
-    if buffer is None or buffer.size < nbytes:
-        buffer = _scratch.buffer = np.empty(nbytes, dtype=np.uint8)
-    return buffer
+    if buffer is None or buffer.size < nbytes + _PAGE:
+        buffer = _scratch.buffer = np.empty(nbytes + _PAGE, dtype=np.uint8)
+    skip = (phase - buffer.ctypes.data) % _PAGE
+    return buffer[skip : skip + nbytes]
 
 
 @dataclass(frozen=True)

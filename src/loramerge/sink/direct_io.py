@@ -1,0 +1,165 @@
+"""Positional writes that bypass the page cache where they can (`O_DIRECT`), buffered elsewhere.
+
+A merge writes each byte once and never reads it back, so copying it into the page cache only
+costs a memory copy per byte, and fresh page-cache memory is slow to fault in (very slow on
+VMs whose hosts reclaim freed memory). Direct writes need the file offset, the length and the
+memory address aligned to the device's block size; tensors start anywhere, so each range is
+split into an aligned middle, written directly (from the caller's memory when its address is
+aligned the same way, else through a staging buffer), and unaligned ends written through the
+cache. The two never share a block, so the file stays coherent. Filesystems without `O_DIRECT`
+(tmpfs, some network filesystems) and any direct write the kernel refuses fall back to buffered.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+# Alignment used for direct writes: a 4 KiB logical block covers every common disk.
+ALIGN = 4096
+_CHUNK = 64 << 20  # bytes per write call
+_STAGING = 16 << 20  # bytes per staged direct write
+_local = threading.local()
+
+
+class PositionalFile:
+    """A file open for positional writes, direct where possible; thread-safe."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._direct = -1  # stays open until close(), even once direct writes are given up
+        self._use_direct = False
+        self._lock = threading.Lock()
+        try:
+            os.ftruncate(self.fd, size)  # direct writes then land inside the file, in any order
+            self._direct = _open_direct(path)
+            self._use_direct = self._direct >= 0
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def direct(self) -> bool:
+        """Whether aligned ranges bypass the page cache."""
+        return self._use_direct
+
+    def write(self, view: memoryview, position: int) -> None:
+        """Write all of `view` at `position`."""
+        end = position + len(view)
+        first = -(-position // ALIGN) * ALIGN
+        last = end // ALIGN * ALIGN
+        if not self._use_direct or last <= first:
+            self._buffered(view, position)
+            return
+        self._buffered(view[: first - position], position)
+        self._direct_write(view[first - position : last - position], first)
+        self._buffered(view[last - position :], last)
+
+    def fsync(self) -> None:
+        """Flush file data and metadata to the device."""
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        """Close the descriptors."""
+        for fd in (self._direct, self.fd):
+            if fd >= 0:
+                os.close(fd)
+        self._direct = self.fd = -1
+
+    def _buffered(self, view: memoryview, position: int) -> None:
+        if not view:
+            return
+        # One buffered write at a time: ext4 serialises them on the inode lock anyway, and a
+        # thread waiting here sleeps where one waiting there spins.
+        with self._lock:
+            _pwrite_all(self.fd, view, position)
+        start_writeback(self.fd, position, len(view))
+
+    def _direct_write(self, view: memoryview, position: int) -> None:
+        try:
+            if _address(view) % ALIGN == 0:
+                _pwrite_all(self._direct, view, position)
+            else:
+                staging = _staging_buffer()
+                for done in range(0, len(view), _STAGING):
+                    piece = view[done : done + _STAGING]
+                    staging[: len(piece)] = piece
+                    _pwrite_all(self._direct, staging[: len(piece)], position + done)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._use_direct = False  # alignment this device will not take: buffered from now on
+            self._buffered(view, position)
+
+
+def _open_direct(path: Path) -> int:
+    """A second descriptor with O_DIRECT, or -1 where the platform or filesystem has none."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return -1
+    try:
+        return os.open(path, os.O_WRONLY | flag)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return -1
+        raise
+
+
+def _address(view: memoryview) -> int:
+    """Memory address of a contiguous buffer (read-only ones too)."""
+    return np.frombuffer(view, dtype=np.uint8).ctypes.data
+
+
+def _staging_buffer() -> memoryview:
+    """This thread's page-aligned staging buffer for direct writes from unaligned memory."""
+    return aligned_buffer("staging", _STAGING)
+
+
+def aligned_buffer(purpose: str, size: int) -> memoryview:
+    """This thread's page-aligned buffer for `purpose`, of at least `size` bytes (reused)."""
+    buffer = getattr(_local, purpose, None)
+    if buffer is None or len(buffer) < size:
+        buffer = memoryview(mmap.mmap(-1, size))
+        setattr(_local, purpose, buffer)
+    return buffer
+
+
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """Linux's sync_file_range from libc, or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Start writing a cached range to disk now, without waiting: the final fsync has less left.
+
+    Only a head start (durability still comes from fsync), so a failure here is ignored.
+    """
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+
+
+def _pwrite_all(fd: int, view: memoryview, position: int) -> None:
+    while view:
+        written = os.pwrite(fd, view[:_CHUNK], position)
+        position += written
+        view = view[written:]

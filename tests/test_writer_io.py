@@ -1,0 +1,175 @@
+"""The writer's I/O paths, judged by the safetensors library and hashlib.
+
+Writes bypass the page cache (`O_DIRECT`) for block-aligned middles, from the caller's memory when
+it is aligned like the file offset and through a staging buffer when not, with buffered writes
+for the ends; filesystems without `O_DIRECT` and refused direct writes fall back to buffered.
+Every path must give the same bytes, in any write order, from any number of threads, and the
+sha256 recorded while writing must be the file's.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from conftest import ADAPTERS, LLAMA
+from safetensors.torch import load_file, save_file
+
+from loramerge import dtypes
+from loramerge.errors import LoramergeError
+from loramerge.merge import MergeOptions, merge
+from loramerge.sink import direct_io
+from loramerge.sink.safetensors_writer import Entry, SafetensorsWriter
+from loramerge.sink.sharded import ShardedWriter
+from loramerge.source.checkpoint import open_weights, read_buffer
+
+# Sizes that put tensor boundaries everywhere relative to 4 KiB blocks: inside one block, across
+# one, a block-aligned run with ragged ends, several MiB (more than one staging piece).
+TENSORS = {
+    "a": torch.randn(750),  # 3000 bytes
+    "b": torch.randn(10_000).to(torch.bfloat16),
+    "c": torch.arange(1_048_582, dtype=torch.int64).to(torch.uint8),
+    "d": torch.randn(1000, 5000),  # 20 MB: two staging pieces
+    "e": torch.randn(3).to(torch.float16),
+    "f": torch.randn(4096, 8),
+}
+COPIED = {"g": torch.randn(300_001), "h": torch.randn(7)}
+
+
+def _source(tmp_path):
+    path = tmp_path / "src.safetensors"
+    if not path.exists():
+        save_file(COPIED, path)
+    return path
+
+
+def _write_all(folder, tmp_path, order: str) -> ShardedWriter:
+    entries = [Entry(n, dtypes.from_torch(t.dtype), tuple(t.shape)) for n, t in TENSORS.items()]
+    with open_weights(_source(tmp_path), stem="model", allow_pickle=False) as source:
+        entries += [Entry(n, i.dtype, i.shape) for n, i in source.tensors.items()]
+        writer = ShardedWriter(folder, entries, 10**9, {"format": "pt"})
+        names = [e.name for e in entries]
+
+        def put(name: str) -> None:
+            if name in COPIED:
+                raw = source.raw(name)
+                writer.copy(name, raw.fd, raw.offset, raw.nbytes)
+                return
+            data = TENSORS[name].reshape(-1).view(torch.uint8).numpy()
+            if name in ("b", "d"):  # aligned like its file offset: written with no staging copy
+                buffer = read_buffer(len(data), writer.position(name) % direct_io.ALIGN)
+                buffer[:] = data
+                data = buffer
+            writer.write(name, data)
+
+        if order == "threads":
+            with ThreadPoolExecutor(3) as pool:
+                list(pool.map(put, names))
+        else:
+            for name in reversed(names) if order == "reverse" else names:
+                put(name)
+        writer.finish()
+    return writer
+
+
+def _check(folder, writer):
+    loaded = load_file(folder / "model.safetensors")
+    for name, tensor in {**TENSORS, **COPIED}.items():
+        assert torch.equal(loaded[name], tensor), name
+    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    assert writer.hashes == {"model.safetensors": digest}
+
+
+def _no_direct(monkeypatch):
+    monkeypatch.setattr(direct_io, "_open_direct", lambda path: -1)
+
+
+@pytest.mark.parametrize("order", ["file", "reverse", "threads"])
+def test_direct_and_buffered_writes_give_the_same_file(tmp_path, monkeypatch, order):
+    probe = direct_io.PositionalFile(tmp_path / "probe", 0)
+    supported = probe.direct
+    probe.close()
+    if not supported:
+        pytest.skip(f"{tmp_path} has no O_DIRECT")
+    direct, buffered = tmp_path / "direct", tmp_path / "buffered"
+    direct.mkdir()
+    buffered.mkdir()
+    _check(direct, _write_all(direct, tmp_path, order))
+    _no_direct(monkeypatch)
+    _check(buffered, _write_all(buffered, tmp_path, order))
+    assert (direct / "model.safetensors").read_bytes() == (
+        buffered / "model.safetensors"
+    ).read_bytes()
+
+
+def test_refused_direct_writes_fall_back_to_buffered(tmp_path, monkeypatch):
+    real = os.pwrite
+    refused = []
+
+    def pwrite(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0):
+            refused.append(offset)
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(direct_io.os, "pwrite", pwrite)
+    out = tmp_path / "out"
+    out.mkdir()
+    _check(out, _write_all(out, tmp_path, "threads"))
+    if getattr(os, "O_DIRECT", 0) and direct_io._open_direct(tmp_path / "src.safetensors") >= 0:
+        assert refused  # the direct path was tried, refused, and the bytes still all arrived
+
+
+def test_other_write_errors_are_not_hidden_by_the_fallback(tmp_path, monkeypatch):
+    def pwrite(fd, data, offset):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(direct_io.os, "pwrite", pwrite)
+    with pytest.raises(LoramergeError, match="Input/output error"):
+        SafetensorsWriter(tmp_path / "x.safetensors", [Entry("a", "F32", (4,))], {})
+
+
+def test_cancel_wakes_a_writer_waiting_for_the_hash(tmp_path):
+    writer = SafetensorsWriter(tmp_path / "x.safetensors", [Entry("a", "F32", (1 << 20,))], {})
+    hasher = writer._hasher
+    failures = []
+
+    def wait():
+        try:
+            hasher.wait_past(8 + (4 << 20) + 100)  # bytes never written
+        except LoramergeError as exc:
+            failures.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    writer.cancel()
+    waiter.join(timeout=10)
+    assert not waiter.is_alive() and failures
+    writer.close()
+
+
+def test_merge_output_is_the_same_with_and_without_direct_writes(tmp_path, monkeypatch):
+    adapter = ADAPTERS / "llama-lora"
+    merge(LLAMA, [adapter], tmp_path / "direct", MergeOptions(max_shard_size=60_000))
+    _no_direct(monkeypatch)
+    merge(LLAMA, [adapter], tmp_path / "buffered", MergeOptions(max_shard_size=60_000))
+    shards = sorted(p.name for p in (tmp_path / "direct").glob("*.safetensors"))
+    assert len(shards) > 1
+    for name in shards:
+        assert (tmp_path / "direct" / name).read_bytes() == (
+            tmp_path / "buffered" / name
+        ).read_bytes()
+
+
+def test_read_buffer_is_placed_at_the_asked_phase():
+    for phase in (0, 8, 4000, 4095):
+        buffer = read_buffer(10_000, phase)
+        assert buffer.size == 10_000 and buffer.ctypes.data % 4096 == phase
+        assert np.shares_memory(buffer, read_buffer(100, phase))  # one buffer, reused
