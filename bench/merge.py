@@ -317,10 +317,18 @@ def warm_cache(path: Path) -> None:
                     pass
 
 
-def settle(out: Path) -> None:
-    """Remove an output dir and flush dirty pages, untimed, so runs do not disturb each other."""
+def settle(out: Path, seconds: float) -> None:
+    """Remove an output dir, flush dirty pages and wait, untimed, so runs do not disturb each other.
+
+    The wait matters on VMs that hand freed memory back to the host (virtio-balloon free page
+    reporting, about 2 s after it is freed): memory touched again after that is slow to fault
+    in, so a run that starts right after the previous output was deleted, and finishes within
+    2 s, gets faster page cache than one that starts later or runs longer. Waiting puts every
+    run in the same (slower) state.
+    """
     shutil.rmtree(out, ignore_errors=True)
     subprocess.run(["sync"], check=True)
+    time.sleep(seconds)
 
 
 def loramerge_available(cmd: list[str], env: dict[str, str]) -> tuple[bool, str]:
@@ -338,6 +346,9 @@ def tool_commands(args: argparse.Namespace, base: Path, adapter: Path, out: Path
     sync = " && sync" if args.sync_all else ""
     return {
         "copy": f"cp -r {q(base)} {q(out)} && sync",
+        # the same integrity record loramerge keeps: every output file's sha256
+        "copy+sha256": f"cp -r {q(base)} {q(out)} && sync && openssl dgst -sha256 {q(out)}/* "
+        "> /dev/null",
         "loramerge": f"{args.loramerge_cmd} merge {q(base)} {q(adapter)} -o {q(out)} --quiet{sync}",
         "peft": f"{q(sys.executable)} {q(peft_script)} {q(base)} {q(adapter)} {q(out)}{sync}",
         "verify": f"{args.loramerge_cmd} verify {q(merged_copy(base))} --base {q(base)} "
@@ -381,13 +392,13 @@ def bench_size(args: argparse.Namespace, layers: int, lm_ok: tuple[bool, str]) -
         ensure_merged(args, base, adapter, env)
     for tool, row in rows.items():  # untimed warm-up: first touches of fresh VM memory are slow
         if args.warmup and not row.note.startswith("skipped"):
-            settle(out)
+            settle(out, args.settle)
             measure(["sh", "-c", cmds[tool]], log, env)
     for rep in range(args.repeat):
         for tool, row in rows.items():
             if row.note.startswith("skipped"):
                 continue
-            settle(out)
+            settle(out, args.settle)
             with open(log, "a") as f:
                 f.write(f"\n=== {tool} L{layers} repeat {rep + 1}\n")
             run = measure(["sh", "-c", cmds[tool]], log, env)
@@ -401,7 +412,7 @@ def bench_size(args: argparse.Namespace, layers: int, lm_ok: tuple[bool, str]) -
                 f"{run.rss_kib / 1024:8.1f} MiB rc={run.returncode}",
                 flush=True,
             )
-    settle(out)
+    settle(out, 0)
     for row in rows.values():
         ok = [r for r in row.runs if r.returncode == 0]
         if ok:
@@ -525,7 +536,7 @@ def print_table(rows: list[Row]) -> None:
     """Print the results table and the headline ratios."""
     copy = {r.layers: r for r in rows if r.tool == "copy"}
     head = (
-        f"{'tool':<10} {'size':<16} {'seconds':>8} {'peak RSS MiB':>13} "
+        f"{'tool':<12} {'size':<16} {'seconds':>8} {'peak RSS MiB':>13} "
         f"{'time/copy':>10} {'RSS/copy':>9}  note"
     )
     print("\n" + head + "\n" + "-" * len(head))
@@ -535,14 +546,18 @@ def print_table(rows: list[Row]) -> None:
         secs = f"{r.seconds:8.2f}" if r.seconds is not None else f"{'-':>8}"
         rss = f"{r.rss_mib:13.1f}" if r.rss_mib is not None else f"{'-':>13}"
         print(
-            f"{r.tool:<10} {size:<16} {secs} {rss} "
+            f"{r.tool:<12} {size:<16} {secs} {rss} "
             f"{ratio(r.seconds, c and c.seconds):>10} "
             f"{ratio(r.rss_mib, c and c.rss_mib):>9}  {r.note}"
         )
     print()
     by = {(r.tool, r.layers): r for r in rows}
     for layers in sorted({r.layers for r in rows}):
-        for num, den in (("loramerge", "copy"), ("peft", "loramerge")):
+        for num, den in (
+            ("loramerge", "copy"),
+            ("loramerge", "copy+sha256"),
+            ("peft", "loramerge"),
+        ):
             a, b = by.get((num, layers)), by.get((den, layers))
             if a and b and a.seconds is not None and b.seconds is not None:
                 print(
@@ -569,8 +584,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--tools",
         nargs="+",
-        default=["copy", "loramerge", "peft", "verify"],
-        choices=["copy", "loramerge", "peft", "verify"],
+        default=["copy", "copy+sha256", "loramerge", "peft", "verify"],
+        choices=["copy", "copy+sha256", "loramerge", "peft", "verify"],
+    )
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        help="seconds to wait after removing the previous output, before each run (see settle())",
     )
     p.add_argument("--json", type=Path, help="write results as JSON here")
     p.add_argument(
@@ -622,7 +643,8 @@ def main(argv: list[str] | None = None) -> None:
             ) + "RSS at runner floor (tool's own is lower)"
     print_table(rows)
     print(
-        f"\npage cache warm (not dropped). ru_maxrss of a child includes this runner's own RSS at "
+        f"\nwait after each cleanup: {args.settle} s. "
+        f"page cache warm (not dropped). ru_maxrss of a child includes this runner's own RSS at "
         f"spawn: floor {spawn_floor:.1f} MiB (measured with `true`)."
     )
     if args.json:

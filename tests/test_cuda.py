@@ -13,7 +13,8 @@ from conftest import ADAPTERS, GPT2, LLAMA
 from reference import float32_bound, load_base, reference_merge, ulp_error
 
 from loramerge.errors import LoramergeError
-from loramerge.merge import MergeOptions, merge, resolve_device
+from loramerge.execute import resolve_device
+from loramerge.merge import MergeOptions, merge
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 CASES = [

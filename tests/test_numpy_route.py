@@ -22,7 +22,8 @@ from loramerge import blocked, dtypes
 from loramerge.adapter import load_adapter
 from loramerge.compare import ulp
 from loramerge.delta import Term, merge_weight
-from loramerge.merge import Route, _read_config
+from loramerge.execute import Route
+from loramerge.merge import _read_config
 from loramerge.plan import build_plan
 from loramerge.source.checkpoint import open_weights
 

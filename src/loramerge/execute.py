@@ -1,0 +1,208 @@
+"""Execute a plan: every tensor by its route (raw copy, numpy, or torch) on a few threads.
+
+mergekit's split, kept: `plan` decides what each output tensor is, this module only runs it.
+Untouched tensors are copied as raw bytes; plain LoRA on the CPU goes through `blocked` with numpy
+alone; the rest (CUDA, float64, DoRA, convolutions, float16, replacements, bias) through
+`transform` with torch, which is imported only when some tensor needs it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from loramerge import blocked, dtypes
+from loramerge.adapter import Adapter
+from loramerge.errors import LoramergeError
+from loramerge.plan import Plan, TensorPlan
+from loramerge.sink.direct_io import ALIGN
+from loramerge.sink.sharded import ShardedWriter
+from loramerge.source.checkpoint import Checkpoint, RawRange, read_buffer
+
+# Called after each tensor with (bytes just written, total bytes to write).
+Progress = Callable[[int, int], None]
+
+
+def resolve_device(device: str) -> str:
+    """`auto` picks CUDA when torch sees a GPU; an explicit CUDA device must exist.
+
+    On Linux without a GPU device node, `auto` means the CPU without importing torch.
+    """
+    if device == "cpu" or (device == "auto" and not _gpu_node_present()):
+        return "cpu"
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise LoramergeError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LoramergeError(f"--device {device}: no CUDA device is available")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise LoramergeError(
+                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present"
+            )
+    elif resolved.type != "cpu":
+        raise LoramergeError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
+    return str(resolved)
+
+
+def _gpu_node_present() -> bool:
+    """Whether torch could see a GPU: an NVIDIA or ROCm device node (only Linux can tell)."""
+    if not sys.platform.startswith("linux"):
+        return True
+    dev = Path("/dev")
+    return (dev / "kfd").exists() or any(dev.glob("nvidia[0-9]*"))
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where and how modified tensors are computed, and the DoRA norms going in and out."""
+
+    device: str  # "cpu", "cuda", "cuda:N"
+    compute: str  # "float32" or "float64"
+    norms_in: dict[tuple[int, str], np.ndarray]
+    norms_out: dict[tuple[int, str], np.ndarray]
+
+    def by_numpy(self, plan: TensorPlan, stored_dtype: str) -> bool:
+        """Whether numpy computes this tensor: plain LoRA on a bf16/f32 matrix (or a bare dtype
+        change), in float32 on the CPU."""
+        if not (
+            self.device == "cpu"
+            and self.compute == "float32"
+            and stored_dtype in blocked.DTYPES
+            and plan.dtype in blocked.DTYPES
+            and not (plan.replace or plan.rows or plan.bias)
+        ):
+            return False
+        return not plan.lora or (
+            len(plan.shape) == 2
+            and all(t.module.kind != "conv" and not t.module.magnitude_key for t in plan.lora)
+        )
+
+    def by_torch(self, plan: TensorPlan, base: Checkpoint) -> bool:
+        """Whether this tensor needs torch (neither copied as raw bytes nor done by numpy)."""
+        stored = base.tensors[plan.source].dtype
+        return _copied(plan, base) is None and not self.by_numpy(plan, stored)
+
+
+def _copied(plan: TensorPlan, base: Checkpoint) -> RawRange | None:
+    """The stored bytes of a tensor that is written unchanged, when they can be copied as such."""
+    if plan.modified or plan.dtype != base.tensors[plan.source].dtype:
+        return None
+    return base.raw(plan.source)
+
+
+def write_tensors(
+    writer: ShardedWriter,
+    plan: Plan,
+    checkpoint: Checkpoint,
+    adapters: list[Adapter],
+    route: Route,
+    progress: Progress | None,
+) -> int:
+    """Produce every tensor on a few threads (numpy, torch and file I/O release the GIL).
+
+    Each thread owns one tensor at a time and writes it to its own byte range, in the writer's
+    order so each shard's hash keeps pace; BLAS and torch thread pools are held to one thread
+    meanwhile (no oversubscription).
+    """
+    # Two more threads than cores: direct writes and the in-order hashing leave threads waiting.
+    workers = min(4, (os.cpu_count() or 1) + 2)
+    by_torch = any(route.by_torch(t, checkpoint) for t in plan.tensors)
+    done = 0
+    with (
+        threadpool_limits(limits=1, user_api="blas"),
+        _torch_threads(1 if by_torch else None),
+        ThreadPoolExecutor(workers, thread_name_prefix="loramerge") as pool,
+    ):
+        work = partial(_write_tensor, writer, checkpoint, adapters, route)
+        by_name = {t.name: t for t in plan.tensors}
+        ordered = [by_name[name] for name in writer.order]
+        futures = [pool.submit(work, t) for t in ordered]
+        try:
+            for future, tensor in zip(futures, ordered, strict=True):
+                future.result()
+                done += tensor.nbytes
+                if progress:
+                    progress(tensor.nbytes, plan.nbytes)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            writer.cancel()  # a worker may wait for bytes that will never come
+            raise
+    return done
+
+
+@contextmanager
+def _torch_threads(count: int | None) -> Iterator[None]:
+    """Hold torch's intra-op pool to `count` threads (None: torch is not needed, not imported)."""
+    if count is None:
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _write_tensor(
+    writer: ShardedWriter,
+    base: Checkpoint,
+    adapters: list[Adapter],
+    route: Route,
+    plan: TensorPlan,
+) -> None:
+    """Produce one output tensor and hand it to the writer (raw bytes when untouched)."""
+    raw = _copied(plan, base)
+    if raw is not None:
+        writer.copy(plan.name, raw.fd, raw.offset, raw.nbytes)
+        return
+    if route.by_numpy(plan, base.tensors[plan.source].dtype):
+        weight = _merge_numpy(writer, plan, base, adapters)
+    else:
+        from loramerge import transform  # torch; imported (once) only when some tensor needs it
+
+        weight = transform.produce(
+            plan, base, adapters, route.device, route.compute, route.norms_in, route.norms_out
+        )
+    writer.write(plan.name, weight.reshape(-1).view(np.uint8))
+
+
+def _merge_numpy(
+    writer: ShardedWriter, plan: TensorPlan, base: Checkpoint, adapters: list[Adapter]
+) -> np.ndarray:
+    """Plain LoRA on a bf16/f32 matrix with `blocked`, in place in the read buffer if it can."""
+    phase = writer.position(plan.name) % ALIGN  # in place, then written with no staging copy
+    w0 = base.read(plan.source, read_buffer(base.tensors[plan.source].nbytes, phase))
+    out_dtype = dtypes.to_numpy(plan.dtype)
+    if w0.dtype == out_dtype and not plan.lora:
+        return w0  # a pickled tensor written as it is
+    out = w0 if w0.dtype == out_dtype else np.empty(plan.shape, dtype=out_dtype)
+    if not plan.lora:
+        np.copyto(out, w0, casting="unsafe")  # a dtype change: one rounding to nearest even
+        return out
+    factors = []
+    for t in plan.lora:
+        read = adapters[t.adapter].weights.read
+        transposed = t.module.kind == "embedding" or t.module.fan_in_fan_out
+        coef = t.weight * t.module.scale
+        factors.append(blocked.factor(read(t.module.a_key), read(t.module.b_key), coef, transposed))
+    blocked.merge_rows(w0, factors, out)
+    return out
