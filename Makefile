@@ -31,7 +31,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix src tests bench fixtures scripts
 
 bench: $(STAMP)
-	$(BIN)/python bench/merge.py --repeat 3 --json bench/results/merge.json
+	$(BIN)/python bench/merge.py --repeat 5 --json bench/results/merge.json
 
 fixtures: $(STAMP)
 	$(BIN)/python fixtures/make_fixtures.py
