@@ -22,7 +22,7 @@ from loramerge import blocked, dtypes
 from loramerge.adapter import load_adapter
 from loramerge.compare import ulp
 from loramerge.delta import Term, merge_weight
-from loramerge.execute import Route
+from loramerge.execute import Route, worker_count
 from loramerge.merge import _read_config
 from loramerge.plan import build_plan
 from loramerge.source.checkpoint import open_weights
@@ -144,3 +144,12 @@ def test_replaced_rows_and_tensors_take_the_torch_route():
     replaced = [t for t in plan.tensors if t.replace or t.rows]
     assert replaced
     assert not any(route.by_numpy(t, stored[t.source]) for t in replaced)
+
+
+def test_worker_count_keeps_big_tensors_within_the_buffer_budget(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert worker_count([23 << 20, 1 << 20]) == 4  # a 1.1B model's largest matrix
+    assert worker_count([470 << 20]) == 2  # a 70B model's MLP matrix in bf16
+    assert worker_count([3 << 30]) == 1  # one huge tensor at a time
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    assert worker_count([1 << 20]) == 3

@@ -119,8 +119,7 @@ def write_tensors(
     order so each shard's hash keeps pace; BLAS and torch thread pools are held to one thread
     meanwhile (no oversubscription).
     """
-    # Two more threads than cores: direct writes and the in-order hashing leave threads waiting.
-    workers = min(4, (os.cpu_count() or 1) + 2)
+    workers = worker_count([t.nbytes for t in plan.tensors if _copied(t, checkpoint) is None])
     by_torch = any(route.by_torch(t, checkpoint) for t in plan.tensors)
     done = 0
     with (
@@ -144,6 +143,19 @@ def write_tensors(
             writer.cancel()  # a worker may wait for bytes that will never come
             raise
     return done
+
+
+# Buffers the workers may hold at once: each holds its tensor, and may leave a copy of it with
+# the hasher when it finishes ahead of an earlier tensor.
+BUFFER_BUDGET = 2 << 30
+
+
+def worker_count(tensor_sizes: list[int]) -> int:
+    """Threads for the tensors: two more than the cores (direct writes and the in-order hash
+    leave threads waiting), at most 4, and fewer when big tensors would pass the buffer budget."""
+    largest = max(tensor_sizes, default=0)
+    by_memory = BUFFER_BUDGET // max(2 * largest, 1)
+    return max(1, min(4, (os.cpu_count() or 1) + 2, by_memory))
 
 
 @contextmanager
