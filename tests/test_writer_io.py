@@ -91,8 +91,10 @@ def _no_direct(monkeypatch):
     monkeypatch.setattr(direct_io, "_open_direct", lambda path: -1)
 
 
+@pytest.mark.parametrize("block", [4096, 65536])  # a filesystem block larger than a page
 @pytest.mark.parametrize("order", ["file", "reverse", "threads"])
-def test_direct_and_buffered_writes_give_the_same_file(tmp_path, monkeypatch, order):
+def test_direct_and_buffered_writes_give_the_same_file(tmp_path, monkeypatch, order, block):
+    monkeypatch.setattr(direct_io, "_block_size", lambda fd: block)
     probe = direct_io.PositionalFile(tmp_path / "probe", 0)
     supported = probe.direct
     probe.close()

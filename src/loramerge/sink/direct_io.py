@@ -3,10 +3,11 @@
 A merge writes each byte once and never reads it back, so copying it into the page cache only
 costs a memory copy per byte, and fresh page-cache memory is slow to fault in (very slow on
 VMs whose hosts reclaim freed memory). Direct writes need the file offset, the length and the
-memory address aligned to the device's block size; tensors start anywhere, so each range is
-split into an aligned middle, written directly (from the caller's memory when its address is
-aligned the same way, else through a staging buffer), and unaligned ends written through the
-cache. The two never share a block, so the file stays coherent. Filesystems without `O_DIRECT`
+memory address aligned to the device's block size, and here cover whole filesystem blocks;
+tensors start anywhere, so each range is split into an aligned middle, written directly (from
+the caller's memory when its address is aligned the same way, else through a staging buffer),
+and unaligned ends written through the cache. The two never share a filesystem block, so the
+file stays coherent. Filesystems without `O_DIRECT`
 (tmpfs, some network filesystems) and any direct write the kernel refuses fall back to buffered.
 """
 
@@ -23,8 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-# Alignment used for direct writes: a 4 KiB logical block covers every common disk.
+# Memory and minimum offset alignment of direct writes: 4 KiB covers every common disk.
 ALIGN = 4096
+# Larger filesystem blocks are honoured up to this size; a direct write must cover whole blocks,
+# or the filesystem zeroes the rest of a new block under bytes written through the cache.
+_MAX_BLOCK = 1 << 20
 _CHUNK = 64 << 20  # bytes per write call
 _STAGING = 16 << 20  # bytes per staged direct write
 _local = threading.local()
@@ -37,11 +41,14 @@ class PositionalFile:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self._direct = -1  # stays open until close(), even once direct writes are given up
         self._use_direct = False
+        self._block = ALIGN
         self._lock = threading.Lock()
         try:
             os.ftruncate(self.fd, size)  # direct writes then land inside the file, in any order
             self._direct = _open_direct(path)
-            self._use_direct = self._direct >= 0
+            self._block = _block_size(self.fd)
+            whole = self._block <= _MAX_BLOCK and self._block & (self._block - 1) == 0
+            self._use_direct = self._direct >= 0 and whole
         except BaseException:
             self.close()
             raise
@@ -54,8 +61,8 @@ class PositionalFile:
     def write(self, view: memoryview, position: int) -> None:
         """Write all of `view` at `position`."""
         end = position + len(view)
-        first = -(-position // ALIGN) * ALIGN
-        last = end // ALIGN * ALIGN
+        first = -(-position // self._block) * self._block
+        last = end // self._block * self._block
         if not self._use_direct or last <= first:
             self._buffered(view, position)
             return
@@ -111,6 +118,11 @@ def _open_direct(path: Path) -> int:
         if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
             return -1
         raise
+
+
+def _block_size(fd: int) -> int:
+    """The unit a direct write must cover whole: the filesystem block, at least ALIGN."""
+    return max(ALIGN, os.fstat(fd).st_blksize)
 
 
 def _address(view: memoryview) -> int:
