@@ -79,6 +79,11 @@ class LoraModule:
     bias_key: str | None = None
     magnitude_key: str | None = None
 
+    @property
+    def transposed(self) -> bool:
+        """Whether dW is (B@A)^T: embeddings and Conv1D (fan_in_fan_out) weights, as in PEFT."""
+        return self.kind == "embedding" or self.fan_in_fan_out
+
 
 @dataclass(frozen=True)
 class FullTensor:

@@ -204,17 +204,14 @@ def _merge_numpy(
     phase = writer.position(plan.name) % ALIGN  # in place, then written with no staging copy
     w0 = base.read(plan.source, read_buffer(base.tensors[plan.source].nbytes, phase))
     out_dtype = dtypes.to_numpy(plan.dtype)
-    if w0.dtype == out_dtype and not plan.lora:
-        return w0  # a pickled tensor written as it is
+    if not plan.lora:  # a pickled tensor as it is, or a bare dtype change (one rounding)
+        with np.errstate(all="ignore"):
+            return w0.astype(out_dtype, copy=False)
     out = w0 if w0.dtype == out_dtype else np.empty(plan.shape, dtype=out_dtype)
-    if not plan.lora:
-        np.copyto(out, w0, casting="unsafe")  # a dtype change: one rounding to nearest even
-        return out
     factors = []
     for t in plan.lora:
         read = adapters[t.adapter].weights.read
-        transposed = t.module.kind == "embedding" or t.module.fan_in_fan_out
-        coef = t.weight * t.module.scale
-        factors.append(blocked.factor(read(t.module.a_key), read(t.module.b_key), coef, transposed))
+        a, b = read(t.module.a_key), read(t.module.b_key)
+        factors.append(blocked.factor(a, b, t.coef, t.module.transposed))
     blocked.merge_rows(w0, factors, out)
     return out

@@ -36,6 +36,11 @@ class Lora:
     weight: float
     undo: bool = False
 
+    @property
+    def coef(self) -> float:
+        """The user weight times the LoRA scale: what multiplies B@A (and B's bias)."""
+        return self.weight * self.module.scale
+
 
 @dataclass(frozen=True)
 class Replace:
@@ -198,7 +203,7 @@ class _Builder:
         a, b = tensors[module.a_key].shape, tensors[module.b_key].shape
         if module.kind == "conv":
             expected = (b[0], a[1], *a[2:])
-        elif module.kind == "embedding" or module.fan_in_fan_out:
+        elif module.transposed:
             expected = (a[1], b[0])
         else:
             expected = (b[0], a[1])
@@ -209,9 +214,7 @@ class _Builder:
             )
             return
         if module.magnitude_key:
-            out_features = (
-                expected[1] if module.kind == "embedding" or module.fan_in_fan_out else b[0]
-            )
+            out_features = expected[1] if module.transposed else b[0]
             if math.prod(tensors[module.magnitude_key].shape) != out_features:
                 self.errors.append(
                     f"{adapter.path.name}: DoRA magnitude of {module.module} does not have "

@@ -87,10 +87,7 @@ def tensor_inputs(
                 raise LoramergeError(f"no stored DoRA norm for {plan.name}: pass --base BASE")
             norm = dtypes.as_torch(norms[(t.adapter, plan.name)]).to(device)
         terms.append(_term(adapters[t.adapter], t.module, t.weight, device, t.undo, norm))
-    biases = [
-        (t.weight * t.module.scale, _read(adapters[t.adapter].weights, t.module.bias_key))
-        for t in plan.bias
-    ]
+    biases = [(t.coef, _read(adapters[t.adapter].weights, t.module.bias_key)) for t in plan.bias]
     return weight, terms, biases
 
 

@@ -95,7 +95,7 @@ class PositionalFile:
             if _address(view) % ALIGN == 0:
                 _pwrite_all(self._direct, view, position)
             else:
-                staging = _staging_buffer()
+                staging = aligned_buffer("staging", _STAGING)
                 for done in range(0, len(view), _STAGING):
                     piece = view[done : done + _STAGING]
                     staging[: len(piece)] = piece
@@ -128,11 +128,6 @@ def _block_size(fd: int) -> int:
 def _address(view: memoryview) -> int:
     """Memory address of a contiguous buffer (read-only ones too)."""
     return np.frombuffer(view, dtype=np.uint8).ctypes.data
-
-
-def _staging_buffer() -> memoryview:
-    """This thread's page-aligned staging buffer for direct writes from unaligned memory."""
-    return aligned_buffer("staging", _STAGING)
 
 
 def aligned_buffer(purpose: str, size: int) -> memoryview:
