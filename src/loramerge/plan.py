@@ -13,14 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from loramerge import dtypes
+from loramerge import dtypes, ties
 from loramerge.adapter import Adapter, FullTensor, LoraModule, TokenRows
 from loramerge.errors import LoramergeError
 from loramerge.source.checkpoint import Checkpoint
-
-# transformers' name for the output embedding of *ForCausalLM models; used only when a tied
-# checkpoint does not store it and we must write it to untie.
-TIED_OUTPUT = "lm_head.weight"
 
 
 @dataclass(frozen=True)
@@ -141,15 +137,18 @@ class _Builder:
             name: TensorPlan(name, name, self._dtype_for(info.dtype), info.shape)
             for name, info in base.tensors.items()
         }
-        self.embedding = self._input_embedding()
+        self.tied = bool(config) and ties.ties_enabled(config)
+        self.groups = ties.tie_groups(config)
+        self.stored = {
+            m: self._stored_name(m) for group in self.groups or [] for m in group.members
+        }
 
     # -- matching -------------------------------------------------------------------------------
 
     def add_adapters(self) -> None:
         for index, (adapter, weight) in enumerate(zip(self.adapters, self.weights, strict=True)):
             undo = self.undo[index]
-            for module in adapter.modules:
-                self._add_lora(index, adapter, module, weight, undo)
+            # Whole tensors first: a saved base layer resized in training is the W0 of its LoRA.
             for full in adapter.full:
                 if full.base_copy and (undo or self._equals_base(adapter, full)):
                     continue  # PEFT saved the untouched base layer along with the LoRA
@@ -157,6 +156,8 @@ class _Builder:
                     self._cannot_undo(adapter, f"replaced {full.target} whole (modules_to_save)")
                 else:
                     self._add_replace(index, adapter, full.target, full.key, weight)
+            for module in adapter.modules:
+                self._add_lora(index, adapter, module, weight, undo)
             for rows in adapter.token_rows:
                 if undo:
                     self._cannot_undo(adapter, f"replaced rows of {rows.target} (trainable tokens)")
@@ -169,20 +170,32 @@ class _Builder:
             "pass --base BASE to rebuild from the base"
         )
 
+    def _matches(self, target: str) -> list[str]:
+        """Base tensors a parameter name in module naming can mean (a prefix off on either side)."""
+        if target in self.base.tensors:
+            return [target]
+        return [
+            n for n in self.base.tensors if n.endswith("." + target) or target.endswith("." + n)
+        ]
+
     def _resolve(self, adapter: Adapter, target: str) -> TensorPlan | None:
         """The plan for a target name; tolerant of a base-model prefix on either side."""
         if target in self.plans:
             return self.plans[target]
-        hits = [
-            n for n in self.base.tensors if n.endswith("." + target) or target.endswith("." + n)
-        ]
+        hits = self._matches(target)
         if len(hits) == 1:
             return self.plans[hits[0]]
-        if target == TIED_OUTPUT and self._tied() and self.embedding:
-            return self._tied_output()
+        source = None if hits else self._tied_source(target)
+        if source is not None:
+            return self._tied_copy(target, source)
         reason = "matches several" if hits else "matches no"
-        self.errors.append(f"{adapter.path.name}: {target} {reason} tensor of the base")
+        self._error_once(f"{adapter.path.name}: {target} {reason} tensor of the base")
         return None
+
+    def _error_once(self, message: str) -> None:
+        """Record an error unless the same one is already recorded (one line per module)."""
+        if message not in self.errors:
+            self.errors.append(message)
 
     def _equals_base(self, adapter: Adapter, full: FullTensor) -> bool:
         """Whether a saved base-layer copy holds exactly the base tensor (reads both)."""
@@ -243,9 +256,18 @@ class _Builder:
         elif plan.replace is not None:
             self.errors.append(f"{plan.name} is replaced whole by two adapters")
         elif tuple(shape) != tuple(plan.shape) and not self._vocab_resize(plan, shape):
+            known = (
+                ""
+                if self.groups is not None
+                else (
+                    f" (a vocabulary resize? config.json names no architecture loramerge knows, "
+                    f"{ties.architecture(self.config)!r}, so it cannot tell which tensors are the "
+                    "vocabulary matrices)"
+                )
+            )
             self.errors.append(
                 f"{adapter.path.name}: {key} has shape {list(shape)} but base tensor {plan.name} "
-                f"is {list(plan.shape)}"
+                f"is {list(plan.shape)}{known}"
             )
         else:
             plan.replace = Replace(index, key)
@@ -268,68 +290,44 @@ class _Builder:
 
     # -- vocabulary and tied embeddings ----------------------------------------------------------
 
+    def _stored_name(self, name: str) -> str | None:
+        """The base tensor a parameter name (module naming) denotes, when exactly one matches."""
+        hits = self._matches(name)
+        return hits[0] if len(hits) == 1 else None
+
     def _vocab_resize(self, plan: TensorPlan, shape: tuple[int, ...]) -> bool:
-        """A replacement may change the row count of a vocabulary-sized matrix, nothing else."""
+        """A replacement may change the row count of a vocabulary matrix, nothing else."""
         return (
             len(shape) == 2
             and len(plan.shape) == 2
             and shape[1] == plan.shape[1]
-            and plan.shape[0] == self.config.get("vocab_size")
+            and plan.name in self._vocab_matrices()
         )
 
-    def _input_embedding(self) -> str | None:
-        """The base tensor shaped (vocab_size, hidden) that is not the output head."""
-        vocab = self.config.get("vocab_size")
-        candidates = [
-            n
-            for n, info in self.base.tensors.items()
-            if len(info.shape) == 2 and info.shape[0] == vocab and n != TIED_OUTPUT
-        ]
-        return candidates[0] if len(candidates) == 1 else None
+    def _vocab_matrices(self) -> set[str]:
+        """Planned names of the architecture's vocabulary matrices (tie-group members)."""
+        members = {m for group in self.groups or [] for m in group.members}
+        return {self.stored.get(m) or m for m in members} & self.plans.keys()
 
-    def _tied(self) -> bool:
-        return bool(self.config) and self.config.get("tie_word_embeddings", True) is not False
+    def _tied_source(self, name: str) -> str | None:
+        """For a tied parameter the checkpoint does not store, the stored tensor it shares."""
+        if not self.tied:
+            return None
+        for group in self.groups or []:
+            if name in group.members:
+                return next((self.stored[m] for m in group.members if self.stored[m]), None)
+        return None
 
-    def _tied_output(self) -> TensorPlan:
-        """The output head of a tied model that stores only the input embedding."""
-        if TIED_OUTPUT not in self.plans:
-            source = self.plans[self.embedding]
-            self.plans[TIED_OUTPUT] = TensorPlan(
-                TIED_OUTPUT,
-                source.source,
-                source.dtype,
-                tuple(self.base.tensors[source.source].shape),
-            )
-        return self.plans[TIED_OUTPUT]
+    def _tied_copy(self, name: str, source: str) -> TensorPlan:
+        """A plan writing tied parameter `name` as its own tensor, starting from `source`."""
+        if name not in self.plans:
+            base = self.plans[source]
+            self.plans[name] = TensorPlan(name, base.source, base.dtype, self.base_shape(base))
+        return self.plans[name]
 
     def handle_vocab_and_ties(self) -> None:
-        vocab = self.config.get("vocab_size")
-        resized = {
-            p.name: p.shape[0]
-            for p in self.plans.values()
-            if p.replace and len(p.shape) == 2 and p.shape != self.base_shape(p)
-        }
-        if resized:
-            sizes = set(resized.values())
-            vocab_tensors = [
-                p.name
-                for p in self.plans.values()
-                if len(self.base_shape(p)) == 2 and self.base_shape(p)[0] == vocab
-            ]
-            stale = [n for n in vocab_tensors if n not in resized]
-            if len(sizes) > 1:
-                self.errors.append(f"vocabulary resized to different sizes: {resized}")
-            elif stale and not (self._tied() and stale == [TIED_OUTPUT]):
-                self.errors.append(
-                    f"vocabulary resized in {sorted(resized)} but not in {stale}; the adapter "
-                    "must carry every vocabulary-sized tensor it resized"
-                )
-            else:
-                self.config_updates["vocab_size"] = sizes.pop()
-                self.notes.append(
-                    f"vocabulary resized from {vocab} to {self.config_updates['vocab_size']}"
-                )
         self._untie_if_needed()
+        self._check_vocab()
         if self.out_dtype:
             key = "dtype" if "dtype" in self.config else "torch_dtype"
             self.config_updates[key] = dtypes.to_name(self.out_dtype)
@@ -337,25 +335,68 @@ class _Builder:
     def base_shape(self, plan: TensorPlan) -> tuple[int, ...]:
         return tuple(self.base.tensors[plan.source].shape)
 
-    def _untie_if_needed(self) -> None:
-        """Tied embeddings whose two sides now differ must be written apart and untied."""
-        if not (self._tied() and self.embedding):
+    def _check_vocab(self) -> None:
+        """Vocabulary resizes: every vocabulary matrix resized, all to the same size."""
+        resized = {
+            p.name: p.shape[0]
+            for p in self.plans.values()
+            if p.replace and len(p.shape) == 2 and p.shape != self.base_shape(p)
+        }
+        if not resized:
             return
-        embedding = self.plans[self.embedding]
-        output = self.plans.get(TIED_OUTPUT)
-        if not embedding.modified and (output is None or not output.modified):
-            return
-        if output is None:
-            output = self._tied_output()
-        if output.replace is None and embedding.replace and output.shape != embedding.shape:
+        stale = sorted(self._vocab_matrices() - resized.keys())
+        if len(set(resized.values())) > 1:
+            self.errors.append(f"vocabulary resized to different sizes: {resized}")
+        elif stale:
             self.errors.append(
-                f"{self.embedding} is resized but the tied output head is not; "
-                "the adapter must carry both (modules_to_save with lm_head and the embedding)"
+                f"vocabulary resized in {sorted(resized)} but not in {stale}; the adapter must "
+                "carry every vocabulary matrix it resized (modules_to_save with the embedding "
+                "and the output head)"
             )
-        self.config_updates["tie_word_embeddings"] = False
-        self.notes.append(
-            f"untied {self.embedding} and {TIED_OUTPUT}: the adapters change them differently"
-        )
+        else:
+            size = next(iter(resized.values()))
+            self.config_updates.update(ties.vocab_update(self.config, size))
+            self.notes.append(f"vocabulary resized from {ties.vocab_size(self.config)} to {size}")
+
+    def _untie_if_needed(self) -> None:
+        """Tied parameters an adapter changes are written apart, and the config unties them.
+
+        After this, a config that still ties parameters ties only ones no adapter changed.
+        """
+        if not self.tied:
+            return
+        embedding_like = sorted(p.name for p in self.plans.values() if _embedding_like(p))
+        if self.groups is None:
+            if embedding_like:
+                self.errors.append(
+                    f"config.json ties the embeddings (tie_word_embeddings) but names no "
+                    f"architecture loramerge knows ({ties.architecture(self.config)!r}), so it "
+                    f"cannot tell which tensors share storage with {', '.join(embedding_like)}; "
+                    "refusing rather than guessing"
+                )
+            return
+        for group in self.groups:
+            stored = [self.stored[m] for m in group.members if self.stored[m]]
+            if not stored:
+                if embedding_like:
+                    self.errors.append(
+                        f"{ties.architecture(self.config)} ties {' and '.join(group.members)}, "
+                        "but the checkpoint stores none of them under a name loramerge can "
+                        f"match, so it cannot tell whether {', '.join(embedding_like)} is tied; "
+                        "refusing rather than guessing"
+                    )
+                continue
+            planned = [self.plans.get(self.stored[m] or m) for m in group.members]
+            if not any(p is not None and p.modified for p in planned):
+                continue
+            for member, plan in zip(group.members, planned, strict=True):
+                if plan is None:
+                    self._tied_copy(member, stored[0])
+            self.config_updates["tie_word_embeddings"] = False
+            written = [self.stored[m] or m for m in group.members]
+            self.notes.append(
+                f"untied {' and '.join(written)}: the adapters change them differently"
+            )
 
     def _dtype_for(self, stored: str) -> str:
         return self.out_dtype if self.out_dtype and stored in dtypes.FLOAT_DTYPES else stored
@@ -370,3 +411,9 @@ class _Builder:
             return (files.get(info.path, 0), info.offset) if info else last
 
         return sorted(self.plans.values(), key=position)
+
+
+def _embedding_like(plan: TensorPlan) -> bool:
+    """Whether a change is of the kind only vocabulary matrices get: embedding LoRA, new rows."""
+    kinds = {term.module.kind for term in plan.lora}
+    return bool(plan.replace or plan.rows or "embedding" in kinds)

@@ -42,8 +42,14 @@ The full provenance record is in `{provenance}`.
 
 
 def write_config(folder: Path, config: dict, updates: dict) -> None:
-    """config.json with the merge's changes (dtype, vocab_size, tie_word_embeddings)."""
-    merged = {**config, **updates}
+    """config.json with the merge's changes (dtype, vocab_size, tie_word_embeddings).
+
+    An update that is a dict changes keys of a nested config (`text_config`), not all of it.
+    """
+    merged = {**config}
+    for key, value in updates.items():
+        nested = isinstance(value, dict) and isinstance(config.get(key), dict)
+        merged[key] = {**config[key], **value} if nested else value
     (folder / "config.json").write_text(json.dumps(merged, indent=2) + "\n")
 
 
