@@ -54,7 +54,7 @@ def reference_merge(
 
     def start(name: str) -> Expected:
         if name not in out:
-            source = base[name] if name in base else base[_input_embedding(base, config)]
+            source = base[name] if name in base else base[target(_tied_source(config, name))]
             w0 = source.double()
             out[name] = Expected(w0.clone(), w0.abs().clone(), 1)
         return out[name]
@@ -65,18 +65,19 @@ def reference_merge(
             k.removeprefix(PREFIX): v.double()
             for k, v in load_file(Path(adapter_dir) / "adapter_model.safetensors").items()
         }
-        modules = {k.rsplit(".lora_", 1)[0] for k in state if ".lora_" in k}
-        for module in sorted(modules):
-            _apply_lora(out, start, target, base, state, cfg, module, weight)
+        # Whole tensors first: a base layer resized in training is where its LoRA starts.
         for key, tensor in state.items():
             if ".lora_" in key or "token_adapter" in key or "original_module" in key:
                 continue
             name = key.replace(".modules_to_save.default", "").replace(".modules_to_save", "")
             name = target(name.replace(".base_layer", ""))
-            if ".base_layer" in key and tensor.shape == base[name].shape:
-                assert torch.equal(tensor, base[name].double())  # PEFT's copy of the base
+            if ".base_layer" in key and tensor.shape == start(name).value.shape:
+                assert torch.equal(tensor, start(name).value)  # PEFT's copy of the base
                 continue
             out[name] = Expected(tensor.clone(), tensor.abs(), 1)
+        modules = {k.rsplit(".lora_", 1)[0] for k in state if ".lora_" in k}
+        for module in sorted(modules):
+            _apply_lora(out, start, target, base, state, cfg, module, weight)
         for key, rows in state.items():
             if "token_adapter" in key:
                 name = target(key.split(".token_adapter")[0] + ".weight")
@@ -124,10 +125,12 @@ def _apply_lora(out, start, target, base, state, cfg, module, weight) -> None:
         bias.magnitude += abs(weight * scale) * state[bias_key].abs()
 
 
-def _input_embedding(base: dict[str, torch.Tensor], config: dict) -> str:
-    hits = [n for n, t in base.items() if t.dim() == 2 and t.shape[0] == config["vocab_size"]]
-    assert len(hits) == 1, hits
-    return hits[0]
+def _tied_source(config: dict, name: str) -> str:
+    """The parameter transformers ties `name` to, from the model class itself."""
+    import transformers
+
+    assert config.get("tie_word_embeddings", True), f"{name} is not stored and not tied"
+    return getattr(transformers, config["architectures"][0])._tied_weights_keys[name]
 
 
 MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}

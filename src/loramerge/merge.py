@@ -14,7 +14,6 @@ from loramerge import __version__, dtypes
 from loramerge.adapter import Adapter, load_adapter
 from loramerge.errors import LoramergeError
 from loramerge.execute import Progress, Route, resolve_device, write_tensors
-from loramerge.jsonfile import read_json_object
 from loramerge.plan import Plan, TensorPlan, build_plan
 from loramerge.sink.atomic import AtomicFolder
 from loramerge.sink.hf_folder import (
@@ -29,6 +28,7 @@ from loramerge.sink.hf_folder import (
 from loramerge.sink.safetensors_writer import Entry
 from loramerge.sink.sharded import ShardedWriter
 from loramerge.source.checkpoint import open_weights
+from loramerge.source.model_folder import model_folder, read_config
 
 # Files of a model folder that are weights or that the merge writes itself.
 _NOT_COPIED = {"config.json", "README.md", "loramerge.json", "adapter_config.json", NORMS_FILE}
@@ -150,7 +150,7 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
         raise LoramergeError(
             f"compute dtype must be float32 or float64, not {options.compute_dtype}"
         )
-    config = _read_config(job.source)
+    config = read_config(job.source)
     opened: list[Adapter] = []
     with open_weights(job.source, stem="model", allow_pickle=options.allow_pickle) as checkpoint:
         try:
@@ -199,7 +199,14 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
                     )
                 result.record = record
                 record["files"] = dict(writer.hashes)
-                _write_side_files(folder.path, job.source, config, plan, opened, job.undo, record)
+                side_from, missing = model_folder(job.source)
+                if missing:
+                    result.warnings.append(
+                        f"{missing}: the output holds the weights but no config or tokenizer, "
+                        "so transformers cannot load it as a model folder"
+                    )
+                    record["notes"].append(f"no side files: {missing}")
+                _write_side_files(folder.path, side_from, config, plan, opened, job.undo, record)
                 folder.commit()
         finally:
             for adapter in opened:
@@ -254,13 +261,6 @@ def _check_output_is_not_input(output: Path, inputs: list[Path]) -> None:
         src = path.resolve()
         if src == out or out in src.parents:
             raise LoramergeError(f"output {output} would overwrite input {path}")
-
-
-def _read_config(base: Path) -> dict | None:
-    path = base / "config.json"
-    if not base.is_dir() or not path.is_file():
-        return None
-    return read_json_object(path)
 
 
 def _describe_adapter(adapter: Adapter, weight: float, plan: Plan, index: int) -> dict:
@@ -335,7 +335,7 @@ def _write_side_files(folder, source, config, plan, adapters, undo, record) -> N
     """config.json, tokenizer and generation files, model card and provenance."""
     if config is not None:
         write_config(folder, config, plan.config_updates)
-    side = _side_files(source) if source.is_dir() else []
+    side = _side_files(source) if source else []
     added = [a for a, taken_out in zip(adapters, undo, strict=True) if not taken_out]
     tokenizer_from = next(
         (

@@ -18,9 +18,9 @@ from loramerge import dtypes
 from loramerge.adapter import Adapter, load_adapter
 from loramerge.compare import Distance, ulp
 from loramerge.delta import add_bias, merged_blocks
-from loramerge.jsonfile import read_json_object
 from loramerge.plan import TensorPlan, build_plan
 from loramerge.source.checkpoint import Checkpoint, open_weights
+from loramerge.source.model_folder import read_config
 from loramerge.transform import tensor_inputs
 from loramerge.verify.quantized import NF4Candidate, open_quantized
 
@@ -138,7 +138,7 @@ def verify_weights(
     """
     candidate, base = Path(candidate), Path(base)
     weights = list(weights or [1.0] * len(adapters))
-    config = read_json_object(base / "config.json") if (base / "config.json").is_file() else None
+    config = read_config(base)
     report = VerifyReport(
         str(candidate),
         str(base),
