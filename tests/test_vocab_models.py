@@ -146,3 +146,44 @@ def test_unknown_architecture_with_tied_embedding_lora_is_refused(tmp_path, buil
     assert run.code == 2, run.err
     assert "model.embed_tokens.weight" in run.err and "MyCustomForCausalLM" in run.err
     assert not (tmp_path / "out").exists()
+
+
+def test_forward_check_runs_on_a_base_without_tokenizer(tmp_path, built, cli):
+    """No tokenizer files: fixed token ids, and the report says so (no ValueError)."""
+    base, adapter = built["tied-vocab-unique"]
+    out = tmp_path / "out"
+    assert cli("merge", base, adapter, "-o", out).code == 0
+    run = cli("verify", out, "--base", base, "--adapter", adapter, "--forward", "--json")
+    assert run.code == 0, run.err
+    forward = json.loads(run.out)["forward"]
+    assert forward["passed"] and forward["probes"].startswith("fixed token ids"), forward
+
+
+def test_a_missing_module_is_named_once(tmp_path, built, cli):
+    """lm_head's three adapter tensors on a base that neither stores nor ties it: one line."""
+    base, _ = built["tied-vocab-unique"]
+    _, adapter = built["tied-lm-head-lora"]
+    untied = tmp_path / "untied"
+    untied.mkdir()
+    for path in base.iterdir():
+        (untied / path.name).write_bytes(path.read_bytes())
+    (untied / "config.json").write_text(
+        json.dumps(_config(base) | {"tie_word_embeddings": False, "vocab_size": 128})
+    )
+    run = cli("merge", untied, adapter, "-o", tmp_path / "out")
+    assert run.code == 2
+    assert run.err.count("lm_head.weight matches no tensor of the base") == 1, run.err
+
+
+def test_lora_bias_on_a_layer_without_bias_says_why(tmp_path, cli):
+    from peft import LoraConfig, get_peft_model
+
+    base, _ = vocab_models.build("tied-vocab-unique", tmp_path / "model")
+    model = vocab_models.load(base)
+    config = LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True, init_lora_weights=False)
+    adapter = tmp_path / "bias-adapter"
+    get_peft_model(model, config).save_pretrained(adapter)
+    run = cli("merge", base, adapter, "-o", tmp_path / "out")
+    assert run.code == 2
+    assert "model.layers.0.self_attn.q_proj has a trained lora_B bias (lora_bias)" in run.err
+    assert "has no bias to merge it into" in run.err and "matches no tensor" not in run.err

@@ -236,7 +236,12 @@ class _Builder:
                 return
         signed = -weight if undo and not module.magnitude_key else weight
         plan.lora.append(Lora(index, module, signed, undo))
-        if module.bias_key:
+        if module.bias_key and not self._matches(f"{module.module}.bias"):
+            self.errors.append(
+                f"{adapter.path.name}: {module.module} has a trained lora_B bias (lora_bias), but "
+                f"base layer {plan.name.removesuffix('.weight')} has no bias to merge it into"
+            )
+        elif module.bias_key:
             bias = self._resolve(adapter, f"{module.module}.bias")
             if bias is not None and tuple(bias.shape) != tuple(tensors[module.bias_key].shape):
                 self.errors.append(f"{adapter.path.name}: lora_B bias of {module.module} misfits")

@@ -1,7 +1,8 @@
 """The forward check: the candidate's logits against transformers + PEFT running the adapters.
 
 The only module that imports transformers and peft (the `loramerge[verify]` extra). Both models
-run in float32 on the CPU over a fixed set of prompts, tokenized with the base's tokenizer.
+run in float32 on the CPU over a fixed set of prompts, tokenized with the base's tokenizer
+(fixed token ids when the base has none).
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ def verify_forward(candidate: Path, base: Path, adapters: list[Path], weights: l
 
 def _run(auto_model, auto_tokenizer, peft_model, candidate, base, adapters, weights) -> dict:
     """Load both models, compare, and judge."""
-    tokenizer = auto_tokenizer.from_pretrained(base)
     model = auto_model.from_pretrained(candidate, dtype=torch.float32).eval()
     reference = auto_model.from_pretrained(base, dtype=torch.float32)
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -61,7 +61,8 @@ def _run(auto_model, auto_tokenizer, peft_model, candidate, base, adapters, weig
     if adapters:
         reference = _with_adapters(peft_model, reference, adapters, weights)
     reference.eval()
-    return _judge(_compare(model, reference, tokenizer))
+    probes, source = _probes(auto_tokenizer, base, vocab)
+    return _judge({**_compare(model, reference, probes), "probes": source})
 
 
 def _judge(stats: dict) -> dict:
@@ -95,13 +96,28 @@ def _with_adapters(peft_model, model, adapters: list[Path], weights: list[float]
     return model
 
 
+def _probes(auto_tokenizer, base: Path, vocab: int) -> tuple[list[torch.Tensor], str]:
+    """Token ids of the fixed prompts, or fixed pseudo-random ids when the base has no tokenizer.
+
+    The ids only need to be the same for both models; a base without a loadable tokenizer (a
+    bare weights folder) still gets a forward check.
+    """
+    try:
+        tokenizer = auto_tokenizer.from_pretrained(base)
+        return [tokenizer(p, return_tensors="pt")["input_ids"] for p in PROMPTS], "prompts"
+    except (OSError, ValueError, TypeError) as exc:
+        generator = torch.Generator().manual_seed(0)
+        ids = [torch.randint(0, vocab, (1, 24), generator=generator) for _ in PROMPTS]
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        return ids, f"fixed token ids: the base's tokenizer does not load ({reason})"
+
+
 @torch.no_grad()
-def _compare(model, reference, tokenizer) -> dict:
+def _compare(model, reference, probes: list[torch.Tensor]) -> dict:
     max_diff = kl_sum = 0.0
     agree = positions = ties = decisive_agree = 0
     nll = {"candidate": 0.0, "reference": 0.0}
-    for prompt in PROMPTS:
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    for ids in probes:
         ours = model(input_ids=ids).logits[0].double()
         theirs = reference(input_ids=ids).logits[0].double()
         max_diff = max(max_diff, float((ours - theirs).abs().max()))
@@ -117,9 +133,9 @@ def _compare(model, reference, tokenizer) -> dict:
         targets = ids[0, 1:]
         for key, logp in (("candidate", log_q), ("reference", log_p)):
             nll[key] += float(-logp[:-1].gather(1, targets[:, None]).sum())
-    predicted = positions - len(PROMPTS)
+    predicted = positions - len(probes)
     return {
-        "prompts": len(PROMPTS),
+        "prompts": len(probes),
         "positions": positions,
         "max_abs_logit_diff": max_diff,
         "mean_kl": kl_sum / positions,
@@ -157,8 +173,8 @@ def _gguf_forward(candidate: Path, base: Path, adapters: list[Path], weights: li
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     transformers.logging.set_verbosity_error()
-    tokenizer = AutoTokenizer.from_pretrained(base)
     reference = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    vocab = reference.get_input_embeddings().weight.shape[0]
     if adapters:
         reference = _with_adapters(PeftModel, reference, adapters, weights)
     reference.eval()
@@ -173,9 +189,10 @@ def _gguf_forward(candidate: Path, base: Path, adapters: list[Path], weights: li
             logits = torch.tensor(model.scores[: input_ids.shape[1]], dtype=torch.float32)
             return type("Out", (), {"logits": logits[None]})()
 
+    probes, source = _probes(AutoTokenizer, base, vocab)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        stats = _judge(_compare(_Llama(), reference, tokenizer))
+        stats = _judge({**_compare(_Llama(), reference, probes), "probes": source})
     # A quantized model is not expected to match to the KL bound: figures, not a verdict.
     stats.update(judged=False, passed=True)
     stats["summary"] = f"llama.cpp (figures only, quantized): {stats['summary']}"
