@@ -294,10 +294,10 @@ def _print_drift(drift: dict) -> None:
 @click.option(
     "--tolerance",
     type=float,
-    default=1.0,
-    show_default=True,
-    help="Largest error allowed in merged tensors, in ulps of the candidate dtype "
-    "at max(|W0|, |expected|).",
+    default=None,
+    help="Largest error allowed in merged tensors, in ulps of the candidate dtype at "
+    "max(|W0|, |expected|, |models it was computed from|). Default 1, plus 0.5 for each "
+    "further subtraction its record lists.",
 )
 @click.option(
     "--forward",

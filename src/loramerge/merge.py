@@ -133,7 +133,9 @@ class Job:
     # What `--verify` checks the output against: (base, adapters, weights), and the merged
     # model an unmerge started from (its magnitudes count in the ulp scale).
     verify_against: tuple[Path, list[Path], list[float]] | None = None
-    verify_through: Path | None = None
+    # The models this output is computed from by subtraction (the source, then its own), newest
+    # first: their magnitudes count in the ulp scale of every check, and the record keeps them.
+    verify_through: list[Path] = field(default_factory=list)
     # Sources of adapters taken out that are not among `adapters` (a rebuild from the base).
     removed: list[str] = field(default_factory=list)
 
@@ -328,6 +330,7 @@ def _provenance(job: Job, config, entries: list[dict], plan: Plan, options, devi
         "device": device.split(":")[0],
         "tensors": {"total": len(plan.tensors), "modified": len(plan.modified)},
         "notes": list(plan.notes),
+        **({"computed_from": [str(p) for p in job.verify_through]} if job.verify_through else {}),
     }
 
 

@@ -111,7 +111,7 @@ def _swap(command, merged, remove, add, options, output, base, force, progress) 
         job = _subtract_job(swap)
         result = run(job, options, progress)
         if not options.dry_run:
-            result.drift = _drift(output, merged, job.verify_against, options.allow_pickle)
+            result.drift = _drift(output, job, options.allow_pickle)
     if options.verify and result.verification is None and not options.dry_run:
         warnings.append("--verify: the recorded base is not at hand, nothing to verify against")
     result.warnings = warnings
@@ -160,7 +160,10 @@ def _subtract_job(swap: _Swap) -> Job:
         swap.output,
         record=swap.record,
         verify_against=_base_at_hand(swap),
-        verify_through=swap.merged,
+        verify_through=[
+            swap.merged,
+            *(Path(p) for p in (swap.record or {}).get("computed_from", [])),
+        ],
     )
     stored = _stored_norms(swap.merged, swap.record)
     kept_targets = {t for e in swap.kept for t in e.get("targets", [])}
@@ -205,8 +208,9 @@ def _base_at_hand(swap: _Swap):
     return base, sources + swap.add, [e["weight"] for e in swap.kept] + swap.add_weights
 
 
-def _drift(output: Path, merged: Path, exact, allow_pickle: bool) -> dict:
+def _drift(output: Path, job: Job, allow_pickle: bool) -> dict:
     """How far the subtracted result is from the exact one, per tensor (when the base is here)."""
+    exact = job.verify_against
     if exact is None:
         return {
             "measured": False,
@@ -215,13 +219,14 @@ def _drift(output: Path, merged: Path, exact, allow_pickle: bool) -> dict:
         }
     from loramerge.verify import verify_weights  # torch, loaded only when a check runs
 
-    report = verify_weights(output, *exact, allow_pickle=allow_pickle, through=merged)
+    report = verify_weights(output, *exact, allow_pickle=allow_pickle, through=job.verify_through)
     changed = [t for t in report.tensors if t.exact_share < 1.0 or t.max_ulp > 0]
     total = sum(t.elements for t in report.tensors) or 1
     return {
         "measured": True,
         "against": f"{exact[0]} + {[str(p) for p in exact[1]]}",
-        "ulp_definition": "ulps of the output dtype at max(|exact|, |merged input|)",
+        "ulp_definition": "ulps of the output dtype at max(|exact|, |every model it was "
+        "computed from|)",
         "max_ulp": max((t.max_ulp for t in report.tensors), default=0.0),
         "exact_share": sum(t.exact_share * t.elements for t in report.tensors) / total,
         "tensors": [

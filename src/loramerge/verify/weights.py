@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from loramerge.adapter import Adapter, load_adapter
 from loramerge.compare import Distance, ulp
 from loramerge.delta import add_bias, merged_blocks
 from loramerge.plan import TensorPlan, build_plan
+from loramerge.sink.hf_folder import read_provenance
 from loramerge.source.checkpoint import Checkpoint, open_weights
 from loramerge.source.model_folder import read_config
 from loramerge.transform import tensor_inputs
@@ -56,6 +58,9 @@ class VerifyReport:
     tolerance_ulp: float
     tensors: list[TensorCheck] = field(default_factory=list)
     forward: dict | None = None
+    # Models the candidate was computed from by subtraction, whose magnitudes join the ulp scale.
+    through: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -80,8 +85,12 @@ class VerifyReport:
         line = (
             f"{len(merged)} merged tensors within {worst:.3g} ulp (tolerance "
             f"{self.tolerance_ulp:g}; {exact / total:.4%} of elements correctly rounded), "
-            f"{sum(t.passed for t in untouched)}/{len(untouched)} untouched tensors bit-identical"
+            f"{sum(t.exact_share == 1.0 for t in untouched)}/{len(untouched)} untouched tensors "
+            "bit-identical"
         )
+        rounded = sum(t.passed and t.exact_share < 1.0 for t in untouched)
+        if rounded:
+            line += f" ({rounded} more within tolerance: rounded on the way through)"
         if self.forward is not None:
             line += f"; forward: {self.forward['summary']}"
         failures = self.failures()
@@ -114,7 +123,10 @@ class VerifyReport:
             "base": self.base,
             "adapters": self.adapters,
             "tolerance_ulp": self.tolerance_ulp,
-            "ulp_definition": "ulps of the candidate dtype at max(|W0|, |expected|)",
+            "ulp_definition": "ulps of the candidate dtype at max(|W0|, |expected|, |every "
+            "model it was computed from|)",
+            "through": self.through,
+            "notes": self.notes,
             "tensors": [asdict(t) for t in self.tensors],
             "forward": self.forward,
         }
@@ -126,15 +138,18 @@ def verify_weights(
     adapters: list[Path],
     weights: list[float] | None = None,
     *,
-    tolerance_ulp: float = 1.0,
+    tolerance_ulp: float | None = None,
     allow_pickle: bool = False,
     progress: Callable[[int, int], None] | None = None,
-    through: Path | None = None,
+    through: list[Path] | None = None,
 ) -> VerifyReport:
     """Check CANDIDATE == BASE + sum w_i * adapter_i, tensor by tensor, against float64.
 
-    `through`: a checkpoint the candidate was computed from (the merged model of an unmerge);
-    its magnitudes join max(|W0|, |expected|) in the ulp scale, as values the element passed.
+    `through`: the checkpoints the candidate was computed from by subtraction (an unmerge's
+    merged input, and that one's own inputs); by default, those its record names. Their
+    magnitudes join max(|W0|, |expected|) in the ulp scale: each rounding the element went
+    through was at that magnitude. The default tolerance is 1 ulp, plus 0.5 ulp for each of
+    those earlier roundings beyond the first.
     """
     candidate, base = Path(candidate), Path(base)
     weights = list(weights or [1.0] * len(adapters))
@@ -143,7 +158,7 @@ def verify_weights(
         str(candidate),
         str(base),
         [{"source": str(a), "weight": w} for a, w in zip(adapters, weights, strict=True)],
-        tolerance_ulp,
+        1.0 if tolerance_ulp is None else tolerance_ulp,
     )
     quantized = open_quantized(candidate, allow_pickle)
     if quantized is not None:
@@ -155,20 +170,29 @@ def verify_weights(
             finally:
                 quantized.close()
         return report
+    if through is None:
+        record = read_provenance(candidate) if candidate.is_dir() else None
+        through = [Path(p) for p in (record or {}).get("computed_from", [])]
+    if tolerance_ulp is None:  # each earlier rounding may have left up to half an ulp
+        report.tolerance_ulp += 0.5 * max(len(through) - 1, 0)
+    through = _at_hand(through, report)
     opened: list[Adapter] = []
-    with (
-        open_weights(base, stem="model", allow_pickle=allow_pickle) as base_ck,
-        open_weights(candidate, stem="model", allow_pickle=allow_pickle) as cand_ck,
-        open_weights(through or candidate, stem="model", allow_pickle=allow_pickle) as via,
-    ):
+    with ExitStack() as stack:
+        base_ck = stack.enter_context(open_weights(base, stem="model", allow_pickle=allow_pickle))
+        cand_ck = stack.enter_context(
+            open_weights(candidate, stem="model", allow_pickle=allow_pickle)
+        )
+        via = [
+            stack.enter_context(open_weights(p, stem="model", allow_pickle=allow_pickle))
+            for p in through
+        ]
         try:
             opened = [load_adapter(a, allow_pickle=allow_pickle) for a in adapters]
             plan = build_plan(base_ck, config, opened, weights, None)
             planned = {t.name for t in plan.tensors}
             for tensor in plan.tensors:
-                passed = via if through is not None else None
                 report.tensors.append(
-                    _check(tensor, base_ck, cand_ck, opened, tolerance_ulp, passed)
+                    _check(tensor, base_ck, cand_ck, opened, report.tolerance_ulp, via)
                 )
                 if progress:
                     progress(tensor.nbytes, plan.nbytes)
@@ -177,6 +201,19 @@ def verify_weights(
             for adapter in opened:
                 adapter.close()
     return report
+
+
+def _at_hand(through: list[Path], report: VerifyReport) -> list[Path]:
+    """The models the candidate was computed from that still exist; the others are noted."""
+    for source in through:
+        if source.exists():
+            report.through.append(str(source))
+        else:
+            report.notes.append(
+                f"computed by subtraction from {source}, which is not at hand: its magnitudes "
+                "are missing from the ulp scale, so ulps may be overstated"
+            )
+    return [Path(p) for p in report.through]
 
 
 def _extras(names: list[str]) -> list[TensorCheck]:
@@ -199,7 +236,7 @@ def _check_all_quantized(report, reader, base_ck, config, adapters, weights, pro
             located.add(name)
             if isinstance(reader, NF4Candidate) and not reader.quantized(tensor.name):
                 report.tensors.append(
-                    _check(tensor, base_ck, reader.checkpoint, opened, report.tolerance_ulp, None)
+                    _check(tensor, base_ck, reader.checkpoint, opened, report.tolerance_ulp, [])
                 )
             else:
                 report.tensors.append(
@@ -252,7 +289,7 @@ def _check(
     candidate: Checkpoint,
     adapters: list[Adapter],
     tol: float,
-    through: Checkpoint | None,
+    through: list[Checkpoint],
 ) -> TensorCheck:
     """Measure one candidate tensor against its expected value."""
     info = candidate.tensors.get(plan.name)
@@ -263,8 +300,10 @@ def _check(
         return TensorCheck(plan.name, "shape", info.dtype, passed=False, note=note)
     got = _tensor(candidate, plan.name)
     passed = None
-    if through is not None and plan.name in through.tensors:
-        passed = _tensor(through, plan.name).to(torch.float64).abs()
+    for model in through:
+        if plan.name in model.tensors and tuple(model.tensors[plan.name].shape) == plan.shape:
+            value = _tensor(model, plan.name).to(torch.float64).abs()
+            passed = value if passed is None else passed.maximum(value)
     distance = Distance()
     if not plan.modified:
         stored = _tensor(base, plan.source)
@@ -274,7 +313,7 @@ def _check(
             distance.add(got, stored, _larger(stored, passed))
         exact = distance.exact == distance.elements
         # Computed from another model (an unmerge): its rounding may remain, within tolerance.
-        ok = exact or (through is not None and distance.max_ulp <= tol and not distance.nonfinite)
+        ok = exact or (bool(through) and distance.max_ulp <= tol and not distance.nonfinite)
         note = "" if ok else "differs from the base tensor no adapter touches"
         return _result(plan.name, "untouched", info.dtype, distance, ok, note)
     start, blocks = _expected_blocks(plan, base, adapters)
