@@ -139,3 +139,16 @@ def test_norms_carried_out_of_an_old_folder_land_in_the_new_place(cli, tmp_path)
             assert now.get_tensor(key).tobytes() == was.get_tensor(key).tobytes(), key
     result = cli("unmerge", out, DORA, "-o", tmp_path / "base-again", "--quiet")
     assert result.code == 0, result.err
+
+
+def test_a_record_naming_another_norms_file_is_refused(cli, tmp_path):
+    merged, out = tmp_path / "merged", tmp_path / "out"
+    assert cli("merge", LLAMA, DORA, "-o", merged, "--quiet").code == 0
+    (tmp_path / "elsewhere.safetensors").write_bytes((merged / NORMS_FILE).read_bytes())
+    record = json.loads((merged / "loramerge.json").read_text())
+    record["dora_norms"]["file"] = "../elsewhere.safetensors"
+    (merged / "loramerge.json").write_text(json.dumps(record))
+    result = cli("unmerge", merged, DORA, "-o", out)
+    assert result.code == 2 and not out.exists()
+    assert result.err.startswith("Error: ") and len(result.err.splitlines()) == 1
+    assert "'../elsewhere.safetensors'" in result.err
