@@ -15,6 +15,7 @@ from peft_oracle import logits_of, logits_unmerged, probe_ids
 from reference import load_base, ulp
 
 from loramerge.merge import MergeOptions, merge
+from loramerge.sink.hf_folder import NORMS_FILE
 from loramerge.swap import rebase, unmerge
 
 
@@ -119,7 +120,7 @@ def test_twenty_rebases_drift_is_measured(tmp_path):
 def test_dora_without_stored_norms_needs_base(tmp_path, cli):
     merged = tmp_path / "merged"
     merge(LLAMA, [ADAPTERS / "llama-dora"], merged)
-    (merged / "loramerge_dora_norms.safetensors").unlink()
+    (merged / NORMS_FILE).unlink()
     out = tmp_path / "out"
     result = cli("unmerge", merged, ADAPTERS / "llama-dora", "-o", out)
     assert result.code == 2 and "pass --base" in result.err and not out.exists()

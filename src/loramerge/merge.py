@@ -17,7 +17,6 @@ from loramerge.execute import Progress, Route, resolve_device, write_tensors
 from loramerge.plan import Plan, TensorPlan, build_plan
 from loramerge.sink.atomic import AtomicFolder
 from loramerge.sink.hf_folder import (
-    NORMS_FILE,
     copy_files,
     hash_files,
     write_config,
@@ -31,7 +30,7 @@ from loramerge.source.checkpoint import open_weights
 from loramerge.source.model_folder import model_folder, read_config
 
 # Files of a model folder that are weights or that the merge writes itself.
-_NOT_COPIED = {"config.json", "README.md", "loramerge.json", "adapter_config.json", NORMS_FILE}
+_NOT_COPIED = {"config.json", "README.md", "loramerge.json", "adapter_config.json"}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".gguf")
 _TOKENIZER_FILES = {
     "tokenizer.json",

@@ -18,7 +18,7 @@ import numpy as np
 from loramerge.adapter import load_adapter
 from loramerge.errors import LoramergeError
 from loramerge.merge import Job, MergeOptions, MergeResult, Progress, norm_key, run
-from loramerge.sink.hf_folder import NORMS_FILE, read_provenance
+from loramerge.sink.hf_folder import LEGACY_NORMS_FILE, NORMS_FILE, read_provenance
 from loramerge.source.checkpoint import open_weights
 
 
@@ -190,11 +190,17 @@ def _subtract_job(swap: _Swap) -> Job:
 
 
 def _stored_norms(merged: Path, record) -> dict[str, np.ndarray]:
-    """The DoRA norms the merge stored beside the weights (empty when there are none)."""
-    if not record or "dora_norms" not in record or not (merged / NORMS_FILE).is_file():
+    """The DoRA norms the merge stored, where the record says (empty when there are none)."""
+    entry = (record or {}).get("dora_norms")
+    name = entry.get("file") if isinstance(entry, dict) else None
+    if name is None:
         return {}
-    with open_weights(merged / NORMS_FILE, stem="model", allow_pickle=False) as norms:
-        return {name: norms.read(name).copy() for name in norms.tensors}
+    if name not in (NORMS_FILE, LEGACY_NORMS_FILE):
+        raise LoramergeError(f"{merged}: the record's DoRA norms file {name!r} is not loramerge's")
+    if not (merged / name).is_file():
+        return {}
+    with open_weights(merged / name, stem="model", allow_pickle=False) as norms:
+        return {key: norms.read(key).copy() for key in norms.tensors}
 
 
 def _base_at_hand(swap: _Swap):

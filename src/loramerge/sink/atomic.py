@@ -52,7 +52,7 @@ class AtomicFolder:
 
     def commit(self) -> None:
         """fsync the folder, move it into place (replacing an old one), fsync the parent."""
-        for file in self.path.iterdir():
+        for file in self.path.rglob("*"):  # subfolders too (fsync works on a folder)
             fsync_file(file)
         _fsync_dir(self.path)
         old = None

@@ -15,8 +15,13 @@ from loramerge.hashing import sha256_of
 from loramerge.jsonfile import read_json_object
 
 PROVENANCE = "loramerge.json"
+# loramerge's own data besides the record lives in this subfolder, out of the top-level
+# `*.safetensors` that loaders take for the model's weights.
+SIDE_FOLDER = "loramerge"
 # DoRA norms ||W0 + s*dW|| per merged DoRA term: small vectors an unmerge needs to invert DoRA.
-NORMS_FILE = "loramerge_dora_norms.safetensors"
+NORMS_FILE = f"{SIDE_FOLDER}/dora_norms.safetensors"
+# Where loramerge 0.1 stored them (beside the weights); still read by unmerge and rebase.
+LEGACY_NORMS_FILE = "loramerge_dora_norms.safetensors"
 _CARD_TEMPLATE = """---
 base_model: {base_model}
 library_name: transformers
@@ -91,8 +96,9 @@ def write_model_card(folder: Path, record: dict) -> None:
 
 
 def write_norms(folder: Path, norms: dict[str, np.ndarray]) -> dict:
-    """Store DoRA norms beside the weights; returns the record's entry for them."""
+    """Store DoRA norms in the side folder; returns the record's entry for them."""
     path = Path(folder) / NORMS_FILE
+    path.parent.mkdir(exist_ok=True)
     save_file({k: np.ascontiguousarray(v) for k, v in sorted(norms.items())}, path)
     return {
         "file": NORMS_FILE,
@@ -101,18 +107,21 @@ def write_norms(folder: Path, norms: dict[str, np.ndarray]) -> dict:
     }
 
 
+def recorded_files(folder: Path) -> list[str]:
+    """Files the record hashes, relative: the top level's (but the record) and the side folder's."""
+    folder = Path(folder)
+    side = folder / SIDE_FOLDER
+    paths = [*folder.iterdir(), *(side.rglob("*") if side.is_dir() else [])]
+    names = (p.relative_to(folder).as_posix() for p in paths if p.is_file())
+    return sorted(n for n in names if n != PROVENANCE)
+
+
 def hash_files(folder: Path, known: dict[str, str]) -> dict[str, str]:
-    """sha256 of every file in the folder but the provenance record (`known` ones not redone)."""
-    paths = sorted(
-        p
-        for p in Path(folder).iterdir()
-        if p.is_file() and p.name != PROVENANCE and p.name not in known
-    )
+    """sha256 of every recorded file (`known` ones not redone), by relative path."""
+    names = [n for n in recorded_files(folder) if n not in known]
     with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:  # hashlib releases the GIL
-        digests = pool.map(lambda p: sha256_of([p]), paths)
-    return dict(
-        sorted({**known, **dict(zip((p.name for p in paths), digests, strict=True))}.items())
-    )
+        digests = pool.map(lambda n: sha256_of([Path(folder) / n]), names)
+    return dict(sorted({**known, **dict(zip(names, digests, strict=True))}.items()))
 
 
 def read_provenance(folder: Path) -> dict | None:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from loramerge import dtypes
 from loramerge.errors import LoramergeError
 from loramerge.jsonfile import read_json_object
+from loramerge.source.pickle_file import PickleFile
 from loramerge.source.safetensors_file import SafetensorsFile, TensorInfo
 
 _scratch = threading.local()
@@ -47,12 +47,11 @@ class RawRange:
 class Checkpoint:
     """Tensors of one checkpoint, readable one at a time; use as a context manager."""
 
-    def __init__(self, path: Path, files: list[SafetensorsFile], pickled: dict | None = None):
+    def __init__(self, path: Path, files: list[SafetensorsFile | PickleFile]):
         self.path = path
         self._files = files
-        self._pickled = pickled or {}
         self.tensors: dict[str, TensorInfo] = {}
-        self._owner: dict[str, SafetensorsFile] = {}
+        self._owner: dict[str, SafetensorsFile | PickleFile] = {}
         for file in files:
             for name, info in file.tensors.items():
                 if name in self.tensors:
@@ -62,32 +61,20 @@ class Checkpoint:
                     )
                 self.tensors[name] = info
                 self._owner[name] = file
-        for name, array in self._pickled.items():
-            self.tensors[name] = TensorInfo(
-                name, path, dtypes.from_numpy(array.dtype), array.shape, 0, array.nbytes
-            )
 
     @property
     def files(self) -> list[Path]:
         """The weight files this checkpoint reads."""
-        return [f.path for f in self._files] or [self.path]
+        return [f.path for f in self._files]
 
     def read(self, name: str, into: np.ndarray | None = None) -> np.ndarray:
         """Read one tensor into CPU memory (into a view of the uint8 buffer `into`, if given)."""
-        if name in self._pickled:
-            array = self._pickled[name]
-            if into is None:
-                return array
-            # a view of our buffer, like a file read, so callers may work in place
-            view = into[: array.nbytes].view(array.dtype).reshape(array.shape)
-            np.copyto(view, array)
-            return view
         return self._owner[name].read(name, into)
 
     def raw(self, name: str) -> RawRange | None:
         """Byte range of a tensor stored as raw bytes in a file, or None (pickle)."""
-        owner = self._owner.get(name)
-        if owner is None:
+        owner = self._owner[name]
+        if not isinstance(owner, SafetensorsFile):
             return None
         info = self.tensors[name]
         return RawRange(owner.fd, info.offset, info.nbytes)
@@ -113,7 +100,7 @@ def open_weights(path: Path, *, stem: str, allow_pickle: bool) -> Checkpoint:
         if path.suffix == ".safetensors":
             return _open_files(path, [path])
         if path.suffix in (".bin", ".pt", ".pth"):
-            return _open_pickle(path, path, allow_pickle)
+            return Checkpoint(path, [PickleFile(path, allow_pickle=allow_pickle)])
         raise LoramergeError(f"{path}: not a .safetensors file or a checkpoint folder")
     index = path / f"{stem}.safetensors.index.json"
     if index.is_file():
@@ -130,7 +117,7 @@ def open_weights(path: Path, *, stem: str, allow_pickle: bool) -> Checkpoint:
         return _open_files(path, [single])
     pickled = path / ("pytorch_model.bin" if stem == "model" else f"{stem}.bin")
     if pickled.is_file():
-        return _open_pickle(path, pickled, allow_pickle)
+        return Checkpoint(path, [PickleFile(pickled, allow_pickle=allow_pickle)])
     if (path / "pytorch_model.bin.index.json").is_file():
         raise LoramergeError(f"{path}: sharded pickle checkpoints are not supported; convert them")
     raise LoramergeError(f"{path}: no {stem}.safetensors or {stem}.safetensors.index.json found")
@@ -170,22 +157,3 @@ def _read_index(folder: Path, index: Path) -> dict[str, str]:
         if not exists:
             raise LoramergeError(f"{index}: shard {shard!r} does not exist")
     return weight_map
-
-
-def _open_pickle(root: Path, path: Path, allow_pickle: bool) -> Checkpoint:
-    if not allow_pickle:
-        raise LoramergeError(
-            f"{path} is a pickle file, which can run code when loaded; pass --allow-pickle to "
-            "load it anyway (with torch.load(weights_only=True))"
-        )
-    import torch
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # torch raises many types for a bad pickle
-        raise LoramergeError(f"{path}: cannot load pickle checkpoint ({exc})") from None
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise LoramergeError(f"{path}: not a state dict of named tensors")
-    return Checkpoint(root, [], pickled={k: dtypes.as_numpy(v) for k, v in state.items()})

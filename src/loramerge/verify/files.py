@@ -7,7 +7,7 @@ from pathlib import Path
 
 from loramerge.errors import LoramergeError
 from loramerge.hashing import sha256_of
-from loramerge.sink.hf_folder import PROVENANCE, read_provenance
+from loramerge.sink.hf_folder import read_provenance, recorded_files
 
 
 def verify_files(folder: Path) -> dict:
@@ -17,7 +17,7 @@ def verify_files(folder: Path) -> dict:
     listed = (record or {}).get("files")
     if not listed:
         raise LoramergeError(f"{folder} has no record of file hashes to check against")
-    present = {p.name for p in folder.iterdir() if p.is_file() and p.name != PROVENANCE}
+    present = set(recorded_files(folder))
     to_hash = sorted(set(listed) & present)
     with ThreadPoolExecutor(4) as pool:
         actual = dict(
