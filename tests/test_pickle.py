@@ -154,6 +154,8 @@ def test_pickled_inputs_give_the_bytes_safetensors_give(cli, tmp_path, case):
             result = cli(*argv, "-o", out / job, "--quiet", *extra)
             assert result.code == 0, f"{kind} {job}: {result.err}"
 
+    # outputs also name the models they were computed from (`computed_from`)
+    subs.append((str(tmp_path / "out-bin"), str(tmp_path / "out-st")))
     for job in jobs:
         got = comparable(tmp_path / "out-bin" / job, subs)
         want = comparable(tmp_path / "out-st" / job, [])

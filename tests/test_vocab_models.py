@@ -187,3 +187,32 @@ def test_lora_bias_on_a_layer_without_bias_says_why(tmp_path, cli):
     assert run.code == 2
     assert "model.layers.0.self_attn.q_proj has a trained lora_B bias (lora_bias)" in run.err
     assert "has no bias to merge it into" in run.err and "matches no tensor" not in run.err
+
+
+COMMON = [
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+    "Gemma3ForConditionalGeneration",
+    "GPT2LMHeadModel",
+    "GPTNeoXForCausalLM",
+    "Phi3ForCausalLM",
+    "FalconForCausalLM",
+    "MixtralForCausalLM",
+    "LlavaForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration",
+]
+
+
+@pytest.mark.parametrize("architecture", COMMON)
+def test_tied_weights_table_is_what_transformers_declares(architecture):
+    """src/loramerge/tied_weights.py is transformers' own declaration (regenerate if not)."""
+    import transformers
+
+    from loramerge.tied_weights import TIED_WEIGHTS
+
+    declared = getattr(transformers, architecture)._tied_weights_keys
+    assert TIED_WEIGHTS[architecture] == declared, "run scripts/gen_tied_weights.py"
