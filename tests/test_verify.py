@@ -164,3 +164,18 @@ def test_merge_verify_records_verdict(cli, tmp_path):
     record = json.loads((out / "loramerge.json").read_text())
     assert record["verification"]["verdict"].startswith("PASS")
     assert "Verification (`loramerge verify`): PASS" in (out / "README.md").read_text()
+
+
+def test_float32_output_passes_its_own_check_and_a_wrong_weight_fails(tmp_path, cli):
+    """A float32 merge keeps its float32 arithmetic error (no rounding hides it): verify allows
+    exactly the textbook bound gamma_n * M per element, no more, so a 1e-4 weight error fails."""
+    out = tmp_path / "f32"
+    lora = ADAPTERS / "llama-lora"
+    run = cli("merge", LLAMA, lora, "-o", out, "--dtype", "float32", "--verify", "--json")
+    assert run.code == 0, run.out
+    right = cli("verify", out, "--base", LLAMA, "--adapter", lora, "--json")
+    assert right.code == 0
+    tensors = [t for t in json.loads(right.out)["tensors"] if t["kind"] == "merged"]
+    assert max(t["max_ulp"] for t in tensors) > 1.0  # raw ulps exceed 1 near cancellations
+    wrong = cli("verify", out, "--base", LLAMA, "--adapter", lora, "-w", "1.0001", "--json")
+    assert wrong.code == 1

@@ -37,27 +37,42 @@ class Distance:
     max_abs: float = 0.0
     max_ulp: float = 0.0  # in ulps at max(|W0|, |expected|)
     max_ulp_at_value: float = 0.0
+    # ulps left after taking off each element's allowance for float32 arithmetic (see `add`)
+    max_ulp_judged: float = 0.0
     squared_error: float = 0.0
     squared_expected: float = 0.0
 
     def add(
-        self, candidate: torch.Tensor, expected: torch.Tensor, start: torch.Tensor | None = None
+        self,
+        candidate: torch.Tensor,
+        expected: torch.Tensor,
+        start: torch.Tensor | None = None,
+        allowance: torch.Tensor | None = None,
     ) -> None:
         """Fold in a tensor or block; `start` is its W0 (None: the expected value alone).
 
+        `allowance`: per element, an absolute error the arithmetic may make before the final
+        rounding (float32 sums stored in float32); `max_ulp_judged` counts only what exceeds it.
         Works through flat chunks so the float64 temporaries stay small whatever the size.
         """
-        flat = [t.reshape(-1) for t in (candidate, expected, start) if t is not None]
+        given = [t for t in (start, allowance) if t is not None]
+        flat = [t.reshape(-1) for t in (candidate, expected, *given)]
         for i in range(0, candidate.numel(), _CHUNK):
-            chunk = [t[i : i + _CHUNK] for t in flat]
-            self._add(chunk[0], chunk[1], chunk[2] if start is not None else None)
+            chunk = iter([t[i : i + _CHUNK] for t in flat])
+            got, want = next(chunk), next(chunk)
+            self._add(
+                got,
+                want,
+                next(chunk) if start is not None else None,
+                next(chunk) if allowance is not None else None,
+            )
 
     def add_identical(self, elements: int) -> None:
         """Fold in elements already known to be bit-identical to the expected ones."""
         self.elements += elements
         self.exact += elements
 
-    def _add(self, candidate, expected, start) -> None:
+    def _add(self, candidate, expected, start, allowance) -> None:
         expected = expected.to(torch.float64)
         got = candidate.to(torch.float64)
         finite = torch.isfinite(got) | ~torch.isfinite(expected)
@@ -67,7 +82,10 @@ class Distance:
         self.elements += candidate.numel()
         if candidate.numel():  # empty tensors add nothing
             self.max_abs = max(self.max_abs, float(error.max()))
-            self.max_ulp = max(self.max_ulp, float((error / ulp(scale, candidate.dtype)).max()))
+            spacing = ulp(scale, candidate.dtype)
+            self.max_ulp = max(self.max_ulp, float((error / spacing).max()))
+            beyond = error if allowance is None else (error - allowance).clamp(min=0)
+            self.max_ulp_judged = max(self.max_ulp_judged, float((beyond / spacing).max()))
             at_value = error / ulp(expected, candidate.dtype)
             self.max_ulp_at_value = max(self.max_ulp_at_value, float(at_value.max()))
         rounded = round_once(expected, candidate.dtype)
