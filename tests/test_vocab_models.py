@@ -216,3 +216,21 @@ def test_tied_weights_table_is_what_transformers_declares(architecture):
 
     declared = getattr(transformers, architecture)._tied_weights_keys
     assert TIED_WEIGHTS[architecture] == declared, "run scripts/gen_tied_weights.py"
+
+
+def test_unknown_tied_architecture_refuses_a_change_to_its_head(tmp_path, built, cli):
+    """Linear LoRA on a stored lm_head of a tied model whose class is unknown: refused too."""
+    base, adapter = built["tied-lm-head-lora"]
+    copy = tmp_path / "base"
+    copy.mkdir()
+    for path in base.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(base / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    config = _config(base) | {"architectures": ["MyCustomForCausalLM"]}
+    (copy / "config.json").write_text(json.dumps(config))
+    run = cli("merge", copy, adapter, "-o", tmp_path / "out")
+    assert run.code == 2 and "lm_head.weight" in run.err, run.err

@@ -372,6 +372,10 @@ class _Builder:
             return
         embedding_like = sorted(p.name for p in self.plans.values() if _embedding_like(p))
         if self.groups is None:
+            embedding_like += [
+                p.name for p in self.plans.values() if p.modified and ties.tie_like(p.name)
+            ]
+            embedding_like = sorted(set(embedding_like))
             if embedding_like:
                 self.errors.append(
                     f"config.json ties the embeddings (tie_word_embeddings) but names no "

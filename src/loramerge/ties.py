@@ -43,6 +43,20 @@ def tie_groups(config: dict) -> list[TieGroup] | None:
     return [TieGroup(source, tuple(targets)) for source, targets in groups.items()]
 
 
+def tie_like(name: str) -> bool:
+    """Whether a parameter has the name some language model ties (`lm_head.weight`, ...)."""
+    return any(name == m or name.endswith("." + m) for m in _LM_TIED)
+
+
+_LM_TIED = {
+    name
+    for architecture, declared in TIED_WEIGHTS.items()
+    if architecture.endswith(("ForCausalLM", "ForConditionalGeneration", "LMHeadModel"))
+    for pair in declared.items()
+    for name in pair
+}
+
+
 def ties_enabled(config: dict) -> bool:
     """Whether transformers ties them: `tie_word_embeddings`, true unless the config says false.
 
