@@ -38,7 +38,7 @@ class Term:
     at: int = 0  # first row of W that dW covers (one expert of a stacked tensor)
 
 
-def rows(term: Term) -> int:
+def term_rows(term: Term) -> int:
     """Rows of W this term's dW covers."""
     return term.a.shape[1] if transposed(term) else term.b.shape[0]
 
@@ -113,7 +113,7 @@ def merged_blocks(
         acc = scratch[: (r1 - r0) * cols].view(r1 - r0, cols)
         acc.copy_(w0[r0:r1])
         for a, b, term in factors:
-            lo, hi = max(r0, term.at), min(r1, term.at + rows(term))
+            lo, hi = max(r0, term.at), min(r1, term.at + term_rows(term))
             if lo >= hi:
                 continue
             band, d0, d1 = acc[lo - r0 : hi - r0], lo - term.at, hi - term.at
@@ -155,7 +155,7 @@ def _merge_whole(
 
 def _add_plain(acc: torch.Tensor, term: Term, dtype: torch.dtype) -> None:
     """acc += coef * dW on the rows dW covers."""
-    band = acc[term.at : term.at + rows(term)]
+    band = acc[term.at : term.at + term_rows(term)]
     band.add_(lora_delta(term, band.shape, dtype), alpha=term.coef)
 
 
