@@ -188,3 +188,22 @@ def test_refused_by_name_without_transformers(tmp_path, built, monkeypatch, case
 def test_cases_cover_the_issue():
     """The cases are the ones issue 9 names: Mixtral, Qwen2-MoE, Qwen3-MoE, Gemma3, Llava."""
     assert set(CASES) == set(MOE + RENAMED)
+
+
+@pytest.mark.parametrize("case", ["mixtral", "mixtral-fused"])
+def test_verify_and_unmerge_expert_adapters(tmp_path, cli, built, case):
+    """verify recomputes the expert shares in float64 (the merge rounds once, so it passes at
+    verify's 0.5 ulp on these float32 bases); unmerge takes them out again: the unmerged folder
+    runs like the base (logits within float32 tolerance)."""
+    base, adapter = built(case)
+    out = _merge(tmp_path, base, [adapter], compute_dtype="float64")
+    checked = cli("verify", out, "--base", base, "--adapter", adapter)
+    assert checked.code == 0, checked.out + checked.err
+    unmerged = tmp_path / "unmerged"
+    result = cli("unmerge", out, adapter, "-o", unmerged)
+    assert result.code == 0, result.err
+    model_class = _model_class(base)
+    merged_logits = logits_of(out, IDS, model_class)
+    base_logits = logits_of(base, IDS, model_class)
+    assert not torch.allclose(merged_logits, base_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits_of(unmerged, IDS, model_class), base_logits)

@@ -91,17 +91,25 @@ def model_names(config: dict, stored: dict[str, tuple[int, ...]]) -> ModelNames:
 def _meta_model(config: dict, transformers, torch):
     """The base's model class built on the meta device (no memory, no weights)."""
     architecture = (config.get("architectures") or [None])[0]
-    model_class = getattr(transformers, architecture, None) if architecture else None
+    if not isinstance(architecture, str):
+        raise NamesUnavailable("the base has no config.json naming its model class")
+    model_class = getattr(transformers, architecture, None)
     model_type = config.get("model_type")
     if model_class is None or model_type not in transformers.CONFIG_MAPPING:
         raise NamesUnavailable(
             f"transformers {transformers.__version__} does not know the base's class "
-            f"({architecture!r}, model_type {model_type!r})"
+            f"{architecture} (model_type {model_type!r})"
         )
-    with _quiet(transformers):
-        model_config = transformers.CONFIG_MAPPING[model_type].from_dict(config)
-        with torch.device("meta"):
-            return model_class(model_config)
+    try:
+        with _quiet(transformers):
+            model_config = transformers.CONFIG_MAPPING[model_type].from_dict(config)
+            with torch.device("meta"):
+                return model_class(model_config)
+    except Exception as exc:  # a config transformers rejects: say so, whatever it raised
+        raise NamesUnavailable(
+            f"transformers cannot build {architecture} from the base's config.json: "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -121,6 +129,7 @@ def _layouts(model, memory, stored, renamings, converters):
     from transformers.core_model_loading import dot_natural_key, rename_source_key
 
     prefix = model.base_model_prefix
+    by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
     plain: dict[str, str] = {}
     fused: dict[str, tuple[object, dict[str, list[str]]]] = {}
     for key in sorted(stored, key=dot_natural_key):
@@ -132,8 +141,8 @@ def _layouts(model, memory, stored, renamings, converters):
         if pattern is None:
             plain[renamed] = key
         else:
-            converter = next(c for c in converters if pattern in c.source_patterns)
-            fused.setdefault(renamed, (converter, {}))[1].setdefault(pattern, []).append(key)
+            group = fused.setdefault(renamed, (by_pattern[pattern], {}))
+            group[1].setdefault(pattern, []).append(key)
     layouts = {
         name: Layout(name, memory[name], (Piece(key, tuple((0, n) for n in stored[key])),))
         for name, key in plain.items()

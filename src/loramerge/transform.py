@@ -43,7 +43,6 @@ def produce(
     if terms:
         in_place = on.type == "cpu" and weight.dtype == out_dtype
         norms: dict[int, torch.Tensor] = {}
-        weight = as_matrix(weight, plan)
         weight = merge_weight(
             weight.to(on),
             terms,
@@ -69,7 +68,8 @@ def tensor_inputs(
 ) -> tuple[torch.Tensor, list[Term], list[tuple[float, torch.Tensor]]]:
     """(W0 as the plan starts it, LoRA terms on `device`, (coef, bias) pairs) for one tensor.
 
-    W0 lives in this thread's read buffer until the next call, so it may be merged in place.
+    W0 lives in this thread's read buffer until the next call, so it may be merged in place;
+    stacked experts come as one matrix (`as_matrix`).
     `norms[(adapter index, tensor name)]` holds the DoRA norms a DoRA undo term needs.
     """
     weight = _read(base, plan.source, read_buffer(base.tensors[plan.source].nbytes))
@@ -89,7 +89,7 @@ def tensor_inputs(
             norm = dtypes.as_torch(norms[(t.adapter, plan.name)]).to(device)
         terms.append(_term(adapters[t.adapter], t, device, norm))
     biases = [(t.coef, _read(adapters[t.adapter].weights, t.module.bias_key)) for t in plan.bias]
-    return weight, terms, biases
+    return as_matrix(weight, plan), terms, biases
 
 
 def _term(adapter: Adapter, lora: Lora, device: torch.device, norm: torch.Tensor | None) -> Term:
