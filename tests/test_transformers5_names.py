@@ -30,7 +30,7 @@ from loramerge.merge import MergeOptions, merge
 sys.path.insert(0, str(FIXTURES))
 from transformers5_models import CASES, build  # noqa: E402
 
-MOE = ["mixtral", "mixtral-fused", "qwen2-moe", "qwen3-moe", "qwen3-moe-down"]
+MOE = ["mixtral", "mixtral-fused", "qwen2-moe", "qwen3-moe", "qwen3-moe-down", "gpt-oss"]
 RENAMED = ["gemma3-vl", "llava"]
 IDS = torch.tensor([[1, 5, 9, 22, 17, 3, 40, 2], [7, 8, 9, 10, 11, 12, 13, 14]])
 
@@ -186,11 +186,12 @@ def test_refused_by_name_without_transformers(tmp_path, built, monkeypatch, case
 
 
 def test_cases_cover_the_issue():
-    """The cases are the ones issue 9 names: Mixtral, Qwen2-MoE, Qwen3-MoE, Gemma3, Llava."""
+    """The cases are the ones issue 9 names (Mixtral, Qwen2-MoE, Qwen3-MoE, Gemma3, Llava) and
+    GPT-OSS, whose experts are stored (in, out)."""
     assert set(CASES) == set(MOE + RENAMED)
 
 
-@pytest.mark.parametrize("case", ["mixtral", "mixtral-fused"])
+@pytest.mark.parametrize("case", ["mixtral", "mixtral-fused", "gpt-oss"])
 def test_verify_and_unmerge_expert_adapters(tmp_path, cli, built, case):
     """verify recomputes the expert shares in float64 (the merge rounds once, so it passes at
     verify's 0.5 ulp on these float32 bases); unmerge takes them out again: the unmerged folder
