@@ -208,3 +208,26 @@ def test_verify_and_unmerge_expert_adapters(tmp_path, cli, built, case):
     base_logits = logits_of(base, IDS, model_class)
     assert not torch.allclose(merged_logits, base_logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(logits_of(unmerged, IDS, model_class), base_logits)
+
+
+def test_conversion_not_followed_is_refused_by_name(tmp_path, built, monkeypatch):
+    """A fusing operation loramerge does not follow (here a Transpose in Qwen3-MoE's rules, put
+    in transformers' own registry for this test) refuses the module, naming the operation."""
+    from transformers import conversion_mapping
+    from transformers.core_model_loading import MergeModulelist, Transpose, WeightConverter
+
+    base, adapter = built("qwen3-moe-down")
+    conversion_mapping.get_checkpoint_conversion_mapping("qwen3_moe")  # fills the registry
+    rule = WeightConverter(
+        source_patterns="mlp.experts.*.down_proj.weight",
+        target_patterns="mlp.experts.down_proj",
+        operations=[MergeModulelist(dim=0), Transpose(dim0=1, dim1=2)],
+    )
+    registry = conversion_mapping._checkpoint_conversion_mapping_cache
+    monkeypatch.setitem(registry, "qwen3_moe", [rule])
+    with pytest.raises(LoramergeError) as caught:
+        _merge(tmp_path, base, [adapter])
+    message = str(caught.value)
+    assert "model.layers.0.mlp.experts (target_parameters)" in message
+    assert "Transpose, which loramerge does not follow" in message
+    assert not (tmp_path / "out").exists()
