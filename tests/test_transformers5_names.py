@@ -31,7 +31,7 @@ sys.path.insert(0, str(FIXTURES))
 from transformers5_models import CASES, build  # noqa: E402
 
 MOE = ["mixtral", "mixtral-fused", "qwen2-moe", "qwen3-moe", "qwen3-moe-down", "gpt-oss"]
-RENAMED = ["gemma3-vl", "llava"]
+RENAMED = ["gemma3-vl", "llava", "qwen2-vl"]
 IDS = torch.tensor([[1, 5, 9, 22, 17, 3, 40, 2], [7, 8, 9, 10, 11, 12, 13, 14]])
 
 
@@ -186,8 +186,8 @@ def test_refused_by_name_without_transformers(tmp_path, built, monkeypatch, case
 
 
 def test_cases_cover_the_issue():
-    """The cases are the ones issue 9 names (Mixtral, Qwen2-MoE, Qwen3-MoE, Gemma3, Llava) and
-    GPT-OSS, whose experts are stored (in, out)."""
+    """The cases are the ones issue 9 names (Mixtral, Qwen2-MoE, Qwen3-MoE, Gemma3, Llava,
+    Qwen-VL) and GPT-OSS, whose experts are stored (in, out)."""
     assert set(CASES) == set(MOE + RENAMED)
 
 
