@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
@@ -18,6 +19,9 @@ from loramerge.adapter import Adapter, FullTensor, LoraModule, TokenRows, bind_p
 from loramerge.errors import LoramergeError
 from loramerge.names import Layout, ModelNames, NamesUnavailable, model_names
 from loramerge.source.checkpoint import Checkpoint
+
+# A numpy array or a torch tensor: the plan slices either the same way.
+Array = TypeVar("Array")
 
 # transformers' name for the output embedding of *ForCausalLM models; used only when a tied
 # checkpoint does not store it and we must write it to untie.
@@ -60,7 +64,7 @@ class Lora:
         """The user weight times the LoRA scale: what multiplies B@A (and B's bias)."""
         return self.weight * self.module.scale
 
-    def factors(self, a, b):
+    def factors(self, a: Array, b: Array) -> tuple[Array, Array]:
         """(A, B) of this tensor's share: dW = B@A, or (B@A)^T when the module is transposed.
 
         PEFT's ParamWrapper lays a 3-D parameter's factors out as A (experts*r, in), rows expert
@@ -141,7 +145,7 @@ class Plan:
         return sum(t.nbytes for t in self.tensors)
 
 
-def as_matrix(weight, plan: TensorPlan):
+def as_matrix(weight: Array, plan: TensorPlan) -> Array:
     """A numpy or torch tensor of stacked experts seen as one matrix, the experts one under
     another (a view), the way `Part.at` counts rows; any other tensor as it is."""
     if weight.ndim == 3 and any(t.part for t in plan.lora):
