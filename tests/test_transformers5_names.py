@@ -30,7 +30,15 @@ from loramerge.merge import MergeOptions, merge
 sys.path.insert(0, str(FIXTURES))
 from transformers5_models import CASES, build  # noqa: E402
 
-MOE = ["mixtral", "mixtral-fused", "qwen2-moe", "qwen3-moe", "qwen3-moe-down", "gpt-oss"]
+MOE = [
+    "mixtral",
+    "mixtral-bf16",
+    "mixtral-fused",
+    "qwen2-moe",
+    "qwen3-moe",
+    "qwen3-moe-down",
+    "gpt-oss",
+]
 RENAMED = ["gemma3-vl", "llava", "qwen2-vl"]
 IDS = torch.tensor([[1, 5, 9, 22, 17, 3, 40, 2], [7, 8, 9, 10, 11, 12, 13, 14]])
 
@@ -72,27 +80,41 @@ def _peft_magnitude(base, adapters, weights, model_class) -> dict[str, torch.Ten
 
 
 def _check_weights(out, base, adapters, weights, compute) -> str:
-    """Every tensor of `out` against PEFT's float64 merge; returns a one-line summary."""
+    """Every tensor of `out` (stored in the base's dtype) against PEFT's float64 merge; returns
+    a one-line summary."""
+    dtype = _stored_dtype(base)
     model_class = _model_class(base)
     ours, original = _state(out, model_class), _state(base, model_class)
     peft64 = peft_merged_state(base, adapters, weights, torch.float64, model_class)
     magnitude = _peft_magnitude(base, adapters, weights, model_class)
+    peft_own = peft_merged_state(base, adapters, weights, dtype, model_class)
     assert set(ours) == set(peft64)
-    changed, worst = 0, 0.0
+    changed, worst, ratio, theirs = 0, 0.0, 0.0, 0.0
     for name, value in peft64.items():
         if torch.equal(value, original[name]):
             assert torch.equal(ours[name], original[name]), f"{name} should be untouched"
             continue
         changed += 1
         expected = Expected(value, magnitude[name], inner=4 + 2)
-        err = (ours[name] - value).abs() / ulp(value, torch.float32)
-        judge = 2.0**-53 * 16 * magnitude[name] / ulp(value, torch.float32)  # PEFT's own float64
-        bound = (0.5 if compute == "float64" else float32_bound(expected, torch.float32)) + judge
+        err = (ours[name] - value).abs() / ulp(value, dtype)
+        judge = 2.0**-53 * 16 * magnitude[name] / ulp(value, dtype)  # PEFT's own float64
+        bound = (0.5 if compute == "float64" else float32_bound(expected, dtype)) + judge
         bad = err > bound
         assert not bad.any(), f"{name}: {int(bad.sum())} elements beyond bound, max {err.max():.3f}"
         worst = max(worst, float(err.max()))
+        ratio = max(ratio, float((err / bound).max()))
+        their_err = (peft_own[name].double() - value).abs() / ulp(value, dtype)
+        theirs = max(theirs, float(their_err.max()))
     assert changed > 0
-    return f"{changed} tensors changed, max {worst:.3f} ulp from PEFT float64"
+    return (
+        f"{changed} tensors changed; from PEFT's float64 merge: loramerge max {worst:.3f} ulp "
+        f"({ratio:.3f} of its bound), PEFT's own {dtype} merge max {theirs:.3f} ulp"
+    )
+
+
+def _stored_dtype(base: Path) -> torch.dtype:
+    """The dtype the base stores its weights in (config.json)."""
+    return getattr(torch, json.loads((base / "config.json").read_text())["dtype"])
 
 
 def _merge(tmp_path: Path, base: Path, adapters: list[Path], weights=(1.0,), **options) -> Path:
@@ -112,7 +134,7 @@ def test_merge_matches_peft_float64(tmp_path, built, case, compute):
 @pytest.mark.parametrize("case", MOE + RENAMED)
 def test_logits_equal_unmerged_peft(tmp_path, built, case):
     base, adapter = built(case)
-    out = _merge(tmp_path, base, [adapter])
+    out = _merge(tmp_path, base, [adapter], dtype="float32")
     model_class = _model_class(base)
     ours = logits_of(out, IDS, model_class)
     reference = logits_unmerged(base, [adapter], [1.0], IDS, model_class)
