@@ -25,9 +25,12 @@ def _resized_vocab(adapter: Path) -> int | None:
     return None
 
 
-def peft_model(base: Path, adapters: list[Path], weights: list[float], dtype: torch.dtype):
-    """transformers base + PEFT adapters (unmerged), each adapter scaled by its weight."""
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+def peft_model(
+    base: Path, adapters: list[Path], weights: list[float], dtype: torch.dtype, model_class=None
+):
+    """transformers base + PEFT adapters (unmerged), each adapter scaled by its weight; the
+    model is loaded with `model_class` (default AutoModelForCausalLM)."""
+    model = (model_class or AutoModelForCausalLM).from_pretrained(base, dtype=dtype)
     for adapter in adapters:
         rows = _resized_vocab(Path(adapter))
         if rows and rows != model.get_input_embeddings().weight.shape[0]:
@@ -49,9 +52,9 @@ def peft_model(base: Path, adapters: list[Path], weights: list[float], dtype: to
     return model, names
 
 
-def peft_merged_state(base, adapters, weights, dtype) -> dict[str, torch.Tensor]:
+def peft_merged_state(base, adapters, weights, dtype, model_class=None) -> dict[str, torch.Tensor]:
     """PEFT's own merge_and_unload() of the adapters, as a state dict."""
-    model, names = peft_model(base, adapters, weights, dtype)
+    model, names = peft_model(base, adapters, weights, dtype, model_class)
     merged = model.merge_and_unload(adapter_names=names)
     return {k: v.detach().clone() for k, v in merged.state_dict().items()}
 
@@ -67,16 +70,17 @@ def probe_ids(folder: Path) -> torch.Tensor:
 
 
 @torch.no_grad()
-def logits_unmerged(base, adapters, weights, ids) -> torch.Tensor:
+def logits_unmerged(base, adapters, weights, ids, model_class=None) -> torch.Tensor:
     """float32 logits of base + adapters, as PEFT runs them without merging."""
-    model, _ = peft_model(base, adapters, weights, torch.float32)
+    model, _ = peft_model(base, adapters, weights, torch.float32, model_class)
     return model(input_ids=ids).logits
 
 
 @torch.no_grad()
-def logits_of(folder: Path, ids: torch.Tensor) -> torch.Tensor:
-    """float32 logits of a checkpoint folder loaded with transformers."""
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+def logits_of(folder: Path, ids: torch.Tensor, model_class=None) -> torch.Tensor:
+    """float32 logits of a checkpoint folder loaded with transformers (`model_class`)."""
+    model = (model_class or AutoModelForCausalLM).from_pretrained(folder, dtype=torch.float32)
+    model.eval()
     return model(input_ids=ids).logits
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,6 @@ _UNMERGEABLE_SWITCHES = {
     "kasa_config": "KaSA",
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
     "layer_replication": "layer replication",
-    "target_parameters": "LoRA on raw parameters (target_parameters)",
 }
 # Initialisations that rewrite the base weights: the adapter only fits that rewritten base.
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
@@ -56,6 +55,8 @@ _FULL_PRIORITY = ("full", "saved", "base_copy")
 # regular expressions that backtrack exponentially. PEFT's patterns never need one.
 _NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*[*+}|](?:[^()\\]|\\.)*\)(?:[*+?]|\{\d)")
 _MAX_NAME = 1024
+# How PEFT nests one ParamWrapper in another when it adapts several parameters of one module.
+_WRAPPED = ".base_layer"
 
 # Tensor names of other PEFT tuners (LoHa, LoKr, IA3, VeRA, AdaLoRA, OFT, ...): refused by name.
 _FOREIGN = re.compile(
@@ -78,11 +79,24 @@ class LoraModule:
     fan_in_fan_out: bool
     bias_key: str | None = None
     magnitude_key: str | None = None
+    # kind "parameter" (target_parameters, PEFT's ParamWrapper): the parameter once the plan has
+    # bound it, the wrappers nested inside this one (`base_layer.` levels in its keys), the names
+    # it may adapt, and the experts of a 3-D parameter (A holds r rows, B r columns, per expert)
+    parameter: str | None = None
+    depth: int = 0
+    candidates: tuple[str, ...] = ()
+    experts: int = 1
 
     @property
     def transposed(self) -> bool:
-        """Whether dW is (B@A)^T: embeddings and Conv1D (fan_in_fan_out) weights, as in PEFT."""
+        """Whether dW is (B@A)^T: embeddings, Conv1D (fan_in_fan_out) weights and experts stored
+        (in, out), as in PEFT."""
         return self.kind == "embedding" or self.fan_in_fan_out
+
+    @property
+    def target(self) -> str:
+        """The name of the tensor this module changes, in the model's own naming."""
+        return f"{self.module}.{self.parameter or 'weight'}"
 
 
 @dataclass(frozen=True)
@@ -241,6 +255,9 @@ def _check_types(config_path: Path, config: dict) -> None:
     for name in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias"):
         if not isinstance(config.get(name, False), bool):
             raise LoramergeError(f"{config_path}: {name} must be true or false")
+    targets = config.get("target_parameters") or []
+    if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
+        raise LoramergeError(f"{config_path}: target_parameters must be a list of names")
 
 
 def _parse_keys(adapter: Adapter) -> None:
@@ -308,10 +325,13 @@ def _lora_module(adapter: Adapter, module: str, roles: dict[str, str]) -> LoraMo
             f"{where}: module {module!r}: A {list(a)} and B {list(b)} do not make a rank-r pair"
         )
     config = adapter.config
-    r_key = pattern_key(list((config.get("rank_pattern") or {}).keys()), module)
-    rank = int(config["rank_pattern"][r_key]) if r_key else adapter.rank
-    alpha_key = pattern_key(list((config.get("alpha_pattern") or {}).keys()), module)
-    alpha = float(config["alpha_pattern"][alpha_key]) if alpha_key else adapter.alpha
+    wrapped, depth = module, 0
+    while wrapped.endswith(_WRAPPED):
+        wrapped, depth = wrapped[: -len(_WRAPPED)], depth + 1
+    candidates = _parameter_candidates(adapter, wrapped)
+    if not embedding and kind == "linear" and (depth or candidates):
+        return _parameter_module(adapter, wrapped, depth, candidates, roles, a_key, b_key)
+    rank, alpha = _rank_alpha(adapter, module)
     if rank != rank_a:
         raise LoramergeError(
             f"{where}: module {module!r} has rank {rank_a} in its weights but the config "
@@ -332,6 +352,90 @@ def _lora_module(adapter: Adapter, module: str, roles: dict[str, str]) -> LoraMo
         fan_in_fan_out=bool(config.get("fan_in_fan_out", False)) and kind == "linear",
         bias_key=roles.get("lora_B_bias"),
         magnitude_key=roles.get("magnitude"),
+    )
+
+
+def _rank_alpha(adapter: Adapter, name: str) -> tuple[int, float]:
+    """r and lora_alpha PEFT gives the module or parameter `name` (rank_pattern, alpha_pattern)."""
+    config = adapter.config
+    r_key = pattern_key(list((config.get("rank_pattern") or {}).keys()), name)
+    rank = int(config["rank_pattern"][r_key]) if r_key else adapter.rank
+    alpha_key = pattern_key(list((config.get("alpha_pattern") or {}).keys()), name)
+    alpha = float(config["alpha_pattern"][alpha_key]) if alpha_key else adapter.alpha
+    return rank, alpha
+
+
+def _parameter_candidates(adapter: Adapter, module: str) -> tuple[str, ...]:
+    """Parameter names of `module` that target_parameters reaches, by PEFT's rule: the name
+    `module.param` equals an entry or ends with `.entry`."""
+    found = []
+    for entry in adapter.config.get("target_parameters") or []:
+        owner, _, parameter = entry.rpartition(".")
+        if (not owner or module == owner or module.endswith("." + owner)) and (
+            parameter not in found
+        ):
+            found.append(parameter)
+    return tuple(found)
+
+
+def _parameter_module(
+    adapter: Adapter,
+    module: str,
+    depth: int,
+    candidates: tuple[str, ...],
+    roles: dict[str, str],
+    a_key: str,
+    b_key: str,
+) -> LoraModule:
+    """A ParamWrapper (target_parameters): its parameter, rank and scale are bound by the plan."""
+    where = adapter.weights.files[0]
+    extra = {"lora_B_bias": "a lora_B bias", "magnitude": "a DoRA magnitude"}
+    for role, what in extra.items():
+        if role in roles:
+            raise LoramergeError(
+                f"{where}: {module!r} adapts a raw parameter (target_parameters) but has {what}; "
+                "PEFT's ParamWrapper has neither, so this is not an adapter PEFT wrote"
+            )
+    if not candidates:
+        raise LoramergeError(
+            f"{where}: {module!r} is nested in a parameter wrapper but target_parameters names "
+            "no parameter of it"
+        )
+    return LoraModule(
+        module=module,
+        kind="parameter",
+        a_key=a_key,
+        b_key=b_key,
+        rank=adapter.rank,
+        alpha=adapter.alpha,
+        scale=adapter.default_scale,
+        fan_in_fan_out=False,
+        depth=depth,
+        candidates=candidates,
+    )
+
+
+def bind_parameter(
+    adapter: Adapter, module: LoraModule, parameter: str, experts: int, transposed: bool
+) -> LoraModule:
+    """A target_parameters module once its parameter is known: r, alpha and scale as PEFT gives
+    them to `module.parameter`, and the expert count of a 3-D parameter (1 for a matrix)."""
+    rank, alpha = _rank_alpha(adapter, f"{module.module}.{parameter}")
+    a = adapter.weights.tensors[module.a_key].shape
+    b = adapter.weights.tensors[module.b_key].shape
+    if a[0] != rank * experts or b[1] != rank * experts:
+        raise LoramergeError(
+            f"{adapter.path.name}: {module.module}.{parameter}: A {list(a)} and B {list(b)} do "
+            f"not hold rank {rank} (r / rank_pattern) for each of its {experts} expert(s)"
+        )
+    return replace(
+        module,
+        parameter=parameter,
+        rank=rank,
+        alpha=alpha,
+        scale=lora_scale(alpha, rank, adapter.use_rslora),
+        fan_in_fan_out=transposed,
+        experts=experts,
     )
 
 

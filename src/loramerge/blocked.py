@@ -25,19 +25,29 @@ _local = threading.local()
 
 @dataclass(frozen=True)
 class Factor:
-    """One term c * dW in float32: dW = B @ A, or (B @ A)^T for Conv1D weights and embeddings."""
+    """One term c * dW in float32: dW = B @ A, or (B @ A)^T for Conv1D weights and embeddings.
 
-    a: np.ndarray  # (r, in), or (r, rows of W) when transposed
+    dW covers rows `at` to `at + rows` of W (all of W but for one expert of a stacked tensor).
+    """
+
+    a: np.ndarray  # (r, in), or (r, rows of dW) when transposed
     b: np.ndarray  # (out, r), already times the coefficient c
     transposed: bool
+    at: int = 0
+
+    @property
+    def rows(self) -> int:
+        """Rows of dW."""
+        return self.a.shape[1] if self.transposed else self.b.shape[0]
 
 
-def factor(a: np.ndarray, b: np.ndarray, coef: float, transposed: bool) -> Factor:
+def factor(a: np.ndarray, b: np.ndarray, coef: float, transposed: bool, at: int = 0) -> Factor:
     """A term in float32, its coefficient folded into B (r values per row, not one per weight)."""
     return Factor(
         np.ascontiguousarray(a, dtype=np.float32),
         np.ascontiguousarray(np.asarray(b, dtype=np.float32) * np.float32(coef)),
         transposed,
+        at,
     )
 
 
@@ -53,11 +63,15 @@ def merge_rows(w0: np.ndarray, factors: list[Factor], out: np.ndarray) -> None:
             delta = delta_buffer[: (r1 - r0) * cols].reshape(r1 - r0, cols)
             np.copyto(acc, w0[r0:r1])  # bfloat16 -> float32 is exact
             for f in factors:
-                if f.transposed:  # rows r0:r1 of (B@A)^T are A[:, r0:r1]^T @ B^T
-                    np.matmul(f.a[:, r0:r1].T, f.b.T, out=delta)
+                lo, hi = max(r0, f.at), min(r1, f.at + f.rows)  # rows of W this block and dW share
+                if lo >= hi:
+                    continue
+                d, d0, d1 = delta[: hi - lo], lo - f.at, hi - f.at
+                if f.transposed:  # rows d0:d1 of (B@A)^T are A[:, d0:d1]^T @ B^T
+                    np.matmul(f.a[:, d0:d1].T, f.b.T, out=d)
                 else:
-                    np.matmul(f.b[r0:r1], f.a, out=delta)
-                acc += delta
+                    np.matmul(f.b[d0:d1], f.a, out=d)
+                acc[lo - r0 : hi - r0] += d
             np.copyto(out[r0:r1], acc, casting="unsafe")  # the one rounding, to nearest even
 
 

@@ -35,6 +35,12 @@ class Term:
     magnitude: torch.Tensor | None = None
     undo: bool = False  # taken out of a merged weight (coef already negated for plain LoRA)
     norm: torch.Tensor | None = None  # DoRA undo: the norm ||W0 + s*dW|| the merge used
+    at: int = 0  # first row of W that dW covers (one expert of a stacked tensor)
+
+
+def term_rows(term: Term) -> int:
+    """Rows of W this term's dW covers."""
+    return term.a.shape[1] if transposed(term) else term.b.shape[0]
 
 
 def transposed(term: Term) -> bool:
@@ -107,10 +113,14 @@ def merged_blocks(
         acc = scratch[: (r1 - r0) * cols].view(r1 - r0, cols)
         acc.copy_(w0[r0:r1])
         for a, b, term in factors:
-            if transposed(term):  # rows r0:r1 of (B@A)^T are A[:, r0:r1]^T @ B^T
-                acc.addmm_(a[:, r0:r1].T, b.T)
+            lo, hi = max(r0, term.at), min(r1, term.at + term_rows(term))
+            if lo >= hi:
+                continue
+            band, d0, d1 = acc[lo - r0 : hi - r0], lo - term.at, hi - term.at
+            if transposed(term):  # rows d0:d1 of (B@A)^T are A[:, d0:d1]^T @ B^T
+                band.addmm_(a[:, d0:d1].T, b.T)
             else:
-                acc.addmm_(b[r0:r1], a)
+                band.addmm_(b[d0:d1], a)
         yield r0, r1, acc
 
 
@@ -127,20 +137,26 @@ def _merge_whole(
     acc = w0.to(compute_dtype, copy=True)
     for term in terms:
         if term.undo and term.magnitude is None:
-            acc.add_(lora_delta(term, acc.shape, compute_dtype), alpha=term.coef)
+            _add_plain(acc, term, compute_dtype)
         elif term.undo:
             acc = undo_dora(acc, term, compute_dtype)
     added = [(i, t) for i, t in enumerate(terms) if not t.undo]
     base = acc.clone() if any(t.magnitude is not None for _, t in added) else None
     for index, term in added:
         if term.magnitude is None:
-            acc.add_(lora_delta(term, acc.shape, compute_dtype), alpha=term.coef)
+            _add_plain(acc, term, compute_dtype)
         else:
             contribution, norm = dora_contribution(base, term, compute_dtype)
             acc.add_(contribution, alpha=term.weight)
             if norms is not None:
                 norms[index] = norm.reshape(-1)
     return acc
+
+
+def _add_plain(acc: torch.Tensor, term: Term, dtype: torch.dtype) -> None:
+    """acc += coef * dW on the rows dW covers."""
+    band = acc[term.at : term.at + term_rows(term)]
+    band.add_(lora_delta(term, band.shape, dtype), alpha=term.coef)
 
 
 def round_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

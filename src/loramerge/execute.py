@@ -23,7 +23,7 @@ from threadpoolctl import threadpool_limits
 from loramerge import blocked, dtypes
 from loramerge.adapter import Adapter
 from loramerge.errors import LoramergeError
-from loramerge.plan import Plan, TensorPlan
+from loramerge.plan import Plan, TensorPlan, as_matrix
 from loramerge.sink.direct_io import ALIGN
 from loramerge.sink.sharded import ShardedWriter
 from loramerge.source.checkpoint import Checkpoint, RawRange, read_buffer
@@ -88,7 +88,7 @@ class Route:
         ):
             return False
         return not plan.lora or (
-            len(plan.shape) == 2
+            (len(plan.shape) == 2 or all(t.part for t in plan.lora))
             and all(t.module.kind != "conv" and not t.module.magnitude_key for t in plan.lora)
         )
 
@@ -207,11 +207,13 @@ def _merge_numpy(
     if not plan.lora:  # a pickled tensor as it is, or a bare dtype change (one rounding)
         with np.errstate(all="ignore"):
             return w0.astype(out_dtype, copy=False)
-    out = w0 if w0.dtype == out_dtype else np.empty(plan.shape, dtype=out_dtype)
+    w0 = as_matrix(w0, plan)
+    out = w0 if w0.dtype == out_dtype else np.empty(w0.shape, dtype=out_dtype)
     factors = []
     for t in plan.lora:
         read = adapters[t.adapter].weights.read
-        a, b = read(t.module.a_key), read(t.module.b_key)
-        factors.append(blocked.factor(a, b, t.coef, t.module.transposed))
+        a, b = t.factors(read(t.module.a_key), read(t.module.b_key))
+        at = t.part.at if t.part else 0
+        factors.append(blocked.factor(a, b, t.coef, t.module.transposed, at))
     blocked.merge_rows(w0, factors, out)
-    return out
+    return out.reshape(plan.shape)

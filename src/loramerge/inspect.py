@@ -51,6 +51,7 @@ def _inspect_adapter(path: Path, allow_pickle: bool) -> dict:
     try:
         config = adapter.config
         infos = adapter.weights.tensors.values()
+        wrapped = [m for m in adapter.modules if m.kind == "parameter"]
         return {
             "kind": "adapter",
             "path": str(path),
@@ -64,9 +65,14 @@ def _inspect_adapter(path: Path, allow_pickle: bool) -> dict:
             "rank_pattern": config.get("rank_pattern") or {},
             "alpha_pattern": config.get("alpha_pattern") or {},
             "target_modules": config.get("target_modules"),
+            "target_parameters": config.get("target_parameters") or [],
             "lora_modules": len(adapter.modules),
             "module_kinds": dict(Counter(m.kind for m in adapter.modules)),
-            "scales": sorted({m.scale for m in adapter.modules}),
+            # a parameter wrapper's scale depends on which parameter it adapts: known at merge
+            "scales": sorted({m.scale for m in adapter.modules if m.kind != "parameter"}),
+            "wrapped_parameters": sorted(
+                {f"{m.module} ({' or '.join(m.candidates)})" for m in wrapped}
+            ),
             "modules_to_save": sorted(f.target for f in adapter.full),
             "trainable_token_rows": sorted(r.target for r in adapter.token_rows),
             "tensors": len(adapter.weights.tensors),

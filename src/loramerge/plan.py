@@ -10,13 +10,34 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
 from loramerge import dtypes, ties
-from loramerge.adapter import Adapter, FullTensor, LoraModule, TokenRows
+from loramerge.adapter import Adapter, FullTensor, LoraModule, TokenRows, bind_parameter
 from loramerge.errors import LoramergeError
+from loramerge.names import Layout, ModelNames, NamesUnavailable, model_names
 from loramerge.source.checkpoint import Checkpoint
+
+# A numpy array or a torch tensor: the plan slices either the same way.
+Array = TypeVar("Array")
+
+
+@dataclass(frozen=True)
+class Part:
+    """The share of a module's delta that one stored tensor receives.
+
+    A stored tensor may be a piece of the parameter PEFT adapted (one expert of a fused MoE
+    parameter, the gate or up half of `gate_up_proj`), or hold several experts of it. The part is
+    expert `expert`'s delta (the whole delta when None), cut to `rows` and `cols` of the stored
+    orientation, added at row `at` of the stored tensor seen as a matrix (its experts stacked).
+    """
+
+    expert: int | None = None
+    rows: tuple[int, int] | None = None
+    cols: tuple[int, int] | None = None
+    at: int = 0
 
 
 @dataclass(frozen=True)
@@ -24,18 +45,41 @@ class Lora:
     """Adapter `adapter`'s LoRA module applied with user weight `weight`.
 
     `undo` marks a term taken out of a merged weight: plain LoRA then carries the negated weight
-    (the arithmetic is the same sum), DoRA the weight it was merged with (it is inverted).
+    (the arithmetic is the same sum), DoRA the weight it was merged with (it is inverted). `part`,
+    when set, is the share of the module's delta this tensor receives.
     """
 
     adapter: int
     module: LoraModule
     weight: float
     undo: bool = False
+    part: Part | None = None
 
     @property
     def coef(self) -> float:
         """The user weight times the LoRA scale: what multiplies B@A (and B's bias)."""
         return self.weight * self.module.scale
+
+    def factors(self, a: Array, b: Array) -> tuple[Array, Array]:
+        """(A, B) of this tensor's share: dW = B@A, or (B@A)^T when the module is transposed.
+
+        PEFT's ParamWrapper lays a 3-D parameter's factors out as A (experts*r, in), rows expert
+        by expert, and B (out, r*experts), columns rank by rank (`get_delta_weight`).
+        """
+        part = self.part
+        if part is None:
+            return a, b
+        if part.expert is not None and self.module.experts > 1:
+            r, e = self.module.rank, part.expert
+            a, b = a[e * r : (e + 1) * r], b[:, e :: self.module.experts]
+        out_range, in_range = (
+            (part.cols, part.rows) if self.module.transposed else (part.rows, part.cols)
+        )
+        if out_range:
+            b = b[out_range[0] : out_range[1]]
+        if in_range:
+            a = a[:, in_range[0] : in_range[1]]
+        return a, b
 
 
 @dataclass(frozen=True)
@@ -97,6 +141,14 @@ class Plan:
         return sum(t.nbytes for t in self.tensors)
 
 
+def as_matrix(weight: Array, plan: TensorPlan) -> Array:
+    """A numpy or torch tensor of stacked experts seen as one matrix, the experts one under
+    another (a view), the way `Part.at` counts rows; any other tensor as it is."""
+    if weight.ndim == 3 and any(t.part for t in plan.lora):
+        return weight.reshape(-1, weight.shape[-1])
+    return weight
+
+
 def build_plan(
     base: Checkpoint,
     config: dict | None,
@@ -137,6 +189,7 @@ class _Builder:
             name: TensorPlan(name, name, self._dtype_for(info.dtype), info.shape)
             for name, info in base.tensors.items()
         }
+        self.names: ModelNames | NamesUnavailable | None = None
         self.tied = bool(config) and ties.ties_enabled(config)
         self.groups = ties.tie_groups(config)
         self.stored = {
@@ -185,17 +238,56 @@ class _Builder:
         hits = self._matches(target)
         if len(hits) == 1:
             return self.plans[hits[0]]
-        source = None if hits else self._tied_source(target)
-        if source is not None:
-            return self._tied_copy(target, source)
+        why = ""
+        if not hits:
+            tied = self._tied_plan(target)
+            if tied is not None:
+                return tied
+            layout, why = self._layout(target)
+            if layout is not None and len(layout.pieces) == 1:
+                return self.plans[layout.pieces[0].stored]  # stored under another name
         reason = "matches several" if hits else "matches no"
-        self._error_once(f"{adapter.path.name}: {target} {reason} tensor of the base")
+        self._error_once(f"{adapter.path.name}: {target} {reason} tensor of the base{why}")
         return None
 
     def _error_once(self, message: str) -> None:
         """Record an error unless the same one is already recorded (one line per module)."""
         if message not in self.errors:
             self.errors.append(message)
+
+    def _model_names(self) -> ModelNames:
+        """transformers' names for this base, built on first need; raises NamesUnavailable."""
+        if self.names is None:
+            stored = {n: tuple(i.shape) for n, i in self.base.tensors.items()}
+            try:
+                self.names = model_names(self.config, stored)
+            except NamesUnavailable as exc:
+                self.names = exc
+        if isinstance(self.names, NamesUnavailable):
+            raise self.names
+        return self.names
+
+    def _layout(self, target: str) -> tuple[Layout | None, str]:
+        """How transformers loads `target` from the stored tensors, or why that is not known."""
+        try:
+            names = self._model_names()
+        except NamesUnavailable as exc:
+            return None, f" ({exc})"
+        layout = names.layout(target)
+        if layout is None:
+            refused = names.refused.get(target)
+            return (
+                None,
+                f" (transformers loads it from stored tensors: {refused})" if refused else "",
+            )
+        if len(layout.pieces) > 1:
+            stored = ", ".join(p.stored for p in layout.pieces[:2])
+            count = len(layout.pieces)
+            return (
+                layout,
+                f" (transformers assembles it from {count} stored tensors: {stored}, ...)",
+            )
+        return layout, ""
 
     def _equals_base(self, adapter: Adapter, full: FullTensor) -> bool:
         """Whether a saved base-layer copy holds exactly the base tensor (reads both)."""
@@ -209,6 +301,9 @@ class _Builder:
     def _add_lora(
         self, index: int, adapter: Adapter, module: LoraModule, weight: float, undo: bool
     ) -> None:
+        if module.kind == "parameter":
+            self._add_parameter(index, adapter, module, -weight if undo else weight, undo)
+            return
         plan = self._resolve(adapter, f"{module.module}.weight")
         if plan is None:
             return
@@ -247,6 +342,56 @@ class _Builder:
                 self.errors.append(f"{adapter.path.name}: lora_B bias of {module.module} misfits")
             elif bias is not None:
                 bias.bias.append(Lora(index, module, -weight if undo else weight, undo))
+
+    def _add_parameter(
+        self, index: int, adapter: Adapter, module: LoraModule, signed: float, undo: bool
+    ) -> None:
+        """A target_parameters module (PEFT's ParamWrapper), bound to its parameter and shared
+        out to the stored tensors transformers builds that parameter from."""
+        try:
+            parameter = self._wrapped_parameter(adapter, module)
+            target = f"{module.module}.{parameter}"
+            shape, pieces = self._stored_pieces(target)
+            experts = shape[0] if len(shape) == 3 else 1
+            transposed = experts > 1 and module.module in self._model_names().transposed
+            bound = bind_parameter(adapter, module, parameter, experts, transposed)
+            parts = _parts(bound, shape, pieces, adapter.weights.tensors)
+        except LoramergeError as exc:
+            self.errors.append(f"{adapter.path.name}: {module.module} (target_parameters): {exc}")
+            return
+        for plan, part in parts:
+            plan.lora.append(Lora(index, bound, signed, undo, part))
+
+    def _wrapped_parameter(self, adapter: Adapter, module: LoraModule) -> str:
+        """The parameter a ParamWrapper adapts. PEFT wraps a module's targeted parameters in
+        their registration order, the first innermost, so a wrapper with `depth` wrappers inside
+        it adapts the parameter that many places from the last."""
+        depths = sorted({m.depth for m in adapter.modules if m.module == module.module})
+        if depths == [0] and len(module.candidates) == 1:
+            return module.candidates[0]
+        own = self._model_names().parameters.get(module.module)
+        if own is None:
+            raise LoramergeError("the base's model class has no such module")
+        adapted = [p for p in own if p in module.candidates]
+        if depths != list(range(len(adapted))):
+            raise LoramergeError(
+                f"its {len(depths)} nested wrapper(s) do not match the parameters "
+                f"target_parameters reaches on it ({', '.join(adapted) or 'none'})"
+            )
+        return adapted[len(adapted) - 1 - module.depth]
+
+    def _stored_pieces(self, target: str) -> tuple[tuple[int, ...], list[tuple[TensorPlan, tuple]]]:
+        """The in-memory parameter's shape and the stored tensors it is made of, with where each
+        sits in it (transformers' layout when the base stores it under other names)."""
+        hits = [n for n in self.base.tensors if n == target or n.endswith("." + target)]
+        if len(hits) == 1:
+            shape = self.base_shape(self.plans[hits[0]])
+            return shape, [(self.plans[hits[0]], tuple((0, n) for n in shape))]
+        layout, why = self._layout(target) if not hits else (None, "")
+        if layout is None:
+            reason = "matches several" if hits else "matches no"
+            raise LoramergeError(f"{target} {reason} tensor of the base{why}")
+        return layout.shape, [(self.plans[p.stored], p.index) for p in layout.pieces]
 
     def _add_replace(self, index: int, adapter: Adapter, target: str, key: str, weight: float):
         plan = self._resolve(adapter, target)
@@ -314,14 +459,26 @@ class _Builder:
         members = {m for group in self.groups or [] for m in group.members}
         return {self.stored.get(m) or m for m in members} & self.plans.keys()
 
-    def _tied_source(self, name: str) -> str | None:
-        """For a tied parameter the checkpoint does not store, the stored tensor it shares."""
-        if not self.tied:
+    def _renamed_members(self, group: ties.TieGroup) -> None:
+        """Find members stored under another name, as transformers maps names when it loads."""
+        for member in group.members:
+            if self.stored[member] is None:
+                layout, _ = self._layout(member)
+                if layout is not None and len(layout.pieces) == 1:
+                    self.stored[member] = layout.pieces[0].stored
+
+    def _tied_plan(self, name: str) -> TensorPlan | None:
+        """The plan of a tied parameter not stored under its own name: stored under another
+        name, or (not stored at all) a copy of the stored tensor it shares."""
+        group = next((g for g in self.groups or [] if name in g.members), None)
+        if not self.tied or group is None:
             return None
-        for group in self.groups or []:
-            if name in group.members:
-                return next((self.stored[m] for m in group.members if self.stored[m]), None)
-        return None
+        if self.stored[group.source] is None:
+            self._renamed_members(group)
+        if self.stored[name]:
+            return self.plans[self.stored[name]]
+        source = next((self.stored[m] for m in group.members if self.stored[m]), None)
+        return None if source is None else self._tied_copy(name, source)
 
     def _tied_copy(self, name: str, source: str) -> TensorPlan:
         """A plan writing tied parameter `name` as its own tensor, starting from `source`."""
@@ -339,6 +496,14 @@ class _Builder:
 
     def base_shape(self, plan: TensorPlan) -> tuple[int, ...]:
         return tuple(self.base.tensors[plan.source].shape)
+
+    def _change_config(self, change: dict[str, object]) -> None:
+        """Fold a config change into the updates; nested configs (`text_config`) key by key."""
+        for key, value in change.items():
+            if isinstance(value, dict) and isinstance(self.config_updates.get(key), dict):
+                self.config_updates[key] = {**self.config_updates[key], **value}
+            else:
+                self.config_updates[key] = value
 
     def _check_vocab(self) -> None:
         """Vocabulary resizes: every vocabulary matrix resized, all to the same size."""
@@ -360,7 +525,7 @@ class _Builder:
             )
         else:
             size = next(iter(resized.values()))
-            self.config_updates.update(ties.vocab_update(self.config, size))
+            self._change_config(ties.vocab_update(self.config, size))
             self.notes.append(f"vocabulary resized from {ties.vocab_size(self.config)} to {size}")
 
     def _untie_if_needed(self) -> None:
@@ -385,6 +550,8 @@ class _Builder:
                 )
             return
         for group in self.groups:
+            if embedding_like and self.stored[group.source] is None:
+                self._renamed_members(group)
             stored = [self.stored[m] for m in group.members if self.stored[m]]
             if not stored:
                 if embedding_like:
@@ -401,7 +568,7 @@ class _Builder:
             for member, plan in zip(group.members, planned, strict=True):
                 if plan is None:
                     self._tied_copy(member, stored[0])
-            self.config_updates["tie_word_embeddings"] = False
+            self._change_config(ties.untie_update(self.config))
             written = [self.stored[m] or m for m in group.members]
             self.notes.append(
                 f"untied {' and '.join(written)}: the adapters change them differently"
@@ -426,3 +593,29 @@ def _embedding_like(plan: TensorPlan) -> bool:
     """Whether a change is of the kind only vocabulary matrices get: embedding LoRA, new rows."""
     kinds = {term.module.kind for term in plan.lora}
     return bool(plan.replace or plan.rows or "embedding" in kinds)
+
+
+def _parts(
+    module: LoraModule, shape: tuple[int, ...], pieces: list[tuple[TensorPlan, tuple]], tensors
+) -> list[tuple[TensorPlan, Part | None]]:
+    """Each stored tensor's share of a bound ParamWrapper's delta, checked against its shape."""
+    out_features = tensors[module.b_key].shape[0]
+    in_features = tensors[module.a_key].shape[1]
+    matrix = (in_features, out_features) if module.transposed else (out_features, in_features)
+    delta = (shape[0], *matrix) if module.experts > 1 else matrix
+    if tuple(shape) != delta:
+        raise LoramergeError(
+            f"{module.target} is {list(shape)} but the adapter makes a delta of {list(delta)}"
+        )
+    parts = []
+    for plan, index in pieces:
+        *lead, rows, cols = index
+        if not all(isinstance(x, tuple) for x in (rows, cols)):
+            raise LoramergeError(f"{plan.name} holds single rows or columns of {module.target}")
+        if module.experts == 1:
+            parts.append((plan, Part(rows=rows, cols=cols) if len(pieces) > 1 else None))
+            continue
+        (first, last) = (lead[0], lead[0] + 1) if isinstance(lead[0], int) else lead[0]
+        height = rows[1] - rows[0]
+        parts += [(plan, Part(e, rows, cols, at=(e - first) * height)) for e in range(first, last)]
+    return parts

@@ -79,3 +79,13 @@ def vocab_update(config: dict, size: int) -> dict[str, object]:
     if "vocab_size" not in config and isinstance(config.get("text_config"), dict):
         return {"text_config": {"vocab_size": size}}
     return {"vocab_size": size}
+
+
+def untie_update(config: dict) -> dict[str, object]:
+    """The config change that unties: top level, and `text_config` too when it has the flag
+    (transformers reads the top level; a text model built from `text_config` alone reads its)."""
+    update: dict[str, object] = {"tie_word_embeddings": False}
+    text = config.get("text_config")
+    if isinstance(text, dict) and "tie_word_embeddings" in text:
+        update["text_config"] = {"tie_word_embeddings": False}
+    return update

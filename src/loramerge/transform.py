@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from loramerge import dtypes
-from loramerge.adapter import Adapter, LoraModule
+from loramerge.adapter import Adapter
 from loramerge.delta import Term, add_bias, merge_weight, replace_rows, round_once
 from loramerge.errors import LoramergeError
-from loramerge.plan import TensorPlan
+from loramerge.plan import Lora, TensorPlan, as_matrix
 from loramerge.source.checkpoint import Checkpoint, read_buffer
 
 COMPUTE = {"float32": torch.float32, "float64": torch.float64}
@@ -55,7 +55,7 @@ def produce(
             norms_out[(plan.lora[index].adapter, plan.name)] = dtypes.as_numpy(norm.float().cpu())
     elif biases:
         weight = add_bias(weight, biases, compute_dtype=COMPUTE[compute], out_dtype=out_dtype)
-    return dtypes.as_numpy(round_once(weight, out_dtype).cpu())
+    return dtypes.as_numpy(round_once(weight, out_dtype).cpu()).reshape(plan.shape)
 
 
 def tensor_inputs(
@@ -68,7 +68,8 @@ def tensor_inputs(
 ) -> tuple[torch.Tensor, list[Term], list[tuple[float, torch.Tensor]]]:
     """(W0 as the plan starts it, LoRA terms on `device`, (coef, bias) pairs) for one tensor.
 
-    W0 lives in this thread's read buffer until the next call, so it may be merged in place.
+    W0 lives in this thread's read buffer until the next call, so it may be merged in place;
+    stacked experts come as one matrix (`as_matrix`).
     `norms[(adapter index, tensor name)]` holds the DoRA norms a DoRA undo term needs.
     """
     weight = _read(base, plan.source, read_buffer(base.tensors[plan.source].nbytes))
@@ -86,33 +87,29 @@ def tensor_inputs(
             if norms is None or (t.adapter, plan.name) not in norms:
                 raise LoramergeError(f"no stored DoRA norm for {plan.name}: pass --base BASE")
             norm = dtypes.as_torch(norms[(t.adapter, plan.name)]).to(device)
-        terms.append(_term(adapters[t.adapter], t.module, t.weight, device, t.undo, norm))
+        terms.append(_term(adapters[t.adapter], t, device, norm))
     biases = [(t.coef, _read(adapters[t.adapter].weights, t.module.bias_key)) for t in plan.bias]
-    return weight, terms, biases
+    return as_matrix(weight, plan), terms, biases
 
 
-def _term(
-    adapter: Adapter,
-    module: LoraModule,
-    weight: float,
-    device: torch.device,
-    undo: bool = False,
-    norm: torch.Tensor | None = None,
-) -> Term:
-    """Load one LoRA module's tensors onto the compute device."""
+def _term(adapter: Adapter, lora: Lora, device: torch.device, norm: torch.Tensor | None) -> Term:
+    """Load one LoRA module's tensors (this tensor's share of them) onto the compute device."""
+    module = lora.module
     read = partial(_read, adapter.weights)
     magnitude = read(module.magnitude_key).to(device) if module.magnitude_key else None
+    a, b = lora.factors(read(module.a_key), read(module.b_key))
     return Term(
         kind=module.kind,
-        a=read(module.a_key).to(device),
-        b=read(module.b_key).to(device),
-        coef=weight * module.scale,
-        weight=weight,
+        a=a.to(device),
+        b=b.to(device),
+        coef=lora.coef,
+        weight=lora.weight,
         scale=module.scale,
         fan_in_fan_out=module.fan_in_fan_out,
         magnitude=magnitude,
-        undo=undo,
+        undo=lora.undo,
         norm=norm,
+        at=lora.part.at if lora.part else 0,
     )
 
 

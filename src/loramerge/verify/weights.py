@@ -19,7 +19,7 @@ from loramerge import dtypes
 from loramerge.adapter import Adapter, load_adapter
 from loramerge.compare import Distance, ulp
 from loramerge.delta import Term, add_bias, merged_blocks
-from loramerge.plan import TensorPlan, build_plan
+from loramerge.plan import TensorPlan, as_matrix, build_plan
 from loramerge.sink.hf_folder import read_provenance
 from loramerge.source.checkpoint import Checkpoint, open_weights
 from loramerge.source.model_folder import read_config
@@ -257,8 +257,9 @@ def _check_all_quantized(report, reader, base_ck, config, adapters, weights, pro
 def _check_quantized(plan, base, reader, adapters, tol: float) -> TensorCheck:
     """|dequantized - expected| <= format bound + tol ulps of the source dtype, elementwise."""
     values, bound, kind = reader.read(plan.name, tuple(plan.shape))
+    values = as_matrix(values, plan)
     start, _, blocks = _expected_blocks(plan, base, adapters)
-    expected = torch.empty(tuple(plan.shape), dtype=torch.float64)
+    expected = as_matrix(torch.empty(tuple(plan.shape), dtype=torch.float64), plan)
     for r0, r1, block in blocks:
         expected[r0:r1] = block
     source = dtypes.to_torch(base.tensors[plan.source].dtype)
@@ -302,11 +303,11 @@ def _check(
     if tuple(info.shape) != tuple(plan.shape):
         note = f"shape {list(info.shape)}, expected {list(plan.shape)}"
         return TensorCheck(plan.name, "shape", info.dtype, passed=False, note=note)
-    got = _tensor(candidate, plan.name)
+    got = as_matrix(_tensor(candidate, plan.name), plan)
     passed = None
     for model in through:
         if plan.name in model.tensors and tuple(model.tensors[plan.name].shape) == plan.shape:
-            value = _tensor(model, plan.name).to(torch.float64).abs()
+            value = as_matrix(_tensor(model, plan.name).to(torch.float64).abs(), plan)
             passed = value if passed is None else passed.maximum(value)
     distance = Distance()
     if not plan.modified:
