@@ -66,7 +66,8 @@ def _fetch_sources(dest: Path) -> Path:
                 and (m.name.endswith(".h") or m.name.endswith("/ggml-quants.c"))
                 and ("/ggml/include/" in m.name or "/ggml/src/" in m.name)
             ]
-            tar.extractall(dest, members=wanted, filter="data")
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(dest, members=wanted, **safe)
     return next(dest.glob("*/vendor/llama.cpp/ggml"))
 
 

@@ -47,6 +47,11 @@ def first_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x[idx, cols], ax[idx, cols]
 
 
+def half_at(b: np.ndarray, at: int) -> np.ndarray:
+    """The fp16 field at byte offset `at` of each block (row of bytes), as a float32 column."""
+    return np.ascontiguousarray(b[:, at : at + 2]).view(np.float16).astype(F32)
+
+
 def u8(*parts: np.ndarray) -> np.ndarray:
     """Concatenate per-block byte fields (uint8 views of any dtype) along the last axis."""
     return np.concatenate([np.ascontiguousarray(p).view(np.uint8) for p in parts], axis=-1)

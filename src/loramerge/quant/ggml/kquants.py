@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import F32, GROUP_MAX_EPS, first_absmax, fp16, nearest_int, seqsum, u8
+from .common import F32, GROUP_MAX_EPS, first_absmax, fp16, half_at, nearest_int, seqsum, u8
 
 QK_K = 256
 
@@ -274,11 +274,6 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _half(b: np.ndarray, at: int) -> np.ndarray:
-    """The fp16 field at byte offset `at` of each block, as a float32 column."""
-    return np.ascontiguousarray(b[:, at : at + 2]).view(np.float16).astype(F32)
-
-
 def _unpack_2bit(qs: np.ndarray) -> np.ndarray:
     """Inverse of _pack_2bit: (n, 64) bytes -> (n, 256) values 0..3."""
     g = qs.reshape(-1, 2, 1, 32) >> (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)
@@ -301,8 +296,8 @@ def _per_sub(values: np.ndarray, size: int) -> np.ndarray:
 def dequantize_q2_k(b: np.ndarray) -> np.ndarray:
     """dequantize_row_q2_K: d * (sc & 15) * q - dmin * (sc >> 4)."""
     sc = b[:, :16].astype(np.int32)
-    dl = _per_sub(_half(b, 80) * (sc & 0xF).astype(F32), 16)
-    ml = _per_sub(_half(b, 82) * (sc >> 4).astype(F32), 16)
+    dl = _per_sub(half_at(b, 80) * (sc & 0xF).astype(F32), 16)
+    ml = _per_sub(half_at(b, 82) * (sc >> 4).astype(F32), 16)
     return dl * _unpack_2bit(b[:, 16:80]).astype(F32) - ml
 
 
@@ -312,7 +307,7 @@ def dequantize_q3_k(b: np.ndarray) -> np.ndarray:
     high = (s[:, 8:12, None] >> (2 * np.arange(4)).reshape(1, 1, 4)) & 3
     high = high.transpose(0, 2, 1).reshape(-1, 16)
     sc = np.concatenate([s[:, :8] & 0xF, s[:, :8] >> 4], axis=1) | (high << 4)
-    dl = _per_sub(_half(b, 108) * (sc - 32).astype(F32), 16)
+    dl = _per_sub(half_at(b, 108) * (sc - 32).astype(F32), 16)
     bits = (b[:, None, :32] >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
     q = _unpack_2bit(b[:, 32:96]) - 4 * (1 - bits.reshape(-1, QK_K).astype(np.int32))
     return dl * q.astype(F32)
@@ -321,8 +316,8 @@ def dequantize_q3_k(b: np.ndarray) -> np.ndarray:
 def _dequantize_k4(b: np.ndarray, q: np.ndarray) -> np.ndarray:
     """Q4_K/Q5_K: d * sc * q - dmin * m per sub-block of 32."""
     ls, lm = _unpack_scales_k4(b[:, 4:16])
-    d1 = _per_sub(_half(b, 0) * ls.astype(F32), 32)
-    m1 = _per_sub(_half(b, 2) * lm.astype(F32), 32)
+    d1 = _per_sub(half_at(b, 0) * ls.astype(F32), 32)
+    m1 = _per_sub(half_at(b, 2) * lm.astype(F32), 32)
     return d1 * q.astype(F32) - m1
 
 
@@ -350,4 +345,4 @@ def dequantize_q6_k(b: np.ndarray) -> np.ndarray:
     high = (qh >> (2 * np.arange(4)).reshape(1, 1, 4, 1)) & 3
     q = (low | (high << 4)).reshape(-1, QK_K) - 32
     sc = b[:, 192:208].view(np.int8).astype(F32)
-    return _per_sub(_half(b, 208) * sc, 16) * q.astype(F32)
+    return _per_sub(half_at(b, 208) * sc, 16) * q.astype(F32)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import F32, fp16, roundf, u8
+from .common import F32, fp16, half_at, roundf, u8
 
 
 def _inverse(d: np.ndarray) -> np.ndarray:
@@ -81,11 +81,6 @@ def quantize_q5_1(x: np.ndarray) -> np.ndarray:
     return u8(fp16(d)[0], fp16(lo)[0], _high_bits(q), _nibbles(q & 15))
 
 
-def _half(b: np.ndarray, at: int) -> np.ndarray:
-    """The fp16 field at byte offset `at` of each block, as a float32 column."""
-    return np.ascontiguousarray(b[:, at : at + 2]).view(np.float16).astype(F32)
-
-
 def _unnibble(qs: np.ndarray) -> np.ndarray:
     """Inverse of _nibbles: 32 quants per block."""
     return np.concatenate([qs & 15, qs >> 4], axis=1).astype(np.int32)
@@ -109,26 +104,26 @@ def dequantize_bf16(b: np.ndarray) -> np.ndarray:
 
 def dequantize_q8_0(b: np.ndarray) -> np.ndarray:
     """dequantize_row_q8_0: q * d."""
-    return b[:, 2:].view(np.int8).astype(F32) * _half(b, 0)
+    return b[:, 2:].view(np.int8).astype(F32) * half_at(b, 0)
 
 
 def dequantize_q4_0(b: np.ndarray) -> np.ndarray:
     """dequantize_row_q4_0: (q - 8) * d."""
-    return (_unnibble(b[:, 2:]) - 8).astype(F32) * _half(b, 0)
+    return (_unnibble(b[:, 2:]) - 8).astype(F32) * half_at(b, 0)
 
 
 def dequantize_q4_1(b: np.ndarray) -> np.ndarray:
     """dequantize_row_q4_1: q * d + m."""
-    return _unnibble(b[:, 4:]).astype(F32) * _half(b, 0) + _half(b, 2)
+    return _unnibble(b[:, 4:]).astype(F32) * half_at(b, 0) + half_at(b, 2)
 
 
 def dequantize_q5_0(b: np.ndarray) -> np.ndarray:
     """dequantize_row_q5_0: ((q | high) - 16) * d."""
     q = _unnibble(b[:, 6:]) | _unhigh(b[:, 2:6])
-    return (q - 16).astype(F32) * _half(b, 0)
+    return (q - 16).astype(F32) * half_at(b, 0)
 
 
 def dequantize_q5_1(b: np.ndarray) -> np.ndarray:
     """dequantize_row_q5_1: (q | high) * d + m."""
     q = _unnibble(b[:, 8:]) | _unhigh(b[:, 4:8])
-    return q.astype(F32) * _half(b, 0) + _half(b, 2)
+    return q.astype(F32) * half_at(b, 0) + half_at(b, 2)
