@@ -1,10 +1,11 @@
-"""llama.cpp's own quantizers, for the tests: ggml-quants.c compiled from llama-cpp-python's sdist.
+"""llama.cpp's own code, for the tests, built from llama-cpp-python's sdist (whole llama.cpp tree).
 
-The source distribution of llama-cpp-python carries the whole llama.cpp tree. `load()` fetches it
-with pip (once), compiles ggml-quants.c with the shim beside this file into a small shared
-library cached under .venv, and wraps `quantize_row_*_ref` and `dequantize_row_*` with ctypes.
-Compiled as llama.cpp's ggml-base is (no -march, asserts off) and with -ffp-contract=off, so that
-no compiler fuses a multiply-add the x86-64 build does not.
+`sources()` fetches it with pip once and keeps the few files used under .venv. `build()` compiles
+ggml-quants.c (with the shim beside this file) into a small shared library wrapped by `Reference`
+(ctypes: `quantize_row_*_ref`, `dequantize_row_*`), as llama.cpp's ggml-base is compiled (no
+-march, asserts off) and with -ffp-contract=off, so that no compiler fuses a multiply-add the
+x86-64 build does not. `build_type_chooser()` compiles llama-quant.cpp's tensor-type selection
+into a small program (llama_quant_harness.cpp); `choose_types` runs it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ VERSION = "0.3.36"
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".venv" / f"ggml-ref-{VERSION}"
 LIB = CACHE / "libggmlref.so"
-SHIM = Path(__file__).resolve().parent / "ggml_ref_shim.c"
+CHOOSER = CACHE / "llama-quant-types"
+HERE = Path(__file__).resolve().parent
+SHIM = HERE / "ggml_ref_shim.c"
+HARNESS = HERE / "llama_quant_harness.cpp"
 T = GGMLQuantizationType
 
 _NAMES = {
@@ -46,9 +50,13 @@ class Unavailable(Exception):
     """The compiler or the llama-cpp-python sdist is not available here."""
 
 
-def _fetch_sources(dest: Path) -> Path:
-    """Download the sdist with pip and extract the ggml headers and ggml-quants.c; the ggml dir."""
-    with tempfile.TemporaryDirectory() as tmp:
+def sources() -> Path:
+    """The llama.cpp files the tests need, extracted once from the sdist (pip download)."""
+    root = CACHE / "llama.cpp"
+    if root.exists():
+        return root
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary"]
         cmd += [":all:", f"llama-cpp-python=={VERSION}", "-d", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True)
@@ -58,38 +66,95 @@ def _fetch_sources(dest: Path) -> Path:
                 f"pip download llama-cpp-python=={VERSION} failed: {done.stderr[-300:]}"
             )
         with tarfile.open(sdists[0]) as tar:
-            wanted = [
-                m
-                for m in tar.getmembers()
-                if "/vendor/llama.cpp/ggml/" in m.name
-                and m.isfile()
-                and (m.name.endswith(".h") or m.name.endswith("/ggml-quants.c"))
-                and ("/ggml/include/" in m.name or "/ggml/src/" in m.name)
-            ]
+            wanted = [m for m in tar.getmembers() if m.isfile() and _wanted(m.name)]
             safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-            tar.extractall(dest, members=wanted, **safe)
-    return next(dest.glob("*/vendor/llama.cpp/ggml"))
+            tar.extractall(tmp, members=wanted, **safe)
+        os.replace(next(Path(tmp).glob("*/vendor/llama.cpp")), root)
+    return root
+
+
+def _wanted(member: str) -> bool:
+    """The sdist members the reference builds read: headers, two sources, the type snapshots."""
+    _, _, rel = member.partition("/vendor/llama.cpp/")
+    return (
+        rel.startswith(("ggml/include/", "ggml/src/", "include/", "src/llama-"))
+        and rel.endswith(".h")
+        or rel in ("ggml/src/ggml-quants.c", "src/llama-quant.cpp", "src/llama-arch.cpp")
+        or rel.startswith("tests/snapshots/")
+    )
+
+
+def _compile(cmd: list[str], out: Path) -> Path:
+    """Run a compiler command that writes `out` (atomically into place)."""
+    tmp = out.with_name(out.name + ".tmp")
+    done = subprocess.run([*cmd, "-o", str(tmp)], capture_output=True, text=True)
+    if done.returncode:
+        raise Unavailable(f"compiling {out.name} failed: {done.stderr[-500:]}")
+    os.replace(tmp, out)
+    return out
+
+
+def _compiler(name: str, fallback: str) -> str:
+    found = shutil.which(os.environ.get(name.upper(), name)) or shutil.which(fallback)
+    if not found:
+        raise Unavailable(f"no {name} or {fallback} compiler on PATH")
+    return found
 
 
 def build() -> Path:
-    """The cached shared library, compiled on first use."""
+    """The cached shared library of ggml-quants.c, compiled on first use."""
     if LIB.exists():
         return LIB
-    cc = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
-    if not cc:
-        raise Unavailable("no C compiler (gcc or cc) on PATH")
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-        ggml = _fetch_sources(Path(tmp))
-        out = Path(tmp) / LIB.name
-        cmd = [cc, "-O2", "-DNDEBUG", "-ffp-contract=off", "-std=gnu11", "-fPIC", "-shared"]
-        cmd += ["-I", str(ggml / "include"), "-I", str(ggml / "src")]
-        cmd += [str(ggml / "src" / "ggml-quants.c"), str(SHIM), "-o", str(out), "-lm"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
-            raise Unavailable(f"compiling ggml-quants.c failed: {done.stderr[-500:]}")
-        os.replace(out, LIB)
-    return LIB
+    cc = _compiler("gcc", "cc")
+    ggml = sources() / "ggml"
+    cmd = [cc, "-O2", "-DNDEBUG", "-ffp-contract=off", "-std=gnu11", "-fPIC", "-shared"]
+    cmd += ["-I", str(ggml / "include"), "-I", str(ggml / "src")]
+    return _compile([*cmd, str(ggml / "src" / "ggml-quants.c"), str(SHIM), "-lm"], LIB)
+
+
+def build_type_chooser() -> Path:
+    """The cached executable running llama-quant.cpp's type selection (see the harness)."""
+    if CHOOSER.exists():
+        return CHOOSER
+    cxx = _compiler("g++", "c++")
+    root = sources()
+    quant = (root / "src" / "llama-quant.cpp").read_text()
+    (CACHE / "llama-quant-selection.inc").write_text("\n".join(_selection_code(quant)))
+    cmd = [cxx, "-std=c++17", "-O1", "-I", str(CACHE)]
+    cmd += [f"-I{root / d}" for d in ("include", "ggml/include", "src")]
+    return _compile([*cmd, str(HARNESS), str(root / "src" / "llama-arch.cpp")], CHOOSER)
+
+
+def _selection_code(src: str) -> list[str]:
+    """The parts of llama-quant.cpp that choose tensor types, verbatim, cut at their markers."""
+
+    def cut(start: str, stop: str) -> str:
+        at = src.index(start)
+        return src[at : src.index(stop, at)]
+
+    return [
+        cut("enum class tensor_category {", "static void zeros("),
+        cut("static bool tensor_name_match_token_embd", "//\n// dequantization"),
+        cut("static bool tensor_allows_quantization", "//\n// quantization implementation"),
+        cut("ggml_type llama_ftype_get_default_type", "//\n// main quantization driver"),
+        cut("llama_model_quantize_params llama_model_quantize_default_params()", "uint32_t llama_"),
+        src[src.index("void llama_quant_compute_types(") :],
+    ]
+
+
+def choose_types(
+    chooser: Path, model, ftype: int, pure: bool, tensors: list[tuple[str, tuple[int, ...]]]
+) -> dict[str, GGMLQuantizationType | None]:
+    """llama.cpp's type for each quantizable (name, numpy shape); None for tensors it keeps."""
+    head = f"{model.arch} {model.n_layer} {model.n_head} {model.n_head_kv} {model.n_expert}"
+    lines = [f"{head} {int(ftype)} {int(pure)}"]
+    for name, shape in tensors:
+        ne = [*reversed(shape), 1, 1, 1, 1][:4]
+        lines.append(f"{name} {' '.join(map(str, ne))}")
+    done = subprocess.run([str(chooser)], input="\n".join(lines), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    rows = (line.split() for line in done.stdout.splitlines())
+    return {n: None if t == "keep" else GGMLQuantizationType(int(t)) for n, t in rows}
 
 
 class Reference:

@@ -64,6 +64,8 @@ def _awkward() -> dict[str, np.ndarray]:
     blocks[7::9, :16] = 0.0  # a whole zero sub-block next to live ones
     blocks[8::9, 100:] = 1e-3 * blocks[8::9, 100:]  # two very different scales in one block
     return {
+        # enough blocks that a K-quant summed in another order would differ (reversed: 0.04-3%)
+        "weights-like, 2M": (0.02 * rng.standard_normal((512, 4096))).astype(np.float32),
         "normal": normal,
         "weights-like": (0.02 * normal).astype(np.float32),
         "structured blocks": blocks.reshape(-1, ROW),
