@@ -17,9 +17,12 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
+import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 VERSION = "0.3.36"
@@ -30,24 +33,33 @@ CHOOSER = CACHE / "llama-quant-types"
 HERE = Path(__file__).resolve().parent
 SHIM = HERE / "ggml_ref_shim.c"
 HARNESS = HERE / "llama_quant_harness.cpp"
-T = GGMLQuantizationType
+T = TypeVar("T")
+Q = GGMLQuantizationType
 
 _NAMES = {
-    T.Q8_0: "q8_0",
-    T.Q4_0: "q4_0",
-    T.Q4_1: "q4_1",
-    T.Q5_0: "q5_0",
-    T.Q5_1: "q5_1",
-    T.Q2_K: "q2_K",
-    T.Q3_K: "q3_K",
-    T.Q4_K: "q4_K",
-    T.Q5_K: "q5_K",
-    T.Q6_K: "q6_K",
+    Q.Q8_0: "q8_0",
+    Q.Q4_0: "q4_0",
+    Q.Q4_1: "q4_1",
+    Q.Q5_0: "q5_0",
+    Q.Q5_1: "q5_1",
+    Q.Q2_K: "q2_K",
+    Q.Q3_K: "q3_K",
+    Q.Q4_K: "q4_K",
+    Q.Q5_K: "q5_K",
+    Q.Q6_K: "q6_K",
 }
 
 
 class Unavailable(Exception):
     """The compiler or the llama-cpp-python sdist is not available here."""
+
+
+def require(build: Callable[[], T]) -> T:
+    """build(), or skip the calling test with the reason it cannot be built here."""
+    try:
+        return build()
+    except Unavailable as exc:
+        pytest.skip(f"llama.cpp reference unavailable: {exc}")
 
 
 def sources() -> Path:
@@ -168,9 +180,9 @@ class Reference:
         x = np.ascontiguousarray(x, np.float32)
         size, type_size = GGML_QUANT_SIZES[qtype]
         out = np.empty((x.size // size) * type_size, np.uint8)
-        if qtype == T.F16:
+        if qtype == Q.F16:
             fn = self.lib.ref_fp32_to_fp16_row
-        elif qtype == T.BF16:
+        elif qtype == Q.BF16:
             fn = self.lib.ref_fp32_to_bf16_row
         else:
             fn = getattr(self.lib, f"quantize_row_{_NAMES[qtype]}_ref")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from importlib.metadata import version
 
+import ggml_ref
 import gguf
 import numpy as np
 import pytest
@@ -31,12 +32,7 @@ GGUF_VERSION = version("gguf")
 @pytest.fixture(scope="session")
 def llama_cpp():
     """llama.cpp's ggml-quants.c through ctypes (built once, cached under .venv)."""
-    import ggml_ref
-
-    try:
-        return ggml_ref.Reference(ggml_ref.build())
-    except ggml_ref.Unavailable as exc:
-        pytest.skip(f"llama.cpp reference unavailable: {exc}")
+    return ggml_ref.Reference(ggml_ref.require(ggml_ref.build))
 
 
 def _fixture_values() -> np.ndarray:

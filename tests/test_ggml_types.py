@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 
+import ggml_ref
 import gguf
 import pytest
 from conftest import LLAMA
@@ -90,12 +91,8 @@ SNAPSHOTS = {
 
 @pytest.fixture(scope="session")
 def llama_cpp_sources():
-    import ggml_ref
-
-    try:
-        return ggml_ref.sources()
-    except ggml_ref.Unavailable as exc:
-        pytest.skip(f"llama.cpp sources unavailable: {exc}")
+    """The llama.cpp tree of the llama-cpp-python sdist (the parts the tests read)."""
+    return ggml_ref.require(ggml_ref.sources)
 
 
 def _read_snapshot(path) -> tuple[dict, list[tuple[str, str, dict[str, str]]]]:
@@ -175,19 +172,13 @@ CASES = {
 
 @pytest.fixture(scope="session")
 def chooser():
-    import ggml_ref
-
-    try:
-        return ggml_ref.build_type_chooser()
-    except ggml_ref.Unavailable as exc:
-        pytest.skip(f"llama.cpp's type selection could not be built: {exc}")
+    """llama-quant.cpp's type selection as a small program (built once, cached under .venv)."""
+    return ggml_ref.require(ggml_ref.build_type_chooser)
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_types_equal_llama_cpp_code(case, chooser):
     """Against llama-quant.cpp's selection code, every file type, mixtures and --pure."""
-    import ggml_ref
-
     info, tensors = CASES[case]
     for ftype in FTYPES:
         for pure in (False, True):
