@@ -5,7 +5,8 @@ ggml-quants.c (with the shim beside this file) into a small shared library wrapp
 (ctypes: `quantize_row_*_ref`, `dequantize_row_*`), as llama.cpp's ggml-base is compiled (no
 -march, asserts off) and with -ffp-contract=off, so that no compiler fuses a multiply-add the
 x86-64 build does not. `build_type_chooser()` compiles llama-quant.cpp's tensor-type selection
-into a small program (llama_quant_harness.cpp); `choose_types` runs it.
+into a small program (llama_quant_harness.cpp); `choose_types` runs it. `convert` runs the
+sdist's own convert_hf_to_gguf.py (hf_to_gguf_runner.py).
 """
 
 from __future__ import annotations
@@ -65,8 +66,9 @@ def require(build: Callable[[], T]) -> T:
 def sources() -> Path:
     """The llama.cpp files the tests need, extracted once from the sdist (pip download)."""
     root = CACHE / "llama.cpp"
-    if root.exists():
+    if all((root / f).exists() for f in _SENTINELS):
         return root
+    shutil.rmtree(root, ignore_errors=True)
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary"]
@@ -85,14 +87,17 @@ def sources() -> Path:
     return root
 
 
+_SENTINELS = ("ggml/src/ggml-quants.c", "src/llama-quant.cpp", "convert_hf_to_gguf.py")
+
+
 def _wanted(member: str) -> bool:
-    """The sdist members the reference builds read: headers, two sources, the type snapshots."""
+    """The sdist members the tests read: headers, three sources, snapshots, the converter."""
     _, _, rel = member.partition("/vendor/llama.cpp/")
     return (
         rel.startswith(("ggml/include/", "ggml/src/", "include/", "src/llama-"))
         and rel.endswith(".h")
-        or rel in ("ggml/src/ggml-quants.c", "src/llama-quant.cpp", "src/llama-arch.cpp")
-        or rel.startswith("tests/snapshots/")
+        or rel in (*_SENTINELS, "src/llama-arch.cpp")
+        or rel.startswith(("tests/snapshots/", "conversion/", "gguf-py/gguf/"))
     )
 
 
@@ -167,6 +172,19 @@ def choose_types(
     assert done.returncode == 0, done.stderr
     rows = (line.split() for line in done.stdout.splitlines())
     return {n: None if t == "keep" else GGMLQuantizationType(int(t)) for n, t in rows}
+
+
+def convert(models: dict[str, Path], out_dir: Path, outtypes: list[str]) -> dict:
+    """llama.cpp's convert_hf_to_gguf.py on each model at each --outtype (vocabulary left out).
+
+    One process for all (the converter's imports dominate); {(model, outtype): file}.
+    """
+    files = {(m, t): out_dir / f"{i}-{t}.gguf" for i, m in enumerate(models) for t in outtypes}
+    jobs = [f"{models[m]}={t}={path}" for (m, t), path in files.items()]
+    cmd = [sys.executable, str(HERE / "hf_to_gguf_runner.py"), str(sources()), *jobs]
+    done = subprocess.run(cmd, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    return files
 
 
 class Reference:
