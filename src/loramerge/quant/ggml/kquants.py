@@ -43,8 +43,15 @@ def make_qkx2_quants(
     """make_qkx2_quants per column: (scale, the_min, L) for x ~ scale * L - the_min."""
 
     def error(scale: np.ndarray, lf: np.ndarray, mn: np.ndarray) -> np.ndarray:
-        diff = scale * lf + mn - x
-        return seqsum(w * (np.abs(diff) if use_mad else diff * diff))
+        diff = lf * scale
+        diff += mn
+        diff -= x
+        if use_mad:
+            np.abs(diff, out=diff)
+        else:
+            diff *= diff
+        diff *= w
+        return seqsum(diff)
 
     mn0 = x.min(axis=0)
     mn0 = np.where(mn0 > 0, F32(0), mn0)
@@ -54,32 +61,31 @@ def make_qkx2_quants(
     flat = mx == mn0
     iscale = F32(nmax) / (mx - mn0)
     scale = F32(1) / iscale
-    mn = mn0
-    L = np.clip(nearest_int(iscale * (x - mn)), 0, nmax)
-    best = error(scale, L.astype(F32), mn)
+    mn = mn0.copy()
+    L = np.clip(nearest_int(iscale * (x - mn)), 0, nmax).astype(F32)
+    best = error(scale, L, mn)
     for step in range(nstep + 1):
         # C keeps moving `min` to the best fit so far, and the next grid point starts from it.
         iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / (mx - mn)
-        la = np.clip(nearest_int(iscale * (x - mn)), 0, nmax)
-        lf = la.astype(F32)
+        lf = np.clip(nearest_int(iscale * (x - mn)), 0, nmax).astype(F32)
         wl = w * lf
         sum_l, sum_l2, sum_xl = seqsum(wl), seqsum(wl * lf), seqsum(wl * x)
         det = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
         positive = this_min > 0
-        this_min = np.where(positive, F32(0), this_min)
-        this_scale = np.where(positive, sum_xl / sum_l2, this_scale)
+        this_min[positive] = 0
+        this_scale[positive] = (sum_xl / sum_l2)[positive]
         cur = error(this_scale, lf, this_min)
-        better = (det > 0) & (cur < best)
-        L = np.where(better, la, L)
-        best = np.where(better, cur, best)
-        scale = np.where(better, this_scale, scale)
-        mn = np.where(better, this_min, mn)
+        better = np.flatnonzero((det > 0) & (cur < best))
+        L[:, better] = lf[:, better]
+        best[better] = cur[better]
+        scale[better] = this_scale[better]
+        mn[better] = this_min[better]
     return (
         np.where(flat, F32(0), scale),
         np.where(flat, -mn0, -mn),
-        np.where(flat, 0, L),
+        np.where(flat, 0, L.astype(np.int32)),
     )
 
 
@@ -134,10 +140,10 @@ def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
         if step == 0:
             continue
         lq, sumlx, suml2 = sums((-(F32(nmax) + F32(0.1) * F32(step))) / mx)
-        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        L = np.where(better, lq + nmax, L)
-        scale = np.where(better, sumlx / suml2, scale)
-        best = np.where(better, scale * sumlx, best)
+        better = np.flatnonzero((suml2 > 0) & (sumlx * sumlx > best * suml2))
+        L[:, better] = lq[:, better] + nmax
+        scale[better] = sumlx[better] / suml2[better]
+        best[better] = scale[better] * sumlx[better]
     zero = amax < GROUP_MAX_EPS
     return np.where(zero, F32(0), scale), np.where(zero, 0, L)
 
