@@ -21,6 +21,7 @@ from safetensors import safe_open
 
 from loramerge.quant.ggml_types import (
     DEFAULT_TYPE,
+    GGUF_TYPES,
     ModelInfo,
     allows_quantization,
     converter_type,
@@ -193,10 +194,12 @@ def test_types_equal_llama_cpp_code(case, chooser):
     print(f"{case}: {len(tensors)} tensors x {len(FTYPES)} file types x (mixture, pure) agree")
 
 
-def test_converter_types():
-    """convert_hf_to_gguf.py's rule: 1-D and norms F32; rows Q8_0 cannot hold fall back to F16."""
-    assert converter_type("blk.0.attn_norm.weight", (64,), T.Q8_0) == T.F32
-    assert converter_type("blk.0.attn_q.bias", (64,), T.BF16) == T.F32
-    assert converter_type("blk.0.attn_q.weight", (64, 64), T.Q8_0) == T.Q8_0
-    assert converter_type("blk.0.attn_q.weight", (64, 48), T.Q8_0) == T.F16
-    assert converter_type("blk.0.attn_q.weight", (64, 48), T.BF16) == T.BF16
+def test_gguf_type_names():
+    """Each --gguf-type of the command contract names a file type whose blocks loramerge writes."""
+    from loramerge.quant import ggml
+
+    contract = "f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q2_k q3_k q4_k q5_k q6_k q4_k_m q5_k_m"
+    assert sorted(GGUF_TYPES) == sorted(contract.split())
+    for name, (ftype, _) in GGUF_TYPES.items():
+        assert DEFAULT_TYPE[ftype].name.lower() == name.removesuffix("_m"), name
+        assert DEFAULT_TYPE[ftype] in ggml.SUPPORTED

@@ -1,11 +1,12 @@
 """loramerge.gguf_names against llama.cpp's own convert_hf_to_gguf.py (from the sdist).
 
-The converter runs on the llama fixture and on tiny random Qwen2, Gemma (float16) and Gemma 2
-(bfloat16) checkpoints, at --outtype f32, f16, bf16 and q8_0 (its vocabulary step skipped:
-tests/hf_to_gguf_runner.py), and its files are read back with gguf.GGUFReader. For every tensor:
-the GGUF name (gguf's TensorNameMap, dropped tensors), the values after the Llama q/k permutation
-or the Gemma norm offset (exact at f32), the converter's type, and the bytes loramerge's own
-quantizers make of those values (equal to the converter's, which uses gguf-py's quantizers).
+The converter runs on the llama fixture and on tiny random Qwen2 (rows of 48), Gemma (float16)
+and Gemma 2 (bfloat16) checkpoints, at --outtype f32, f16, bf16 and q8_0 (its vocabulary step
+skipped: tests/hf_to_gguf_runner.py), and its files are read back with gguf.GGUFReader. For every
+tensor: the GGUF name (gguf's TensorNameMap, dropped tensors), the values after the Llama q/k
+permutation or the Gemma norm offset (exact at f32), the converter's type (F16 where Q8_0 blocks
+do not fit), and the bytes loramerge's own quantizers make of those values (equal to the
+converter's, which uses gguf-py's quantizers).
 """
 
 from __future__ import annotations
@@ -50,13 +51,15 @@ def _tiny(kind: str, folder: Path) -> Path:
     import torch
     import transformers
 
-    config_cls, model_cls, dtype = {
-        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", torch.float32),
-        "gemma": ("GemmaConfig", "GemmaForCausalLM", torch.float16),
-        "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", torch.bfloat16),
+    config_cls, model_cls, dtype, hidden = {
+        # qwen2's rows of 48 are not whole Q8_0 blocks: the converter falls back to F16
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", torch.float32, 48),
+        "gemma": ("GemmaConfig", "GemmaForCausalLM", torch.float16, 64),
+        "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", torch.bfloat16, 64),
     }[kind]
     torch.manual_seed(0)
-    config = getattr(transformers, config_cls)(**SMALL, tie_word_embeddings=True)
+    shape = {**SMALL, "hidden_size": hidden}
+    config = getattr(transformers, config_cls)(**shape, tie_word_embeddings=True)
     model = getattr(transformers, model_cls)(config)
     with torch.no_grad():
         for p in model.parameters():

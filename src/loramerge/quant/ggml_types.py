@@ -40,6 +40,28 @@ DEFAULT_TYPE: dict[LlamaFileType, GGMLQuantizationType] = {
     F.MOSTLY_Q6_K: T.Q6_K,
 }
 
+# `--gguf-type` names -> (llama.cpp file type, pure). The plain K types are llama-quantize --pure
+# (labelled with the file type whose mixture changes least); q4_k_m, q5_k_m, q6_k and the 32-block
+# types follow llama-quantize's own rules for that file type (Q4_0 puts output.weight in Q6_K);
+# f32, f16, bf16 and q8_0 also equal convert_hf_to_gguf.py --outtype.
+GGUF_TYPES: dict[str, tuple[LlamaFileType, bool]] = {
+    "f32": (F.ALL_F32, False),
+    "f16": (F.MOSTLY_F16, False),
+    "bf16": (F.MOSTLY_BF16, False),
+    "q8_0": (F.MOSTLY_Q8_0, False),
+    "q4_0": (F.MOSTLY_Q4_0, False),
+    "q4_1": (F.MOSTLY_Q4_1, False),
+    "q5_0": (F.MOSTLY_Q5_0, False),
+    "q5_1": (F.MOSTLY_Q5_1, False),
+    "q2_k": (F.MOSTLY_Q2_K, True),
+    "q3_k": (F.MOSTLY_Q3_K_S, True),
+    "q4_k": (F.MOSTLY_Q4_K_S, True),
+    "q5_k": (F.MOSTLY_Q5_K_S, True),
+    "q6_k": (F.MOSTLY_Q6_K, False),
+    "q4_k_m": (F.MOSTLY_Q4_K_M, False),
+    "q5_k_m": (F.MOSTLY_Q5_K_M, False),
+}
+
 # tensor_type_fallback: a type whose block does not divide the row -> a smaller block.
 _FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
 
