@@ -176,6 +176,11 @@ def test_chunks_and_shapes(llama_cpp, monkeypatch):
         got = ggml.quantize(x, t)
         assert got.shape == (2, 4, ggml.row_bytes(t, ROW))
         assert np.array_equal(got.reshape(want.shape), want), t.name
+        pieces = list(ggml.iter_quantize(x.astype(np.float16), t))
+        assert len(pieces) > 1
+        assert np.array_equal(
+            np.concatenate(pieces), llama_cpp.quantize(x.astype(np.float16), t).ravel()
+        )
         assert ggml.dequantize(got, t).shape == x.shape
     with pytest.raises(ValueError, match="whole number"):
         ggml.quantize(np.zeros((2, 100), np.float32), T.Q4_K)

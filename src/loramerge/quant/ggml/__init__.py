@@ -7,7 +7,7 @@ its `dequantize_row_*` computes. Both work on the last axis, block by block, in 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -53,18 +53,28 @@ def row_bytes(qtype: GGMLQuantizationType, n: int) -> int:
 def quantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     """Rows (last axis) of float values -> uint8 array (*rows, row_bytes): llama.cpp's bytes."""
     nbytes = row_bytes(qtype, data.shape[-1])
-    x = np.ascontiguousarray(data, np.float32)
-    if qtype == T.F32:
-        return x.view(np.uint8).reshape(*data.shape[:-1], nbytes)
-    encode = _CODECS[qtype][0]
+    out = np.empty(data.size // GGML_QUANT_SIZES[qtype][0] * GGML_QUANT_SIZES[qtype][1], np.uint8)
+    at = 0
+    for piece in iter_quantize(data, qtype):
+        out[at : at + piece.size] = piece
+        at += piece.size
+    return out.reshape(*data.shape[:-1], nbytes)
+
+
+def iter_quantize(data: np.ndarray, qtype: GGMLQuantizationType) -> Iterator[np.ndarray]:
+    """quantize's bytes in order, a bounded chunk at a time (flat uint8 arrays), for streaming.
+
+    Only one chunk is widened to float32 at a time, whatever the input's float dtype.
+    """
+    row_bytes(qtype, data.shape[-1])
     size, type_size = GGML_QUANT_SIZES[qtype]
-    blocks = x.reshape(-1, size)
-    out = np.empty((blocks.shape[0], type_size), np.uint8)
+    blocks = np.ascontiguousarray(data).reshape(-1, size)
     step = max(1, CHUNK // size)
+    encode = _CODECS[qtype][0] if qtype != T.F32 else None
     with np.errstate(all="ignore"):
         for at in range(0, blocks.shape[0], step):
-            out[at : at + step] = encode(blocks[at : at + step]).reshape(-1, type_size)
-    return out.reshape(*data.shape[:-1], nbytes)
+            x = blocks[at : at + step].astype(np.float32)
+            yield (encode(x) if encode else x).reshape(-1).view(np.uint8)
 
 
 def dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
