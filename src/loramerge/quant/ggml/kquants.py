@@ -148,7 +148,9 @@ def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     return np.where(zero, F32(0), scale), np.where(zero, 0, L)
 
 
-def _requantize(x, L, d, offset, lo, hi):
+def _requantize(
+    x: np.ndarray, L: np.ndarray, d: np.ndarray, offset: np.ndarray, lo: int, hi: int
+) -> np.ndarray:
     """For sub-blocks with d != 0: L = clip(nearest_int((x + offset) / d), lo, hi)."""
     fresh = np.clip(nearest_int((x + offset) / d), lo, hi)
     return np.where(d != 0, fresh, L)
@@ -169,7 +171,9 @@ def _pack_scales_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def _scale_min_k(x: np.ndarray, nmax: int, rmin: float, nstep: int) -> tuple:
+def _scale_min_k(
+    x: np.ndarray, nmax: int, rmin: float, nstep: int
+) -> tuple[np.ndarray, np.ndarray]:
     """The Q4_K/Q5_K front half: sub-block fits, 6-bit scales and mins, fp16 super-scales, L."""
     xc = _columns(x, 32)
     av_x = np.sqrt(seqsum(xc * xc) / F32(32))
