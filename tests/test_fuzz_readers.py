@@ -67,6 +67,7 @@ def bounded_memory():
     before = _peak_rss()
     yield
     grown = _peak_rss() - before
+    print(f"\npeak RSS grew by {grown / 2**20:.0f} MiB")
     assert grown < MAX_RSS_GROWTH, f"peak RSS grew by {grown / 2**20:.0f} MiB"
 
 
