@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format bench fixtures clean
+.PHONY: demo test fuzz lint format bench fixtures clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests bench fixtures scripts
 	$(BIN)/ruff format --check src tests bench fixtures scripts
 	$(BIN)/python -m pytest -q
+
+# Every reader fuzzer (tests marked `fuzz`) at 10,000 examples, each bounded in memory and time.
+fuzz: $(STAMP)
+	LORAMERGE_FUZZ=1 $(BIN)/python -m pytest -q -s -m fuzz \
+		--hypothesis-show-statistics --durations=0
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench fixtures scripts

@@ -151,4 +151,13 @@ def ulp_error(candidate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 def float32_bound(expected: Expected, dtype: torch.dtype) -> torch.Tensor:
     """Per-element error allowed after float32 arithmetic, in ulps of `dtype`: the correctly
     rounded half ulp plus the textbook gamma_n bound 2^-24 (n + 8) M of the sums inside."""
-    return 0.5 + 2.0**-24 * (expected.inner + 8) * expected.magnitude / ulp(expected.value, dtype)
+    return _bound(expected, dtype, 2.0**-24)
+
+
+def float64_bound(expected: Expected, dtype: torch.dtype) -> torch.Tensor:
+    """The same for float64 arithmetic (2^-53 (n + 8) M), before the single rounding."""
+    return _bound(expected, dtype, 2.0**-53)
+
+
+def _bound(expected: Expected, dtype: torch.dtype, unit: float) -> torch.Tensor:
+    return 0.5 + unit * (expected.inner + 8) * expected.magnitude / ulp(expected.value, dtype)

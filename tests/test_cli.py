@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import ADAPTERS, GPT2, LLAMA
 from reference import load_base
@@ -190,3 +191,35 @@ def test_progress_bar_on_a_terminal_and_quiet(tmp_path):
     assert "merging" in shown and "kB" in shown and "Merged 1 adapter(s)" in shown
     quiet = _on_terminal(["merge", LLAMA, ADAPTERS / "llama-lora", "-o", tmp_path / "b", "-q"])
     assert quiet.strip() == ""
+
+
+# Each command, failing on a missing input (one LoramergeError) before anything is written.
+FAILING = {
+    "merge": ["merge", "MISSING", ADAPTERS / "llama-lora", "-o", "OUT"],
+    "unmerge": ["unmerge", "MISSING", ADAPTERS / "llama-lora", "-o", "OUT"],
+    "rebase": [
+        "rebase",
+        "MISSING",
+        "--remove",
+        ADAPTERS / "llama-lora",
+        "--add",
+        LLAMA,
+        "-o",
+        "OUT",
+    ],
+    "verify": ["verify", "MISSING", "--base", LLAMA],
+    "inspect": ["inspect", "MISSING"],
+}
+
+
+@pytest.mark.parametrize("where", ["before", "after", "nowhere"])
+@pytest.mark.parametrize("command", sorted(FAILING))
+def test_debug_before_or_after_the_command_shows_the_traceback(cli, tmp_path, command, where):
+    args = [tmp_path / a if a in ("MISSING", "OUT") else a for a in FAILING[command]]
+    args = {"before": ["--debug", *args], "after": [*args, "--debug"], "nowhere": args}[where]
+    result = cli(*args)
+    assert result.code == 2
+    assert result.err.splitlines()[-1] == f"Error: {tmp_path / 'MISSING'} does not exist"
+    traced = "Traceback (most recent call last)" in result.err
+    assert traced == (where != "nowhere"), result.err
+    assert not (tmp_path / "OUT").exists()

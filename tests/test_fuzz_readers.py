@@ -6,9 +6,10 @@ then every tensor they list can be read) or raise `LoramergeError`; any other ex
 the test. Memory is watched too: no test may grow the peak resident set by more than 200 MB,
 so a header cannot make a reader allocate what it claims instead of what the file holds.
 
-Each hypothesis test is bounded (200 examples, no deadline, no example database); the whole
-file runs in a few seconds. `pytest --hypothesis-show-statistics` shows how many generated
-inputs each reader accepted and refused.
+Each fuzzer (`@fuzzer`, tests/fuzzing.py) runs 200 examples in `make test` (the whole file takes
+a few seconds) and 10,000 in `make fuzz`, every example bounded in memory and time.
+`pytest --hypothesis-show-statistics` shows how many generated inputs each reader accepted and
+refused.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ import json
 import math
 import resource
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import ADAPTERS
-from hypothesis import HealthCheck, currently_in_test_context, event, given, settings
+from fuzzing import EXAMPLE_MEMORY, fuzzer
+from hypothesis import currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save, save_file
 
@@ -33,12 +36,6 @@ from loramerge.errors import LoramergeError
 from loramerge.source.checkpoint import open_weights
 from loramerge.source.safetensors_file import SafetensorsFile
 
-FUZZ = settings(
-    max_examples=200,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
 MAX_RSS_GROWTH = 200 * 2**20
 DTYPES = ["BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64"]
 DTYPES += ["F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"]
@@ -70,6 +67,7 @@ def bounded_memory():
     before = _peak_rss()
     yield
     grown = _peak_rss() - before
+    print(f"\npeak RSS grew by {grown / 2**20:.0f} MiB")
     assert grown < MAX_RSS_GROWTH, f"peak RSS grew by {grown / 2**20:.0f} MiB"
 
 
@@ -241,8 +239,7 @@ def test_every_truncation_is_refused(tmp_path):
             SafetensorsFile(path).close()
 
 
-@FUZZ
-@given(data=st.data())
+@fuzzer(data=st.data())
 def test_mutated_bytes(tmp_path, data):
     """Flip, overwrite, insert or delete bytes in the length field and header; cut or extend."""
     raw = bytearray(VALID)
@@ -267,8 +264,7 @@ def test_mutated_bytes(tmp_path, data):
     read_file(path)
 
 
-@FUZZ
-@given(header=headers(), data=st.data())
+@fuzzer(header=headers(), data=st.data())
 def test_random_headers(tmp_path, header, data):
     """Random dtypes, shapes (huge, negative, overflowing int64), offsets and metadata."""
     raw, tensor_bytes = header
@@ -342,8 +338,7 @@ def indexes(draw, outside: str) -> bytes:
     return json.dumps(index).encode()
 
 
-@FUZZ
-@given(data=st.data())
+@fuzzer(data=st.data())
 def test_random_index(sharded, data):
     """weight_map values that escape the folder, do not exist, are not strings, or lie."""
     outside = str((sharded.parent / "outside.safetensors").resolve())
@@ -393,8 +388,7 @@ def adapters(tmp_path) -> dict[str, Path]:
     return {n: Path(shutil.copytree(ADAPTERS / n, tmp_path / n)) for n in ADAPTER_NAMES}
 
 
-@FUZZ
-@given(data=st.data())
+@fuzzer(data=st.data())
 def test_random_adapter_config(adapters, data):
     """Wrong types and values for r, lora_alpha, patterns, switches, token indices..."""
     name = data.draw(st.sampled_from(ADAPTER_NAMES))
@@ -489,3 +483,38 @@ HOSTILE = {
 def test_hostile_input(tmp_path, name):
     reader, build = HOSTILE[name]
     reader(build(tmp_path))
+
+
+# -- the per-example bounds `make fuzz` relies on ------------------------------------------------
+
+HANGS = """
+import threading
+import fuzzing
+from hypothesis import strategies as st
+
+fuzzing.EXAMPLE_SECONDS = 1
+
+@fuzzing.fuzzer(n=st.integers())
+def hang(n):
+    threading.Event().wait()  # never set: a reader stuck for good
+
+hang()
+"""
+
+
+def test_an_example_past_its_memory_bound_fails():
+    @fuzzer(n=st.integers(0, 3))
+    def allocate(n):
+        bytearray(2 * EXAMPLE_MEMORY + (n << 20))
+
+    with pytest.raises(MemoryError):
+        allocate()
+
+
+def test_a_hanging_example_ends_the_run_with_its_stack():
+    tests = Path(__file__).parent
+    result = subprocess.run(
+        [sys.executable, "-c", HANGS], capture_output=True, text=True, cwd=tests, timeout=300
+    )
+    assert result.returncode != 0
+    assert "Timeout" in result.stderr and "in hang" in result.stderr

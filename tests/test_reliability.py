@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
@@ -25,19 +24,27 @@ from conftest import ADAPTERS, LLAMA, tree_hashes
 from safetensors.torch import load_file, save_file
 
 ADAPTER = ADAPTERS / "llama-lora"
-# Runs the real CLI after arranging for SIGKILL (or a pause) at one point of the write.
+# Runs the real CLI after arranging for SIGKILL, or a hold, at one point of the write. A held
+# child writes "held" to the file descriptor HELD_FD and waits there until its SIGINT handler has
+# run, so a test can act while the child is known to be mid-write, however slow the machine.
 HARNESS = textwrap.dedent(
     """
-    import importlib, itertools, os, signal, sys, time
+    import importlib, itertools, os, signal, sys, threading
     from loramerge.sink import sharded
     merge_module = importlib.import_module("loramerge.merge")
     point, n = sys.argv[1], int(sys.argv[2])
     calls = itertools.count(1)  # next() is atomic: worker threads race here
+    interrupted = threading.Event()
+
+    def on_sigint(signum, frame):
+        interrupted.set()
+        signal.default_int_handler(signum, frame)  # KeyboardInterrupt, as without the harness
 
     def hit():
         seen = next(calls)
-        if seen == n and point.startswith("pause"):
-            time.sleep(5)  # long enough for the test to act, then carry on
+        if seen == n and point.startswith("hold"):
+            os.write(int(os.environ["HELD_FD"]), b"held\\n")
+            interrupted.wait()
         elif seen == n:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -49,7 +56,8 @@ HARNESS = textwrap.dedent(
             return result
         setattr(owner, name, wrapped)
 
-    if point in ("tensor", "pause-tensor"):
+    signal.signal(signal.SIGINT, on_sigint)
+    if point in ("tensor", "hold-tensor"):
         after(sharded.ShardedWriter, "write")
         after(sharded.ShardedWriter, "copy")
     elif point == "finish":
@@ -65,11 +73,26 @@ HARNESS = textwrap.dedent(
 )
 
 
-def _child(tmp_path, point: str, n: int, *args, **kwargs) -> subprocess.Popen:
+def _child(tmp_path, point: str, n: int, *args, **popen) -> subprocess.Popen:
     script = tmp_path / "harness.py"
     script.write_text(HARNESS)
     cmd = [sys.executable, str(script), point, str(n), *map(str, args)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+
+
+def _held_child(tmp_path, *args) -> subprocess.Popen:
+    """A merge child held after writing its first tensor; returns once it says it is there."""
+    held, tell = os.pipe()
+    env = {**os.environ, "HELD_FD": str(tell)}
+    child = _child(tmp_path, "hold-tensor", 1, *args, pass_fds=(tell,), env=env)
+    os.close(tell)
+    with os.fdopen(held, "rb") as pipe:
+        said = pipe.readline()  # blocks until the child is held, or b"" if it exited instead
+    if said != b"held\n":
+        child.kill()
+        _, err = child.communicate()
+        pytest.fail(f"the child never reached the hold: {err.decode()}")
+    return child
 
 
 def _merge_args(out, *extra):
@@ -127,11 +150,7 @@ def test_killed_overwrite_between_renames_restores_the_old_output(cli, tmp_path)
 
 def test_second_run_on_the_same_output_fails_clearly(cli, tmp_path):
     out = tmp_path / "out"
-    first = _child(tmp_path, "pause-tensor", 1, *_merge_args(out))
-    lock = tmp_path / ".out.loramerge-lock"
-    deadline = time.time() + 60
-    while not lock.exists() and time.time() < deadline:
-        time.sleep(0.05)
+    first = _held_child(tmp_path, *_merge_args(out))  # holds the lock while held
     second = cli(*_merge_args(out))
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=60)
@@ -142,15 +161,12 @@ def test_second_run_on_the_same_output_fails_clearly(cli, tmp_path):
 
 def test_ctrl_c_removes_the_temporary(tmp_path):
     out = tmp_path / "out"
-    child = _child(tmp_path, "pause-tensor", 1, *_merge_args(out))
-    deadline = time.time() + 60
-    while not list(tmp_path.glob(".out.loramerge-tmp-*")) and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)
-    child.send_signal(signal.SIGINT)
-    child.wait(timeout=60)
-    assert child.returncode == 130
-    assert child.stderr.read().decode().strip().endswith("Error: interrupted")
+    child = _held_child(tmp_path, *_merge_args(out))
+    assert list(tmp_path.glob(".out.loramerge-tmp-*"))  # mid-write: the temporary is there
+    child.send_signal(signal.SIGINT)  # the child stays held until its handler has run
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130, err.decode()
+    assert err.decode().strip().endswith("Error: interrupted")
     assert not out.exists() and not list(tmp_path.glob(".out.loramerge-*"))
 
 

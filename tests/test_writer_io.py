@@ -152,7 +152,7 @@ def test_cancel_wakes_a_writer_waiting_for_the_hash(tmp_path):
     waiter = threading.Thread(target=wait)
     waiter.start()
     writer.cancel()
-    waiter.join(timeout=10)
+    waiter.join(timeout=120)  # a guard against hanging, not a timing
     assert not waiter.is_alive() and failures
     writer.close()
 

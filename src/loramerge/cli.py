@@ -136,13 +136,33 @@ def _merge_options(func):
     return func
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _remember_debug(ctx: click.Context, _param: click.Parameter, debug: bool) -> None:
+    """Record --debug in the context object main() reads, wherever on the line it stood."""
+    state = ctx.ensure_object(dict)
+    state["debug"] = state.get("debug", False) or debug
+
+
+_debug_option = click.option(
+    "--debug",
+    is_flag=True,
+    expose_value=False,
+    callback=_remember_debug,
+    help="Show tracebacks on errors.",
+)
+
+
+class _Group(click.Group):
+    """A group whose every command accepts --debug, as the group itself does."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        super().add_command(_debug_option(cmd), name)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="loramerge")
-@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
-@click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+@_debug_option
+def cli() -> None:
     """Merge LoRA adapters into Hugging Face checkpoints, tensor by tensor."""
-    ctx.obj = {"debug": debug}
 
 
 @cli.command("merge")
@@ -504,11 +524,11 @@ def _print_summary(result: MergeResult) -> None:
 
 def main() -> None:
     """Entry point: run the CLI, turning our errors into one `Error:` line and exit 2."""
-    debug = "--debug" in sys.argv[1:]
+    state = {"debug": False}  # the context object; --debug sets it wherever it stands
     # A file-size limit (ulimit -f) must surface as an EFBIG error, not kill the process.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
-        sys.exit(cli.main(standalone_mode=False) or 0)
+        sys.exit(cli.main(standalone_mode=False, obj=state) or 0)
     except click.ClickException as exc:
         ctx = getattr(exc, "ctx", None)
         hint = f" (see: loramerge {ctx.command.name} --help)" if ctx else ""
@@ -518,15 +538,16 @@ def main() -> None:
         click.echo("Error: interrupted", err=True)
         sys.exit(130)
     except LoramergeError as exc:
-        _fail(str(exc), debug)
+        _fail(str(exc), state["debug"])
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
-        _fail(f"{exc.strerror or exc}{where}", debug)
+        _fail(f"{exc.strerror or exc}{where}", state["debug"])
     except KeyboardInterrupt:
         click.echo("Error: interrupted", err=True)
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - last resort: one line, not a traceback
-        _fail(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for details)", debug)
+        message = f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for details)"
+        _fail(message, state["debug"])
 
 
 def _fail(message: str, debug: bool) -> None:
