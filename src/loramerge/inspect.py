@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from loramerge import hub
 from loramerge.adapter import load_adapter
 from loramerge.errors import LoramergeError
 from loramerge.jsonfile import read_json_object
@@ -13,8 +14,8 @@ from loramerge.source.checkpoint import open_weights
 
 
 def inspect_path(path: Path, *, allow_pickle: bool = False) -> dict:
-    """A JSON-ready description of PATH; the kind decides which fields appear."""
-    path = Path(path)
+    """A JSON-ready description of PATH (or Hub repo id); the kind decides which fields appear."""
+    path = hub.resolve(path, allow_pickle=allow_pickle, headers_only=True)
     if not path.exists():
         raise LoramergeError(f"{path} does not exist")
     if path.is_dir() and (path / "adapter_config.json").is_file():
