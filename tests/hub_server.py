@@ -16,7 +16,8 @@ endpoints it answers are exactly those the client calls for loramerge's commands
     POST /api/validate-yaml                         a README's front matter: a mapping whose
                                                     base_model is repo ids, base_model_relation
                                                     one of the Hub's four, tags a list of strings
-    POST /api/repos/create                          {name, organization, private}; 409 if taken
+    POST /api/repos/create                          {name, organization, visibility}; 409 if
+                                                    taken
     POST /api/models/{repo}/branch/{branch}         a branch from main; 409 if taken
     POST /api/models/{repo}/preupload/{rev}         uploadMode per file: lfs or regular
     POST /{repo}.git/info/lfs/objects/batch         upload links that authorize themselves (the
@@ -384,7 +385,8 @@ class _Handler(BaseHTTPRequestHandler):
         if repo_id in self.state.repos:
             self._json(409, {"error": "You already created this model repo", "url": url})
             return
-        self.state.repos[repo_id] = Repo(private=bool(request.get("private")))
+        private = bool(request.get("private")) or request.get("visibility") == "private"
+        self.state.repos[repo_id] = Repo(private=private)
         self.state.commit(repo_id, {".gitattributes": b"*.safetensors filter=lfs\n"})
         self._json(200, {"url": url, "name": repo_id})
 

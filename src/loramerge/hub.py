@@ -245,7 +245,5 @@ def upload(
             )
             for f in files
         ]
-        info = api.create_commit(
-            repo_id, operations, commit_message=message, revision=revision
-        )
+        info = api.create_commit(repo_id, operations, commit_message=message, revision=revision)
     return info.commit_url

@@ -60,9 +60,7 @@ def push(
     result = PushResult(repo_id, files, card, notes, dry_run)
     if not dry_run:
         message = message or f"Upload {path.name} with loramerge"
-        result.url = hub.upload(
-            repo_id, files, private=private, revision=revision, message=message
-        )
+        result.url = hub.upload(repo_id, files, private=private, revision=revision, message=message)
     return result
 
 
