@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shlex
 import shutil
 import struct
 import subprocess
@@ -298,3 +300,22 @@ def _assert_token_nowhere(token: str, run: subprocess.CompletedProcess, root: Pa
     for path in root.rglob("*"):
         if path.is_file() and not path.is_symlink():
             assert token.encode() not in path.read_bytes(), path
+
+
+def test_hub_guide_commands_run(hub, tmp_path):
+    """Every `loramerge` line of docs/hub.md's bash blocks runs as written against the server."""
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "hub.md").read_text()
+    lines = [
+        line.strip()
+        for block in re.findall(r"```bash\n(.*?)```", guide, re.DOTALL)
+        for line in block.splitlines()
+        if line.strip().startswith("loramerge ")
+    ]
+    assert len(lines) >= 8
+    env = _env(hub, tmp_path / "hf", HF_TOKEN=TOKEN)
+    for line in lines:
+        run = _run(env, *shlex.split(line)[1:], cwd=tmp_path)
+        assert run.returncode == 0, f"{line}\n{run.stderr}"
+    assert hub.state.repos["alice/llama-merged"].private
+    assert "experiment" in hub.state.repos["alice/llama-merged"].branches
+    assert "alice/llama-merged-2" in hub.state.repos

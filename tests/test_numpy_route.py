@@ -23,9 +23,9 @@ from loramerge.adapter import load_adapter
 from loramerge.compare import ulp
 from loramerge.delta import Term, merge_weight
 from loramerge.execute import Route, worker_count
-from loramerge.merge import _read_config
 from loramerge.plan import build_plan
 from loramerge.source.checkpoint import open_weights
+from loramerge.source.model_folder import read_config as _read_config
 
 IMPORTS_TORCH = """
 import sys

@@ -1,5 +1,5 @@
-"""Hub repo ids (`org/name[@revision]`): resolved into the Hugging Face cache, read header by header,
-published. The only module of loramerge that talks to the network.
+"""Hub repo ids (`org/name[@revision]`): resolved into the Hugging Face cache, planned from
+headers read by range, published. The only module of loramerge that talks to the network.
 
 Everything goes through `huggingface_hub`, so HF_ENDPOINT, HF_HUB_OFFLINE, HF_HOME /
 HF_HUB_CACHE and HF_TOKEN (or the stored login) apply as they do for every other tool.
@@ -75,12 +75,9 @@ def is_commit(revision: str) -> bool:
 
 def source_name(path: Path) -> str:
     """How a record names an input: `org/name@commit` for a Hub snapshot, else the path."""
-    parts = PurePath(path).parts
-    for i in range(len(parts) - 2):
-        if parts[i].startswith("models--") and parts[i + 1] == "snapshots":
-            if _COMMIT.fullmatch(parts[i + 2]) and i + 3 == len(parts):
-                org_name = parts[i].removeprefix("models--").split("--")
-                return f"{'/'.join(org_name)}@{parts[i + 2]}"
+    *_, repo, snapshots, commit = ("", "", "", *PurePath(path).parts)
+    if repo.startswith("models--") and snapshots == "snapshots" and is_commit(commit):
+        return f"{repo.removeprefix('models--').replace('--', '/')}@{commit}"
     return str(path)
 
 
