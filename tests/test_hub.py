@@ -26,6 +26,7 @@ from hub_server import HubServer
 TOKEN = "hf_loramergeTestToken0123456789abcdef"
 BAD_TOKEN = "hf_rejectedToken9876543210fedcba"
 PICKLE_DECOY = b"not a pickle: a file loramerge must never fetch"
+BASE_CARD = b"---\nlicense: llama3.1\n---\n\n# A base model\n"
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def hub():
     server = HubServer({TOKEN: "alice"})
     state = server.state
     state.add_folder("meta/llama-base", LLAMA)
-    state.commit("meta/llama-base", {"pytorch_model.bin": PICKLE_DECOY})
+    state.commit("meta/llama-base", {"pytorch_model.bin": PICKLE_DECOY, "README.md": BASE_CARD})
     state.add_folder("someone/llama-lora", ADAPTERS / "llama-lora")
     files_b = {p.name: p.read_bytes() for p in (ADAPTERS / "llama-lora-b").iterdir()}
     server.commit_b = state.commit("someone/llama-lora", files_b, branch="b")
@@ -248,6 +249,7 @@ def test_push_then_download_is_byte_identical(hub, tmp_path):
     record = json.loads((pulled / "loramerge.json").read_text())
     assert card.data.base_model == "meta/llama-base"
     assert card.data.base_model_relation == "merge"
+    assert card.data.license == "llama3.1"
     assert set(card.data.tags) >= {"lora", "merge", "loramerge"}
     assert record["adapters"][0]["source"] in card.text
     assert record["verification"]["verdict"] in card.text
@@ -319,3 +321,31 @@ def test_hub_guide_commands_run(hub, tmp_path):
     assert hub.state.repos["alice/llama-merged"].private
     assert "experiment" in hub.state.repos["alice/llama-merged"].branches
     assert "alice/llama-merged-2" in hub.state.repos
+
+
+def test_card_of_a_local_merge_parses_without_a_hub_base(cli, tmp_path):
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "out"
+    assert cli("merge", LLAMA, ADAPTERS / "llama-lora", "-w", "0.5", "-o", out).code == 0
+    card = ModelCard((out / "README.md").read_text(), ignore_metadata_errors=False)
+    meta = card.data.to_dict()
+    assert "base_model" not in meta and "base_model_relation" not in meta
+    assert meta["library_name"] == "transformers"
+    command = f"loramerge merge {LLAMA} {ADAPTERS / 'llama-lora'} -w 0.5 -o OUTPUT"
+    assert command in card.text
+
+
+def test_push_dry_run_of_a_gguf_file_shows_its_card(cli, tmp_path):
+    from huggingface_hub import ModelCard
+
+    gguf = tmp_path / "model-q8_0.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    result = cli("push", gguf, "alice/model-gguf", "--dry-run", "--json")
+    assert result.code == 0, result.err
+    summary = json.loads(result.out)
+    assert summary["files"] == {"model-q8_0.gguf": 64, "README.md": summary["files"]["README.md"]}
+    result = cli("push", gguf, "alice/model-gguf", "--dry-run")
+    card = ModelCard(result.out[result.out.index("---") :], ignore_metadata_errors=False)
+    assert "llama-cli --hf-repo alice/model-gguf --hf-file model-q8_0.gguf" in card.text
+    assert "ollama run hf.co/alice/model-gguf" in card.text

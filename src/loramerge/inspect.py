@@ -32,7 +32,7 @@ def _inspect_checkpoint(path: Path, allow_pickle: bool) -> dict:
     counts = Counter(i.dtype for i in infos)
     report = {
         "kind": "merged" if provenance else "checkpoint",
-        "path": str(path),
+        "path": hub.source_name(path),
         "architecture": (config.get("architectures") or [None])[0],
         "model_type": config.get("model_type"),
         "dtype": counts.most_common(1)[0][0] if counts else None,
@@ -54,7 +54,7 @@ def _inspect_adapter(path: Path, allow_pickle: bool) -> dict:
         infos = adapter.weights.tensors.values()
         return {
             "kind": "adapter",
-            "path": str(path),
+            "path": hub.source_name(path),
             "peft_type": config.get("peft_type", "LORA"),
             "base_model": config.get("base_model_name_or_path"),
             "rank": adapter.rank,
