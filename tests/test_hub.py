@@ -330,7 +330,7 @@ def test_card_of_a_local_merge_parses_without_a_hub_base(cli, tmp_path):
     assert cli("merge", LLAMA, ADAPTERS / "llama-lora", "-w", "0.5", "-o", out).code == 0
     card = ModelCard((out / "README.md").read_text(), ignore_metadata_errors=False)
     meta = card.data.to_dict()
-    assert "base_model" not in meta and "base_model_relation" not in meta
+    assert meta["base_model"] == str(LLAMA) and "base_model_relation" not in meta
     assert meta["library_name"] == "transformers"
     command = f"loramerge merge {LLAMA} {ADAPTERS / 'llama-lora'} -w 0.5 -o OUTPUT"
     assert command in card.text

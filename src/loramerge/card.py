@@ -8,23 +8,28 @@ and how to load it.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from pathlib import Path
 
 from loramerge.hub import is_commit, parse_ref
 
 _HUB = "https://huggingface.co"
+_PLAIN = re.compile(r"[A-Za-z][\w.-]*(/[\w.-]+)?")
 
 
-def render_card(record: dict, model_id: str) -> str:
-    """README.md for the output `record` describes; `model_id` is what users load it by."""
+def render_card(record: dict, model_id: str, *, for_hub: bool = False) -> str:
+    """README.md for the output `record` describes; `model_id` is what users load it by.
+
+    On the Hub, `base_model` must be a repo id: a local base is named only in the text there.
+    """
     base = record["base"]
     base_ref = _hub_ref(base["source"])
     adapters = record["adapters"]
     meta: dict = {}
-    if base_ref:
-        meta["base_model"] = base_ref[0]
-        meta["base_model_relation"] = "merge" if adapters else None
+    if base_ref or not for_hub:
+        meta["base_model"] = base_ref[0] if base_ref else base["source"]
+        meta["base_model_relation"] = "merge" if adapters and base_ref else None
     meta["library_name"] = "transformers"
     if base.get("license"):
         meta["license"] = base["license"]
@@ -125,10 +130,15 @@ def _front_matter(meta: dict) -> str:
         if value is None:
             continue
         if isinstance(value, list):
-            lines += [f"{key}:"] + [f"- {json.dumps(v)}" for v in value]
+            lines += [f"{key}:"] + [f"- {_yaml(v)}" for v in value]
         else:
-            lines.append(f"{key}: {json.dumps(value)}")
+            lines.append(f"{key}: {_yaml(value)}")
     return "\n".join([*lines, "---"])
+
+
+def _yaml(value: str) -> str:
+    """A YAML scalar: plain when it is a simple word or repo id, else a JSON (YAML) string."""
+    return value if _PLAIN.fullmatch(value) else json.dumps(value)
 
 
 def _commands(record: dict) -> list[str]:

@@ -75,7 +75,7 @@ def _folder_files(folder: Path, repo_id: str) -> tuple[list[hub.Upload], str, li
     check = verify_files(folder)
     if not check["passed"] or check["extra"]:
         raise LoramergeError(f"{folder} does not match its record, not pushed: {check['summary']}")
-    card = render_card(record, repo_id)
+    card = render_card(record, repo_id, for_hub=True)
     _check_card(card)
     files = [hub.Upload(name, folder / name) for name in recorded_files(folder)]
     notes = [f"{folder}: {check['summary']}"]
