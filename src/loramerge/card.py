@@ -120,7 +120,7 @@ def _link(source: str) -> str:
 
 def _title(base: str, count: int) -> str:
     ref = _hub_ref(base)
-    name = ref[0] if ref else Path(base).name
+    name = ref[0] if ref else base
     return f"{name} + {count} LoRA adapter(s)"
 
 
@@ -155,7 +155,7 @@ def _commands(record: dict) -> list[str]:
         argv = ["loramerge", "merge", record["base"]["source"], *(a["source"] for a in adapters)]
         return [shlex.join([*argv, *weights, *options, "-o", "OUTPUT"])]
     return [
-        f"# {step['at']}: loramerge {step['op']} "
+        f"# loramerge {step['op']}: "
         + ", ".join(step["adapters"] + [f"removed {r}" for r in step.get("removed", [])])
         for step in history
     ]
