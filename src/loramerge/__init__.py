@@ -1,7 +1,8 @@
 """loramerge: stream LoRA adapters into Hugging Face checkpoints, tensor by tensor.
 
 The Python API mirrors the commands: `merge`, `unmerge`, `rebase`, `verify_weights`,
-`inspect_path`, all configured with `MergeOptions` where they write.
+`inspect_path`, `push`, all configured with `MergeOptions` where they write. Paths may be Hub
+repo ids (`org/name[@revision]`).
 """
 
 __version__ = "0.1.0"
@@ -9,6 +10,7 @@ __version__ = "0.1.0"
 from loramerge.errors import LoramergeError  # noqa: E402
 from loramerge.inspect import inspect_path  # noqa: E402
 from loramerge.merge import MergeOptions, MergeResult, merge  # noqa: E402
+from loramerge.push import push  # noqa: E402
 from loramerge.swap import rebase, unmerge  # noqa: E402
 
 
@@ -29,6 +31,7 @@ __all__ = [
     "__version__",
     "inspect_path",
     "merge",
+    "push",
     "rebase",
     "unmerge",
     "verify_weights",

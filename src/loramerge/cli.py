@@ -22,10 +22,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from loramerge import __version__
+from loramerge import __version__, hub
 from loramerge.errors import LoramergeError
 from loramerge.inspect import inspect_path
 from loramerge.merge import MergeOptions, MergeResult, merge
+from loramerge.push import PushResult, push
 from loramerge.swap import rebase, unmerge
 from loramerge.verify.files import verify_files
 
@@ -130,6 +131,13 @@ def _merge_options(func):
             is_flag=True,
             help="Run the weight check on the output; record the verdict; exit 1 if off.",
         ),
+        click.option(
+            "--push-to",
+            "push_to",
+            default=None,
+            metavar="REPO_ID",
+            help="Then publish OUTPUT to this Hub repo (as `loramerge push` does).",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -169,12 +177,12 @@ def cli() -> None:
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("adapters", nargs=-1, required=True, type=click.Path(path_type=Path))
 @_merge_options
-def merge_command(base, adapters, output, as_json, quiet, to, weights, **options):
+def merge_command(base, adapters, output, as_json, quiet, to, weights, push_to, **options):
     """Merge ADAPTERS into BASE: W = W0 + sum w * scale * B @ A, written to OUTPUT."""
     options = MergeOptions(weights=tuple(weights), **options)
     with _progress(_bar_wanted(quiet, as_json, options)) as advance:
         result = merge(base, list(adapters), output, options, progress=advance)
-    _report(result, options, as_json, quiet)
+    _report(result, options, as_json, quiet, push_to)
 
 
 def _swap_options(func):
@@ -197,14 +205,16 @@ def _swap_options(func):
 @click.argument("adapters", nargs=-1, required=True, type=click.Path(path_type=Path))
 @_merge_options
 @_swap_options
-def unmerge_command(merged, adapters, output, as_json, quiet, to, weights, base, force, **options):
+def unmerge_command(
+    merged, adapters, output, as_json, quiet, to, weights, base, force, push_to, **options
+):
     """Take ADAPTERS out of MERGED (each with its recorded weight, or -w), written to OUTPUT."""
     options = MergeOptions(weights=tuple(weights), **options)
     with _progress(_bar_wanted(quiet, as_json, options), "unmerging") as advance:
         result = unmerge(
             merged, list(adapters), output, options, base=base, force=force, progress=advance
         )
-    _report(result, options, as_json, quiet)
+    _report(result, options, as_json, quiet, push_to)
 
 
 @cli.command("rebase")
@@ -228,7 +238,7 @@ def unmerge_command(merged, adapters, output, as_json, quiet, to, weights, base,
 @_merge_options
 @_swap_options
 def rebase_command(
-    merged, remove, add, output, as_json, quiet, to, weights, base, force, **options
+    merged, remove, add, output, as_json, quiet, to, weights, base, force, push_to, **options
 ):
     """Swap adapters in MERGED: take --remove out and put --add in, in one pass."""
     options = MergeOptions(weights=tuple(weights), **options)
@@ -243,15 +253,17 @@ def rebase_command(
             force=force,
             progress=advance,
         )
-    _report(result, options, as_json, quiet)
+    _report(result, options, as_json, quiet, push_to)
 
 
 def _bar_wanted(quiet: bool, as_json: bool, options: MergeOptions) -> bool:
     return not (quiet or as_json or options.dry_run) and sys.stderr.isatty()
 
 
-def _report(result: MergeResult, options: MergeOptions, as_json: bool, quiet: bool) -> None:
-    """Print what a merge, unmerge or rebase did, and exit 1 if its --verify failed."""
+def _report(
+    result: MergeResult, options: MergeOptions, as_json: bool, quiet: bool, push_to: str | None
+) -> None:
+    """Print what a merge, unmerge or rebase did, exit 1 if its --verify failed, else push."""
     for warning in result.warnings:
         click.echo(f"Warning: {warning}", err=True)
     if as_json:
@@ -264,6 +276,8 @@ def _report(result: MergeResult, options: MergeOptions, as_json: bool, quiet: bo
             _print_drift(result.drift)
     if result.verification and not result.verification["passed"]:
         sys.exit(1)
+    if push_to and not options.dry_run:
+        _print_push(push(result.output, push_to), as_json)
 
 
 def _print_drift(drift: dict) -> None:
@@ -335,6 +349,9 @@ def verify_command(
         raise LoramergeError("verify needs --base BASE (the weight check) or --files (integrity)")
     if weights and len(weights) != len(adapters):
         raise LoramergeError(f"got {len(weights)} weights for {len(adapters)} adapters")
+    candidate = hub.resolve(candidate, allow_pickle=allow_pickle)
+    base = base and hub.resolve(base, allow_pickle=allow_pickle)
+    adapters = [hub.resolve(a, allow_pickle=allow_pickle) for a in adapters]
     integrity = verify_files(candidate) if files else None
     report = None
     if base is not None:
@@ -421,6 +438,46 @@ def inspect_command(path, as_json, allow_pickle):
         console.print(inside)
         for step in provenance.get("history", []):
             console.print(f"  {step['at']}  {step['op']}: {', '.join(step['adapters'])}")
+
+
+@cli.command("push")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo private (if it is new).")
+@click.option("--revision", default=None, help="Branch to commit to (created from main).")
+@click.option("--message", "-m", default=None, help="Commit message.")
+@click.option("--dry-run", is_flag=True, help="List the files, sizes and card; send nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def push_command(path, repo_id, private, revision, message, dry_run, as_json):
+    """Publish PATH (an output folder, checked against its record, or one file) to REPO_ID."""
+    result = push(
+        path, repo_id, private=private, revision=revision, message=message, dry_run=dry_run
+    )
+    _print_push(result, as_json)
+
+
+def _print_push(result: PushResult, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(result.summary()))
+        return
+    for note in result.notes:
+        click.echo(f"note: {note}")
+    total = sum(f.size for f in result.files)
+    if not result.dry_run:
+        click.echo(
+            f"Pushed {len(result.files)} files ({total / 1e6:.1f} MB) to {result.repo_id}: "
+            f"{result.url}"
+        )
+        return
+    table = Table(title=f"would push to {result.repo_id} (dry run, nothing sent)")
+    table.add_column("file", overflow="fold")
+    table.add_column("bytes", justify="right")
+    for f in result.files:
+        table.add_row(f.path_in_repo, str(f.size))
+    table.add_row("total", str(total))
+    Console().print(table)
+    if result.card:
+        click.echo(result.card)
 
 
 class _progress:

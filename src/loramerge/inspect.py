@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from loramerge import hub
 from loramerge.adapter import load_adapter
 from loramerge.errors import LoramergeError
 from loramerge.jsonfile import read_json_object
@@ -13,8 +14,8 @@ from loramerge.source.checkpoint import open_weights
 
 
 def inspect_path(path: Path, *, allow_pickle: bool = False) -> dict:
-    """A JSON-ready description of PATH; the kind decides which fields appear."""
-    path = Path(path)
+    """A JSON-ready description of PATH (or Hub repo id); the kind decides which fields appear."""
+    path = hub.resolve(path, allow_pickle=allow_pickle, headers_only=True)
     if not path.exists():
         raise LoramergeError(f"{path} does not exist")
     if path.is_dir() and (path / "adapter_config.json").is_file():
@@ -31,7 +32,7 @@ def _inspect_checkpoint(path: Path, allow_pickle: bool) -> dict:
     counts = Counter(i.dtype for i in infos)
     report = {
         "kind": "merged" if provenance else "checkpoint",
-        "path": str(path),
+        "path": hub.source_name(path),
         "architecture": (config.get("architectures") or [None])[0],
         "model_type": config.get("model_type"),
         "dtype": counts.most_common(1)[0][0] if counts else None,
@@ -54,7 +55,7 @@ def _inspect_adapter(path: Path, allow_pickle: bool) -> dict:
         wrapped = [m for m in adapter.modules if m.kind == "parameter"]
         return {
             "kind": "adapter",
-            "path": str(path),
+            "path": hub.source_name(path),
             "peft_type": config.get("peft_type", "LORA"),
             "base_model": config.get("base_model_name_or_path"),
             "rank": adapter.rank,

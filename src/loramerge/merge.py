@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from loramerge import __version__, dtypes
+from loramerge import __version__, dtypes, hub
 from loramerge.adapter import Adapter, load_adapter
+from loramerge.card import read_license
 from loramerge.errors import LoramergeError
 from loramerge.execute import Progress, Route, resolve_device, write_tensors
 from loramerge.plan import Plan, TensorPlan, build_plan
@@ -104,8 +105,12 @@ def merge(
     options: MergeOptions = MergeOptions(),
     progress: Progress | None = None,
 ) -> MergeResult:
-    """Merge `adapters` (each times its weight) into `base`, writing a new folder `output`."""
-    adapters = [Path(a) for a in adapters]
+    """Merge `adapters` (each times its weight) into `base`, writing a new folder `output`.
+
+    Each input may be a local path or a Hub repo id `org/name[@revision]`.
+    """
+    base = hub.resolve(base, allow_pickle=options.allow_pickle, headers_only=options.dry_run)
+    adapters = [hub.resolve(a, allow_pickle=options.allow_pickle) for a in adapters]
     weights = list(options.weights) or [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise LoramergeError(f"got {len(weights)} weights for {len(adapters)} adapters")
@@ -268,7 +273,7 @@ def _describe_adapter(adapter: Adapter, weight: float, plan: Plan, index: int) -
     """The provenance entry of one adapter (the sha256 is filled in when writing)."""
     overrides = {m.module: m.scale for m in adapter.modules if m.scale != adapter.default_scale}
     return {
-        "source": str(adapter.path),
+        "source": hub.source_name(adapter.path),
         "weights_file": adapter.weights.files[0].name,
         "weight": weight,
         "rank": adapter.rank,
@@ -313,8 +318,9 @@ def _provenance(job: Job, config, entries: list[dict], plan: Plan, options, devi
         step["removed"] = [e["source"] for e in removed] + job.removed
     out_dtypes = sorted({t.dtype for t in plan.tensors if t.modified} or {"unchanged"})
     base = previous.get("base") or {
-        "source": str(job.source),
+        "source": hub.source_name(job.source),
         "architectures": (config or {}).get("architectures"),
+        "license": read_license(job.source),
     }
     return {
         "format": "loramerge.provenance",

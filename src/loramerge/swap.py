@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from loramerge import hub
 from loramerge.adapter import load_adapter
 from loramerge.errors import LoramergeError
 from loramerge.merge import Job, MergeOptions, MergeResult, Progress, norm_key, run
@@ -82,8 +83,10 @@ class _Swap:
 
 
 def _swap(command, merged, remove, add, options, output, base, force, progress) -> MergeResult:
-    merged, output = Path(merged), Path(output)
-    remove, add = [Path(p) for p in remove], [Path(p) for p in add]
+    pickle = options.allow_pickle
+    merged, output = hub.resolve(merged, allow_pickle=pickle), Path(output)
+    remove = [hub.resolve(p, allow_pickle=pickle) for p in remove]
+    add = [hub.resolve(p, allow_pickle=pickle) for p in add]
     record = read_provenance(merged) if merged.is_dir() else None
     user_weights = list(options.weights)
     remove_weights = user_weights if command == "unmerge" else []
@@ -106,7 +109,7 @@ def _swap(command, merged, remove, add, options, output, base, force, progress) 
     )
     warnings = [] if record else [f"{merged} has no provenance record: nothing can be checked"]
     if base is not None:
-        result = run(_rebuild_job(swap, Path(base)), options, progress)
+        result = run(_rebuild_job(swap, hub.resolve(base, allow_pickle=pickle)), options, progress)
     else:
         job = _subtract_job(swap)
         result = run(job, options, progress)
@@ -244,12 +247,14 @@ def _drift(output: Path, job: Job, allow_pickle: bool) -> dict:
 
 def _rebuild_job(swap: _Swap, base: Path) -> Job:
     """Check MERGED is BASE + its adapters, then merge what should remain into BASE afresh."""
-    missing = [e["source"] for e in swap.kept if not Path(e["source"]).is_dir()]
+    pickle = swap.options.allow_pickle
+    kept = [hub.resolve(e["source"], allow_pickle=pickle) for e in swap.kept]
+    missing = [e["source"] for e, path in zip(swap.kept, kept, strict=True) if not path.is_dir()]
     if missing:
         raise LoramergeError(
             f"rebuilding from --base needs every adapter that stays inside; not found: {missing}"
         )
-    inside = [Path(e["source"]) for e in swap.kept] + [r.path for r in swap.removals]
+    inside = kept + [r.path for r in swap.removals]
     weights = [e["weight"] for e in swap.kept] + [r.weight for r in swap.removals]
     allow_pickle = swap.options.allow_pickle
     from loramerge.verify import verify_weights  # torch, loaded only when a check runs
@@ -261,7 +266,7 @@ def _rebuild_job(swap: _Swap, base: Path) -> Job:
             f"{swap.merged} is not {base} + its adapters within 1 ulp (worst tensors: {worst}); "
             "pass --force to rebuild from the base anyway"
         )
-    adapters = [Path(e["source"]) for e in swap.kept] + swap.add
+    adapters = kept + swap.add
     weights = [e["weight"] for e in swap.kept] + swap.add_weights
     record = swap.record or {}
     return Job(
@@ -273,5 +278,5 @@ def _rebuild_job(swap: _Swap, base: Path) -> Job:
         swap.output,
         record={"base": record.get("base"), "history": record.get("history", [])},
         verify_against=(base, adapters, weights),
-        removed=[str(r.path) for r in swap.removals],
+        removed=[hub.source_name(r.path) for r in swap.removals],
     )

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
+from loramerge.card import render_card
 from loramerge.hashing import sha256_of
 from loramerge.jsonfile import read_json_object
 
@@ -22,28 +23,6 @@ SIDE_FOLDER = "loramerge"
 NORMS_FILE = f"{SIDE_FOLDER}/dora_norms.safetensors"
 # Where loramerge 0.1 stored them (beside the weights); still read by unmerge and rebase.
 LEGACY_NORMS_FILE = "loramerge_dora_norms.safetensors"
-_CARD_TEMPLATE = """---
-base_model: {base_model}
-library_name: transformers
-tags:
-- lora
-- merge
-- loramerge
----
-
-# {title}
-
-This model is `{base_model}` with LoRA adapters merged into its weights by
-[loramerge](https://pypi.org/project/loramerge/) {version}.
-
-| adapter | weight | rank | scale | sha256 |
-|---|---|---|---|---|
-{rows}
-
-Weights: {dtype}. Tensors modified: {modified} of {total}.{verification}{notes}
-
-The full provenance record is in `{provenance}`.
-"""
 
 
 def write_config(folder: Path, config: dict, updates: dict) -> None:
@@ -66,33 +45,17 @@ def copy_files(folder: Path, files: list[Path]) -> None:
 
 def write_provenance(folder: Path, record: dict) -> None:
     """The machine-readable record of what is inside this checkpoint."""
-    (folder / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
+    (folder / PROVENANCE).write_bytes(provenance_bytes(record))
+
+
+def provenance_bytes(record: dict) -> bytes:
+    """The record as its file holds it."""
+    return (json.dumps(record, indent=2) + "\n").encode()
 
 
 def write_model_card(folder: Path, record: dict) -> None:
-    """README.md with YAML front matter (base_model, tags) rendered from the provenance record."""
-    rows = "\n".join(
-        f"| `{a['source']}` | {a['weight']:g} | {a['rank']} | {a['scale']:g} "
-        f"| `{a['sha256'][:12]}` |"
-        for a in record["adapters"]
-    )
-    notes = "".join(f"\n\n- {note}" for note in record.get("notes", []))
-    base_model = record["base"]["source"]
-    check = record.get("verification")
-    verification = f"\n\nVerification (`loramerge verify`): {check['verdict']}" if check else ""
-    card = _CARD_TEMPLATE.format(
-        base_model=json.dumps(base_model),
-        title=f"{base_model} + {len(record['adapters'])} LoRA adapter(s)",
-        version=record["tool"]["version"],
-        rows=rows,
-        dtype=record["dtype"],
-        modified=record["tensors"]["modified"],
-        total=record["tensors"]["total"],
-        verification=verification,
-        notes=notes,
-        provenance=PROVENANCE,
-    )
-    (folder / "README.md").write_text(card)
+    """README.md rendered from the provenance record (the Hub card; pushing names the repo)."""
+    (folder / "README.md").write_text(render_card(record, "."))
 
 
 def write_norms(folder: Path, norms: dict[str, np.ndarray]) -> dict:

@@ -141,12 +141,18 @@ def _read_index(folder: Path, index: Path) -> dict[str, str]:
     if not isinstance(weight_map, dict) or not weight_map:
         raise LoramergeError(f"{index}: no weight_map")
     real_folder = folder.resolve()
+    # A Hugging Face cache snapshot links each file to its repo's blob store.
+    blobs = real_folder.parent.parent / "blobs" if real_folder.parent.name == "snapshots" else None
     for name, shard in weight_map.items():
         if not isinstance(shard, str) or not shard or "\x00" in shard:
             raise LoramergeError(f"{index}: tensor {name!r} maps to {shard!r}, not a file name")
         candidate = folder / shard
         try:
-            inside = not Path(shard).is_absolute() and real_folder in candidate.resolve().parents
+            target = candidate.resolve()
+            inside = not Path(shard).is_absolute() and (
+                real_folder in target.parents
+                or (blobs is not None and target.parent == blobs and ".." not in Path(shard).parts)
+            )
             exists = candidate.is_file()
         except (OSError, RuntimeError) as exc:  # name too long, symlink loop, ...
             raise LoramergeError(
