@@ -439,15 +439,17 @@ def _ceil_log2(x: int) -> int:
     return 1 if x <= 2 else (x - 1).bit_length()
 
 
-def block_absmax(state: NF4) -> np.ndarray:
+def block_absmax(state: NF4, nested_code: np.ndarray = DYNAMIC_MAP) -> np.ndarray:
     """The float32 absmax of every block, the nested quantization undone as bitsandbytes does."""
     if not state.double_quant:
         return state.absmax
     scales = np.repeat(state.nested_absmax, NESTED_BLOCKSIZE)[: state.absmax.size]
-    return (DYNAMIC_MAP[state.absmax] * scales + np.float32(state.offset)).astype(np.float32)
+    return (nested_code[state.absmax] * scales + np.float32(state.offset)).astype(np.float32)
 
 
-def dequantize(state: NF4, code: np.ndarray = CODE) -> np.ndarray:
+def dequantize(
+    state: NF4, code: np.ndarray = CODE, nested_code: np.ndarray = DYNAMIC_MAP
+) -> np.ndarray:
     """float32 code[nibble] * absmax in the tensor's shape (round to `state.dtype` after)."""
     n = math.prod(state.shape)
     packed = state.packed.reshape(-1)
@@ -455,7 +457,7 @@ def dequantize(state: NF4, code: np.ndarray = CODE) -> np.ndarray:
     np.right_shift(packed, 4, out=nibbles[0::2])
     np.bitwise_and(packed, 0xF, out=nibbles[1::2])
     values = code[nibbles[:n]]
-    absmax = block_absmax(state)
+    absmax = block_absmax(state, nested_code)
     full = (n // state.blocksize) * state.blocksize
     blocks = full // state.blocksize
     values[:full].reshape(blocks, state.blocksize)[...] *= absmax[:blocks, None]

@@ -1,0 +1,127 @@
+"""`quantize --to nf4` and `merge --to nf4` against transformers' own 4-bit quantization."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import ADAPTERS, LLAMA
+
+from loramerge import dtypes
+from loramerge.source.checkpoint import open_weights
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("bitsandbytes")
+
+PROMPT = torch.tensor([[0, 5, 17, 42, 99, 200, 3, 7]])
+
+
+def _bnb_config(double_quant: bool = True):
+    return transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def _quantized_by_transformers(base, folder, double_quant: bool = True):
+    """transformers + bitsandbytes quantize `base` on load; save_pretrained writes `folder`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bitsandbytes' offset then sums in one fixed order
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            base, quantization_config=_bnb_config(double_quant), device_map="cpu"
+        )
+    finally:
+        torch.set_num_threads(threads)
+    model.save_pretrained(folder)
+    return model
+
+
+def _tensors(folder) -> dict[str, bytes]:
+    with open_weights(folder, stem="model", allow_pickle=False) as checkpoint:
+        return {
+            name: (info.dtype, info.shape, checkpoint.read(name).tobytes())
+            for name, info in checkpoint.tensors.items()
+        }
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(PROMPT).logits.float()
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_quantize_equals_transformers(cli, tmp_path, double_quant):
+    reference = _quantized_by_transformers(LLAMA, tmp_path / "tf", double_quant)
+    args = ["quantize", LLAMA, "-o", tmp_path / "ours", "--to", "nf4"]
+    result = cli(*args, *([] if double_quant else ["--no-double-quant"]))
+    assert result.code == 0, result.err
+    theirs, ours = _tensors(tmp_path / "tf"), _tensors(tmp_path / "ours")
+    assert sorted(ours) == sorted(theirs)
+    assert [n for n in ours if ours[n] != theirs[n]] == []
+    config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    expected = json.loads((tmp_path / "tf" / "config.json").read_text())
+    assert config["quantization_config"] == expected["quantization_config"]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", device_map="cpu")
+    assert type(loaded.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    # byte-identical weights through the same code: the same logits, bit for bit
+    assert torch.equal(_logits(loaded), _logits(reference))
+
+
+def test_merge_to_nf4_is_the_bf16_merge_quantized(cli, tmp_path):
+    adapter = ADAPTERS / "llama-lora"
+    assert cli("merge", LLAMA, adapter, "-o", tmp_path / "bf16").code == 0
+    reference = _quantized_by_transformers(tmp_path / "bf16", tmp_path / "tf")
+    result = cli("merge", LLAMA, adapter, "-o", tmp_path / "nf4", "--to", "nf4")
+    assert result.code == 0, result.err
+    theirs, ours = _tensors(tmp_path / "tf"), _tensors(tmp_path / "nf4")
+    assert sorted(ours) == sorted(theirs)
+    assert [n for n in ours if ours[n] != theirs[n]] == []
+    record = json.loads((tmp_path / "nf4" / "loramerge.json").read_text())
+    assert record["output"]["format"] == "nf4" and record["adapters"][0]["sha256"]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", device_map="cpu")
+    assert torch.equal(_logits(loaded), _logits(reference))
+    assert cli("verify", tmp_path / "nf4", "--files").code == 0
+
+
+def test_skip_modules(cli, tmp_path):
+    out = tmp_path / "out"
+    result = cli(
+        "quantize", LLAMA, "-o", out, "--to", "nf4",
+        "--skip-modules", "lm_head", "--skip-modules", "model.layers.1",
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    tensors = _tensors(out)
+    assert "model.layers.0.mlp.up_proj.weight.nested_absmax" in tensors
+    assert not any(n.startswith("model.layers.1.") and "absmax" in n for n in tensors)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["llm_int8_skip_modules"] == ["lm_head", "model.layers.1"]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    assert type(loaded.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    assert type(loaded.model.layers[1].mlp.up_proj).__name__ == "Linear"
+    with open_weights(LLAMA, stem="model", allow_pickle=False) as base:
+        kept = dtypes.as_torch(base.read("model.layers.1.mlp.up_proj.weight").copy())
+    assert torch.equal(loaded.model.layers[1].mlp.up_proj.weight.data, kept)
+    assert torch.isfinite(_logits(loaded)).all()
+
+
+def test_blocksize(cli, tmp_path):
+    """(bitsandbytes' CPU matmul needs in_features >= blocksize, so this model is not run.)"""
+    out = tmp_path / "out"
+    assert cli("quantize", LLAMA, "-o", out, "--to", "nf4", "--blocksize", "128").code == 0
+    tensors = _tensors(out)
+    name = "model.layers.0.mlp.up_proj.weight"
+    state = json.loads(tensors[name + ".quant_state.bitsandbytes__nf4"][2])
+    assert state["blocksize"] == 128 and state["shape"] == [128, 64]
+    assert tensors[name + ".absmax"][1] == (128 * 64 // 128,)
+
+
+def test_quantize_refusals(cli, tmp_path):
+    result = cli("quantize", LLAMA, "-o", tmp_path / "x", "--to", "nf4", "--blocksize", "100")
+    assert result.code == 2 and result.err.startswith("Error:") and "blocksize" in result.err
+    result = cli("quantize", LLAMA, "-o", tmp_path / "x", "--to", "safetensors")
+    assert result.code == 2
+    assert not (tmp_path / "x").exists()
