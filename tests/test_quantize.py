@@ -125,3 +125,39 @@ def test_quantize_refusals(cli, tmp_path):
     result = cli("quantize", LLAMA, "-o", tmp_path / "x", "--to", "safetensors")
     assert result.code == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_nf4_base_reads_as_bitsandbytes_dequantizes_it(cli, tmp_path):
+    """An NF4 checkpoint written by transformers, as a merge base: the same output, byte for
+    byte, as merging into the bf16 weights bitsandbytes' dequantize_4bit gives for it."""
+    import bitsandbytes.functional as F
+    from safetensors.torch import save_file
+
+    model = _quantized_by_transformers(LLAMA, tmp_path / "nf4")
+    state = {}
+    for name, param in model.named_parameters():
+        quant_state = getattr(param, "quant_state", None)
+        if quant_state is not None:
+            state[name] = F.dequantize_4bit(param.data, quant_state).contiguous()
+        else:
+            state[name] = param.data.contiguous()
+    dequantized = tmp_path / "dequantized"
+    dequantized.mkdir()
+    save_file(state, dequantized / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((LLAMA / "config.json").read_text())
+    (dequantized / "config.json").write_text(json.dumps(config))
+    adapter = ADAPTERS / "llama-lora"
+    assert cli("merge", tmp_path / "nf4", adapter, "-o", tmp_path / "ours").code == 0
+    result = cli("merge", dequantized, adapter, "-o", tmp_path / "reference")
+    assert result.code == 0, result.err
+    ours, reference = _tensors(tmp_path / "ours"), _tensors(tmp_path / "reference")
+    assert sorted(ours) == sorted(reference) and len(ours) == 21
+    assert [n for n in ours if ours[n] != reference[n]] == []
+    assert "quantization_config" not in json.loads((tmp_path / "ours" / "config.json").read_text())
+    # inspect describes it; verify takes it as the base and as the candidate
+    report = json.loads(cli("inspect", tmp_path / "nf4", "--json").out)
+    assert report["quantization"]["format"] == "nf4"
+    assert report["quantization"]["quantized_tensors"] == 14
+    verify = cli("verify", tmp_path / "ours", "--base", tmp_path / "nf4", "--adapter", adapter)
+    assert verify.code == 0, verify.out
+    assert cli("verify", tmp_path / "nf4", "--base", LLAMA).code == 0
