@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import ADAPTERS, LLAMA
+from conftest import ADAPTERS, LLAMA, ROOT
+from test_numpy_route import IMPORTS_TORCH
 
 from loramerge import dtypes
 from loramerge.source.checkpoint import open_weights
@@ -161,3 +164,22 @@ def test_nf4_base_reads_as_bitsandbytes_dequantizes_it(cli, tmp_path):
     verify = cli("verify", tmp_path / "ours", "--base", tmp_path / "nf4", "--adapter", adapter)
     assert verify.code == 0, verify.out
     assert cli("verify", tmp_path / "nf4", "--base", LLAMA).code == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["quantize", LLAMA, "--to", "nf4"],
+        ["merge", LLAMA, ADAPTERS / "llama-lora", "--to", "nf4"],
+        ["merge", LLAMA, ADAPTERS / "llama-lora", "--qlora-base"],
+    ],
+)
+def test_nf4_on_the_cpu_never_imports_torch(tmp_path, args):
+    out = tmp_path / "out"
+    argv = [str(a) for a in args] + ["-o", str(out), "--quiet"]
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORTS_TORCH, *argv], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+    assert (out / "loramerge.json").is_file()
