@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -261,15 +262,64 @@ def _run(threads: int, work: Callable[[int], None], starts: range) -> None:
 
 
 def _quantize_full(flat, start: int, end: int, blocksize: int, packed, absmax) -> None:
-    """Elements [start, end) of whole blocks: x * (1 / absmax), nearest code, packed."""
-    x = flat[start:end].astype(np.float32).reshape(-1, blocksize)
-    amax = np.abs(x).max(axis=1)
+    """Elements [start, end) of whole blocks: x * (1 / absmax), nearest code, packed.
+
+    Even and odd elements are kept apart (the high and low nibbles), each block's halves side by
+    side, so every step is a contiguous pass over buffers this thread reuses.
+    """
+    half = (end - start) // 2
+    even, odd, scaled, index, codes, bounds, above = _scratch(half)
+    _to_float32(flat[start:end:2], even)
+    _to_float32(flat[start + 1 : end : 2], odd)
+    rows = blocksize // 2
+    amax = np.maximum(_abs_max(even, rows), _abs_max(odd, rows))
     _check_finite(amax)
     absmax[start // blocksize : end // blocksize] = amax
     with np.errstate(over="ignore"):
-        recip = np.float32(1) / np.maximum(amax, _TINY)
-    np.multiply(x, recip[:, None], out=x)
-    _pack(_codes(x.reshape(-1)), packed[start // 2 : end // 2])
+        recip = (np.float32(1) / np.maximum(amax, _TINY))[:, None]
+    out = packed[start // 2 : end // 2]
+    for values, shift in ((even, 4), (odd, 0)):
+        np.multiply(values.reshape(-1, rows), recip, out=scaled.reshape(-1, rows))
+        _TABLE.codes(scaled, index, codes, bounds, above)
+        if shift:
+            np.left_shift(codes, shift, out=out)
+        else:
+            np.bitwise_or(out, codes, out=out)
+
+
+_local = threading.local()
+
+
+def _scratch(n: int) -> tuple[np.ndarray, ...]:
+    """This thread's work buffers for `n` values (reused: no fresh pages per chunk)."""
+    buffers = getattr(_local, "buffers", None)
+    if buffers is None or buffers[0].size < n:
+        buffers = _local.buffers = (
+            np.empty(n, np.float32),  # even elements
+            np.empty(n, np.float32),  # odd elements
+            np.empty(n, np.float32),  # scaled
+            np.empty(n, np.intp),  # table index
+            np.empty(n, np.uint8),  # codes
+            np.empty(n, np.float32),  # bounds
+            np.empty(n, np.bool_),  # above the bound
+        )
+    return tuple(b[:n] for b in buffers)
+
+
+def _to_float32(source: np.ndarray, out: np.ndarray) -> None:
+    """bfloat16 by shifting its bits into the high half (exact); else a cast."""
+    if source.dtype.name == "bfloat16":
+        np.left_shift(
+            source.view(np.uint16), np.uint32(16), out=out.view(np.uint32), dtype=np.uint32
+        )
+    else:
+        np.copyto(out, source, casting="unsafe")
+
+
+def _abs_max(values: np.ndarray, rows: int) -> np.ndarray:
+    """max |x| per row, on the bits (NaN sorts above Inf, so it still shows)."""
+    bits = values.view(np.uint32).reshape(-1, rows)
+    return (bits & np.uint32(0x7FFFFFFF)).max(axis=1).view(np.float32)
 
 
 def _quantize_tail(flat, start: int, blocksize: int, packed, absmax) -> None:
@@ -278,10 +328,13 @@ def _quantize_tail(flat, start: int, blocksize: int, packed, absmax) -> None:
     amax = np.maximum(np.abs(x).max(), _TINY)
     _check_finite(amax)
     absmax[-1] = amax
-    codes = _codes(x / amax)
-    if codes.size % 2:
-        codes = np.append(codes, _codes(np.zeros(1, np.float32)))
-    _pack(codes, packed[start // 2 :])
+    scaled = x / amax
+    if scaled.size % 2:
+        scaled = np.append(scaled, np.float32(0))  # bitsandbytes pads with 0.0
+    codes = _TABLE.codes(scaled)
+    out = packed[start // 2 :]
+    np.left_shift(codes[0::2], 4, out=out)
+    np.bitwise_or(out, codes[1::2], out=out)
 
 
 def _check_finite(absmax) -> None:
@@ -289,50 +342,36 @@ def _check_finite(absmax) -> None:
         raise ValueError("NaN or Inf among the values: NF4 cannot hold them")
 
 
-def _codes(scaled: np.ndarray) -> np.ndarray:
-    """Index of the nearest NF4 value (ties to the lower): the midpoints strictly below.
+class _Table:
+    """Codes by table on the top 16 bits of the float32 scaled value (65536 cells, each an
+    interval of values): the count of midpoints below the cell, plus, in the 15 cells that hold
+    a midpoint, whether the value is above it (still the exact float32 comparison)."""
 
-    Clamping to [-1, 1] first, as bitsandbytes does, would change no code.
-    """
-    return _LOOKUP.codes(scaled)
+    def __init__(self) -> None:
+        top = np.arange(1 << 16, dtype=np.uint32) << 16
+        ends = np.stack([top.view(np.float32), (top | 0xFFFF).view(np.float32)])
+        with np.errstate(invalid="ignore"):
+            lowest = np.nanmin(np.where(np.isnan(ends), np.inf, ends), axis=0)
+        self.base = np.searchsorted(_MIDPOINTS, lowest, side="left").astype(np.uint8)
+        self.bound = np.full(1 << 16, np.inf, dtype=np.float32)
+        cells = _MIDPOINTS.view(np.uint32) >> 16
+        self.base[cells] = np.arange(len(_MIDPOINTS), dtype=np.uint8)
+        self.bound[cells] = _MIDPOINTS
 
-
-def _pack(codes: np.ndarray, out: np.ndarray) -> None:
-    """Two codes per byte, the first in the high nibble."""
-    np.left_shift(codes[0::2], 4, out=out)
-    np.bitwise_or(out, codes[1::2], out=out)
-
-
-class _Lookup:
-    """Codes by table: a uniform grid over [-1, 1] whose cells each hold at most one midpoint,
-    that cell's code below it, and the midpoint itself to compare against (exact: the decision
-    is still `scaled > midpoint` in float32)."""
-
-    def __init__(self, cells_per_unit: int) -> None:
-        self.scale = np.float32(cells_per_unit)
-        cells = 2 * cells_per_unit + 2
-        edges = (np.arange(cells + 1) - cells_per_unit) / cells_per_unit
-        position = (_MIDPOINTS.astype(np.float64) + 1) * cells_per_unit
-        cell = np.floor(position).astype(np.int64)
-        margin = np.minimum(position - cell, cell + 1 - position)
-        if np.any(np.diff(cell) == 0) or margin.min() < 1e-3:
-            raise ValueError(f"{cells_per_unit} cells per unit put a midpoint near a cell edge")
-        self.base = np.searchsorted(_MIDPOINTS, edges[:-1], side="right").astype(np.uint8)
-        self.bound = np.full(cells, np.inf, dtype=np.float32)
-        self.bound[cell] = _MIDPOINTS
-        self.base[cell] = np.arange(len(_MIDPOINTS), dtype=np.uint8)
-
-    def codes(self, scaled: np.ndarray) -> np.ndarray:
-        """Codes of values in [-1, 1] (or an ulp beyond: the end cells are spares)."""
-        grid = scaled * self.scale
-        grid += self.scale
-        index = grid.astype(np.intp)
-        codes = self.base.take(index)
-        codes += scaled > self.bound.take(index)
+    def codes(self, scaled, index=None, codes=None, bounds=None, above=None) -> np.ndarray:
+        """Codes of float32 values (into the given buffers, if any)."""
+        if index is None:
+            index, codes = np.empty(scaled.size, np.intp), np.empty(scaled.size, np.uint8)
+            bounds, above = np.empty(scaled.size, np.float32), np.empty(scaled.size, np.bool_)
+        np.copyto(index, scaled.view(np.uint16)[1::2])
+        self.base.take(index, out=codes, mode="clip")
+        self.bound.take(index, out=bounds, mode="clip")
+        np.greater(scaled, bounds, out=above)
+        np.add(codes, above.view(np.uint8), out=codes)
         return codes
 
 
-_LOOKUP = _Lookup(256)
+_TABLE = _Table()
 
 
 def quantize_blockwise(
