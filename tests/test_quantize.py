@@ -44,7 +44,8 @@ def _quantized_by_transformers(base, folder, double_quant: bool = True):
 
 
 def _tensors(folder) -> dict[str, bytes]:
-    with open_weights(folder, stem="model", allow_pickle=False) as checkpoint:
+    """Every stored tensor as it is on disk (NF4 parts included, nothing dequantized)."""
+    with open_weights(folder, stem="model", allow_pickle=False, dequantize=False) as checkpoint:
         return {
             name: (info.dtype, info.shape, checkpoint.read(name).tobytes())
             for name, info in checkpoint.tensors.items()
@@ -64,6 +65,7 @@ def test_quantize_equals_transformers(cli, tmp_path, double_quant):
     assert result.code == 0, result.err
     theirs, ours = _tensors(tmp_path / "tf"), _tensors(tmp_path / "ours")
     assert sorted(ours) == sorted(theirs)
+    assert sum(n.endswith(".quant_state.bitsandbytes__nf4") for n in ours) == 14
     assert [n for n in ours if ours[n] != theirs[n]] == []
     config = json.loads((tmp_path / "ours" / "config.json").read_text())
     expected = json.loads((tmp_path / "tf" / "config.json").read_text())
@@ -153,7 +155,7 @@ def test_nf4_base_reads_as_bitsandbytes_dequantizes_it(cli, tmp_path):
     assert cli("merge", tmp_path / "nf4", adapter, "-o", tmp_path / "ours").code == 0
     result = cli("merge", dequantized, adapter, "-o", tmp_path / "reference")
     assert result.code == 0, result.err
-    ours, reference = _tensors(tmp_path / "ours"), _tensors(tmp_path / "reference")
+    ours, reference = _tensors(tmp_path / "ours"), _tensors(tmp_path / "reference")  # both bf16
     assert sorted(ours) == sorted(reference) and len(ours) == 21
     assert [n for n in ours if ours[n] != reference[n]] == []
     assert "quantization_config" not in json.loads((tmp_path / "ours" / "config.json").read_text())

@@ -97,7 +97,11 @@ class NF4Folder:
             p for e in entries for p in (_parts(e, options) if e.name in self._quantized else [e])
         ]
         late = tuple(name + STATE for name in sorted(self._quantized))
-        self._writer = ShardedWriter(folder, stored, max_shard_bytes, {"format": "pt"}, late)
+        # A weight's parts lie in several regions (the file is ordered by item size), so the
+        # shards are hashed from the file, not from copies held until the order catches up.
+        self._writer = ShardedWriter(
+            folder, stored, max_shard_bytes, {"format": "pt"}, late, hash_from_file=True
+        )
         owner = {p.name: e.name for e in entries for p in _parts(e, options)}
         self.order = list(dict.fromkeys(owner.get(n, n) for n in self._writer.order))
         self.config_updates = {"quantization_config": quantization_config(options)}

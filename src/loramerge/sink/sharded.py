@@ -20,6 +20,7 @@ class ShardedWriter:
 
     `late` names small uint8 vectors whose length is known only once they are computed (NF4
     quantization states): they are kept in memory and written as one last shard by `finish`.
+    `hash_from_file` is passed to each shard's writer.
     """
 
     def __init__(
@@ -29,6 +30,7 @@ class ShardedWriter:
         max_shard_bytes: int,
         metadata: dict,
         late: tuple[str, ...] = (),
+        hash_from_file: bool = False,
     ):
         self.folder = Path(folder)
         shards = [aligned_order(s) for s in split_shards(entries, max_shard_bytes)]
@@ -49,7 +51,7 @@ class ShardedWriter:
         self._late_lock = threading.Lock()
         try:
             for name, shard in zip(self.files[: len(shards)], shards, strict=True):
-                writer = SafetensorsWriter(self.folder / name, shard, metadata)
+                writer = SafetensorsWriter(self.folder / name, shard, metadata, hash_from_file)
                 self._writers.append(writer)
                 for entry in shard:
                     self._owner[entry.name] = writer
