@@ -20,7 +20,6 @@ Dequantization is code[nibble] * absmax in float32, rounded once to the stored d
 from __future__ import annotations
 
 import math
-import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -502,8 +501,3 @@ def dequantize(
     values[:full].reshape(blocks, state.blocksize)[...] *= absmax[:blocks, None]
     values[full:] *= absmax[blocks:]
     return values.reshape(state.shape)
-
-
-def default_threads() -> int:
-    """Threads for quantizing one big tensor: the cores, at most 8."""
-    return max(1, min(8, os.cpu_count() or 1))
