@@ -48,6 +48,36 @@ model = model.merge_and_unload()
 model.save_pretrained(out)
 """
 
+# The baseline for `quantize --to nf4`: read the same tensors, bitsandbytes' quantize_4bit on each
+# Linear weight (what transformers quantizes), the rest as it is, one safetensors file written.
+BNB_NF4_SCRIPT = """
+import json, os, sys, time, torch
+import bitsandbytes.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+base, out = sys.argv[1:3]
+index = json.load(open(os.path.join(base, "model.safetensors.index.json")))["weight_map"]
+state, inside = {}, 0.0
+for shard in sorted(set(index.values())):
+    with safe_open(os.path.join(base, shard), "pt") as f:
+        for name in f.keys():
+            t = f.get_tensor(name)
+            linear = ".layers." in name and t.dim() == 2 and "embed" not in name
+            if not linear:
+                state[name] = t
+                continue
+            start = time.perf_counter()
+            packed, qs = F.quantize_4bit(
+                t, blocksize=64, compress_statistics=True, quant_type="nf4"
+            )
+            inside += time.perf_counter() - start
+            state[name] = packed
+            for key, value in qs.as_dict(packed=True).items():
+                state[name + "." + key] = value
+os.makedirs(out)
+save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+print(f"seconds inside quantize_4bit: {inside:.2f}", file=sys.stderr)
+"""
 
 # --- fixture layout
 
@@ -343,6 +373,9 @@ def tool_commands(args: argparse.Namespace, base: Path, adapter: Path, out: Path
     q = lambda p: shlex.quote(str(p))  # noqa: E731
     peft_script = args.workdir / "peft_merge.py"
     peft_script.write_text(PEFT_MERGE_SCRIPT.lstrip())
+    bnb_script = args.workdir / "bnb_nf4.py"
+    bnb_script.write_text(BNB_NF4_SCRIPT.lstrip())
+    lm = args.loramerge_cmd
     sync = " && sync" if args.sync_all else ""
     return {
         "copy": f"cp -r {q(base)} {q(out)} && sync",
@@ -353,6 +386,9 @@ def tool_commands(args: argparse.Namespace, base: Path, adapter: Path, out: Path
         "peft": f"{q(sys.executable)} {q(peft_script)} {q(base)} {q(adapter)} {q(out)}{sync}",
         "verify": f"{args.loramerge_cmd} verify {q(merged_copy(base))} --base {q(base)} "
         f"--adapter {q(adapter)} --quiet",
+        "bnb-nf4": f"{q(sys.executable)} {q(bnb_script)} {q(base)} {q(out)}{sync}",
+        "quantize-nf4": f"{lm} quantize {q(base)} -o {q(out)} --to nf4 --quiet{sync}",
+        "merge-nf4": f"{lm} merge {q(base)} {q(adapter)} -o {q(out)} --to nf4 --quiet{sync}",
     }
 
 
@@ -557,6 +593,8 @@ def print_table(rows: list[Row]) -> None:
             ("loramerge", "copy"),
             ("loramerge", "copy+sha256"),
             ("peft", "loramerge"),
+            ("bnb-nf4", "quantize-nf4"),
+            ("merge-nf4", "quantize-nf4"),
         ):
             a, b = by.get((num, layers)), by.get((den, layers))
             if a and b and a.seconds is not None and b.seconds is not None:
@@ -585,7 +623,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tools",
         nargs="+",
         default=["copy", "copy+sha256", "loramerge", "peft", "verify"],
-        choices=["copy", "copy+sha256", "loramerge", "peft", "verify"],
+        choices=[
+            "copy",
+            "copy+sha256",
+            "loramerge",
+            "peft",
+            "verify",
+            "bnb-nf4",
+            "quantize-nf4",
+            "merge-nf4",
+        ],
     )
     p.add_argument(
         "--settle",

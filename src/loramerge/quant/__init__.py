@@ -1,1 +1,1 @@
-"""Block quantizers and dequantizers (NF4, ggml): pure functions of arrays, no I/O."""
+"""Block quantizers and dequantizers (NF4, ggml): pure functions of arrays, no file I/O."""
