@@ -51,7 +51,7 @@ def _inspect_adapter(path: Path, allow_pickle: bool) -> dict:
     try:
         config = adapter.config
         infos = adapter.weights.tensors.values()
-        return {
+        report = {
             "kind": "adapter",
             "path": str(path),
             "peft_type": config.get("peft_type", "LORA"),
@@ -73,6 +73,8 @@ def _inspect_adapter(path: Path, allow_pickle: bool) -> dict:
             "bytes": sum(i.nbytes for i in infos),
             "files": [p.name for p in adapter.weights.files],
         }
+        provenance = read_provenance(path)  # written by loramerge combine or extract
+        return {**report, "provenance": provenance} if provenance else report
     finally:
         adapter.close()
 
