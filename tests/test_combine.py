@@ -55,12 +55,12 @@ def test_merge_of_combined_equals_merge_of_inputs(tmp_path, cli, a, b):
     assert set(load_base(via_combined)) == set(load_base(direct))
     worst_c = _within_reference(via_combined, expected)
     worst_d = _within_reference(direct, expected)
-    print(f"\n{a}+{b}: combined {worst_c:.3f} ulp, direct {worst_d:.3f} ulp from float64")
     args = ["verify", via_combined, "--base", LLAMA]
     for path, weight in zip(inputs, WEIGHTS, strict=True):
         args += ["--adapter", path, "-w", weight]
     result = cli(*args)
     assert result.code == 0, result.out + result.err
+    print(f"\n{a}+{b}: combined {worst_c:.3f} ulp, direct {worst_d:.3f} ulp from float64")
 
 
 @pytest.mark.parametrize(
