@@ -152,3 +152,16 @@ def test_bad_choices_are_refused(tmp_path, cli):
     result = cli("extract", GPT2, "--base", LLAMA, "--rank", 2, "-o", tmp_path / "x")
     assert result.code == 2 and "do not hold the same tensors" in result.err
     assert not (tmp_path / "x").exists()
+
+
+def test_targets_limit_lora_and_skip_nonlinear_lists_the_rest(tmp_path):
+    merged = tmp_path / "merged"
+    merge(LLAMA, [ADAPTERS / "llama-lora"], merged)
+    out = tmp_path / "q"
+    result = extract(
+        merged, LLAMA, out, RankChoice(rank=8), targets=("q_proj",), skip_nonlinear=True
+    )
+    assert sorted(result.modules) == [f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)]
+    assert len(result.skipped) == 12 and result.saved == []
+    state = load_file(out / "adapter_model.safetensors")
+    assert len(state) == 4
