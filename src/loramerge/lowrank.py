@@ -53,10 +53,10 @@ def delta_svd(delta: np.ndarray, rank: int | None) -> tuple[np.ndarray, np.ndarr
     omega = np.random.default_rng(_SEED).standard_normal((delta.shape[1], k))
     q = _orthonormal(delta @ omega.astype(delta.dtype))
     for _ in range(_POWER_ITERATIONS):
-        z = _orthonormal(delta.T @ q)
-        q = _orthonormal(delta @ z)
-    small_u, s, vt = np.linalg.svd((q.T @ delta).astype(np.float64), full_matrices=False)
-    return q.astype(np.float64) @ small_u, s, vt
+        z = _orthonormal(delta.T @ q.astype(delta.dtype))
+        q = _orthonormal(delta @ z.astype(delta.dtype))
+    small_u, s, vt = np.linalg.svd(q.T.astype(delta.dtype) @ delta, full_matrices=False)
+    return q @ small_u.astype(np.float64), s.astype(np.float64), vt.astype(np.float64)
 
 
 def residual_norm(delta: np.ndarray, b: np.ndarray, a: np.ndarray) -> float:
@@ -79,5 +79,14 @@ def rank_for_energy(s: np.ndarray, total: float, energy: float) -> int:
 
 
 def _orthonormal(matrix: np.ndarray) -> np.ndarray:
-    q, _ = np.linalg.qr(matrix)
+    """Orthonormal basis of a tall, thin matrix's columns, in float64: Cholesky QR twice (two
+    small Gram matrices and triangular solves, far cheaper than LAPACK's QR of a tall matrix on
+    a busy machine), or Householder QR when the columns are (nearly) dependent."""
+    q = matrix.astype(np.float64)
+    try:
+        for _ in range(2):
+            upper = np.linalg.cholesky(q.T @ q).T
+            q = np.linalg.solve(upper.T, q.T).T
+    except np.linalg.LinAlgError:
+        q, _ = np.linalg.qr(matrix.astype(np.float64))
     return q
