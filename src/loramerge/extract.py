@@ -114,21 +114,26 @@ def extract(
                 "is BASE the model FINETUNED was trained from?"
             )
         modules, report, full, skipped, unchanged = [], {}, {}, [], 0
+        scratch = _Scratch()
         for name in sorted(ft.tensors):
-            new, old = ft.read(name), w0.read(name)
+            new, old = (
+                ft.read(name, scratch.raw(0, ft, name)),
+                w0.read(name, scratch.raw(1, w0, name)),
+            )
             if new.shape == old.shape and np.array_equal(new.view(np.uint8), old.view(np.uint8)):
                 unchanged += 1
                 continue
             module = name.rsplit(".", 1)[0]
             if _is_linear(name, new, old, vocab, targets):
-                delta = new.astype(np.float32) - old.astype(np.float32)
+                delta = scratch.delta(new.shape)
+                np.subtract(new, old, out=delta, dtype=np.float32)
                 factors, entry = _extract_module(module, delta.T if transposed else delta, choice)
                 modules.append(factors)
                 report[module] = entry
             elif skip_nonlinear:
                 skipped.append(name)
             else:
-                full[name] = new
+                full[name] = new.copy()
         _check_saved(full, report)
         sources = {"finetuned": finetuned, "base": base}
         hashes = {k: sha256_of(c.files) for k, c in zip(sources, (ft, w0), strict=True)}
@@ -155,6 +160,28 @@ def extract(
     result.files = sorted(record["files"])
     result.seconds = time.perf_counter() - start
     return result
+
+
+class _Scratch:
+    """Buffers reused from tensor to tensor (fresh ones each time fragment the heap)."""
+
+    def __init__(self) -> None:
+        self._raw = [np.empty(0, np.uint8), np.empty(0, np.uint8)]
+        self._delta = np.empty(0, np.float32)
+
+    def raw(self, slot: int, checkpoint: Checkpoint, name: str) -> np.ndarray:
+        """Byte buffer `slot`, large enough for tensor `name`."""
+        nbytes = checkpoint.tensors[name].nbytes
+        if self._raw[slot].size < nbytes:
+            self._raw[slot] = np.empty(nbytes, np.uint8)
+        return self._raw[slot]
+
+    def delta(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A float32 array of `shape` on the reused buffer."""
+        size = int(np.prod(shape))
+        if self._delta.size < size:
+            self._delta = np.empty(size, np.float32)
+        return self._delta[:size].reshape(shape)
 
 
 def _vocabulary_matrices(config: dict, base: Checkpoint) -> set[str]:
