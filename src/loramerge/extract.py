@@ -8,6 +8,7 @@ biases, resized vocabulary matrices) become modules_to_save, or are listed and l
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from loramerge.source.model_folder import read_config
 
 # transformers models whose linear layers are GPT-2 Conv1D, stored (in, out): dW = (B @ A)^T.
 _CONV1D_MODELS = {"gpt2", "imagegpt", "decision_transformer"}
+_COMPARE_CHUNK = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -116,13 +118,11 @@ def extract(
         modules, report, full, skipped, unchanged = [], {}, {}, [], 0
         scratch = _Scratch()
         for name in sorted(ft.tensors):
-            new, old = (
-                ft.read(name, scratch.raw(0, ft, name)),
-                w0.read(name, scratch.raw(1, w0, name)),
-            )
-            if new.shape == old.shape and np.array_equal(new.view(np.uint8), old.view(np.uint8)):
+            if _same_bytes(ft, w0, name):
                 unchanged += 1
                 continue
+            new = ft.read(name, scratch.raw(0, ft, name))
+            old = w0.read(name, scratch.raw(1, w0, name))
             module = name.rsplit(".", 1)[0]
             if _is_linear(name, new, old, vocab, targets):
                 delta = scratch.delta(new.shape)
@@ -160,6 +160,23 @@ def extract(
     result.files = sorted(record["files"])
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _same_bytes(a: Checkpoint, b: Checkpoint, name: str) -> bool:
+    """Whether tensor `name` is stored identically in both, compared a piece at a time."""
+    info_a, info_b = a.tensors[name], b.tensors[name]
+    if (info_a.dtype, tuple(info_a.shape)) != (info_b.dtype, tuple(info_b.shape)):
+        return False
+    raw_a, raw_b = a.raw(name), b.raw(name)
+    if raw_a is None or raw_b is None:  # pickled: already in memory
+        return np.array_equal(a.read(name).view(np.uint8), b.read(name).view(np.uint8))
+    for start in range(0, raw_a.nbytes, _COMPARE_CHUNK):
+        size = min(_COMPARE_CHUNK, raw_a.nbytes - start)
+        if os.pread(raw_a.fd, size, raw_a.offset + start) != os.pread(
+            raw_b.fd, size, raw_b.offset + start
+        ):
+            return False
+    return True
 
 
 class _Scratch:
