@@ -700,3 +700,63 @@ def _fail(message: str, debug: bool) -> None:
         traceback.print_exc()
     click.echo(f"Error: {message}", err=True)
     sys.exit(2)
+
+
+@cli.command("combine")
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path))
+@click.option("-w", "--weight", "weights", multiple=True, type=float, help="Weight per adapter.")
+@click.option("--rank", type=click.IntRange(min=1), help="Compress every module to this rank.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--allow-pickle", is_flag=True, help="Load .bin pickle adapters.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def combine_command(adapters, output, weights, rank, overwrite, allow_pickle, as_json):
+    """One adapter equal to the weighted sum of ADAPTERS (exact, or compressed to --rank)."""
+    from loramerge.combine import combine
+
+    result = combine(
+        list(adapters),
+        output,
+        list(weights),
+        rank=rank,
+        overwrite=overwrite,
+        allow_pickle=allow_pickle,
+    )
+    _report_adapter(result.summary(), as_json, f"Combined {len(adapters)} adapter(s)")
+
+
+def _report_adapter(summary: dict, as_json: bool, verb: str) -> None:
+    """Print an adapter-writing command's result: JSON, or one line plus the error if any."""
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    click.echo(
+        f"{verb}: {summary['lora_modules']} LoRA modules, ranks {summary['ranks']}, "
+        f"largest relative error {summary['max_relative_error']:.3g}, "
+        f"{summary['seconds']:.1f} s -> {summary['output']}"
+    )
+
+
+@cli.command("extract")
+@click.argument("finetuned", type=click.Path(path_type=Path))
+@click.option("--base", required=True, type=click.Path(path_type=Path), help="The base model.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path))
+@click.option("--rank", type=click.IntRange(min=1), help="Rank of every module.")
+@click.option("--energy", type=float, help="Per module, the smallest rank keeping this share.")
+@click.option("--max-rank", type=click.IntRange(min=1), help="Cap on any module's rank.")
+@click.option("--targets", multiple=True, help="Only these layer names (e.g. q_proj) get LoRA.")
+@click.option("--skip-nonlinear", is_flag=True, help="Leave out changed non-linear tensors.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--allow-pickle", is_flag=True, help="Load .bin pickle checkpoints.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def extract_command(finetuned, base, output, rank, energy, max_rank, targets, as_json, **options):
+    """A LoRA adapter of FINETUNED - BASE, by a truncated SVD of every changed linear weight."""
+    from loramerge.extract import RankChoice, extract
+
+    choice = RankChoice(rank=rank, energy=energy, max_rank=max_rank)
+    result = extract(finetuned, base, output, choice, targets=tuple(targets), **options)
+    summary = result.summary()
+    _report_adapter(summary, as_json, f"Extracted from {finetuned}")
+    if not as_json and summary["modules_to_save"] + summary["skipped_nonlinear"]:
+        click.echo(f"modules_to_save: {summary['modules_to_save']}")
+        click.echo(f"left out (--skip-nonlinear): {summary['skipped_nonlinear']}")

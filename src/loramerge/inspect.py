@@ -56,7 +56,7 @@ def _inspect_adapter(path: Path, allow_pickle: bool) -> dict:
         config = adapter.config
         infos = adapter.weights.tensors.values()
         wrapped = [m for m in adapter.modules if m.kind == "parameter"]
-        return {
+        report = {
             "kind": "adapter",
             "path": hub.source_name(path),
             "peft_type": config.get("peft_type", "LORA"),
@@ -83,6 +83,8 @@ def _inspect_adapter(path: Path, allow_pickle: bool) -> dict:
             "bytes": sum(i.nbytes for i in infos),
             "files": [p.name for p in adapter.weights.files],
         }
+        provenance = read_provenance(path)  # written by loramerge combine or extract
+        return {**report, "provenance": provenance} if provenance else report
     finally:
         adapter.close()
 

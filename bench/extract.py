@@ -1,0 +1,85 @@
+"""Benchmark: `loramerge extract` beside `mergekit-extract-lora`, wall time and peak memory.
+
+Uses bench/merge.py's TinyLlama-shaped fixture (built once under --workdir) and its loramerge
+merge of the r=16 adapter (154 modules at 22 layers) as the fine-tuned model, then runs each
+tool as a separate process at rank 16 and reports wall seconds, CPU seconds and peak RSS
+(`os.wait4`). mergekit runs only when `--mergekit` names its `mergekit-extract-lora` (install
+it in its own venv: `pip install torch==2.13.0 mergekit==0.1.5`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import merge as fixture  # noqa: E402  (bench/merge.py: fixture builder and helpers)
+
+
+def measure(command: str, log: Path) -> dict:
+    """Run a shell command; wall and CPU seconds, peak RSS (MiB), exit code."""
+    with open(log, "ab") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            ["sh", "-c", command], stdout=out, stderr=subprocess.STDOUT, env=fixture.child_env()
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+    return {
+        "seconds": round(time.perf_counter() - start, 2),
+        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
+        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+        "returncode": os.waitstatus_to_exitcode(status),
+    }
+
+
+def main() -> None:
+    """Build or reuse the fixture and its merge, run each tool, print and save the results."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", type=Path, default=fixture.DEFAULT_WORKDIR)
+    p.add_argument("--layers", type=int, default=22)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--mergekit", help="path of mergekit-extract-lora (its own venv)")
+    p.add_argument("--json", type=Path, help="write results as JSON here")
+    args = p.parse_args()
+    margs = fixture.parse_args(["--workdir", str(args.workdir), "--layers", str(args.layers)])
+    margs.workdir.mkdir(parents=True, exist_ok=True)
+    fixture.ensure_fixture(margs, args.layers)
+    root = margs.workdir / f"L{args.layers}"
+    base, adapter = root / "base", root / "adapter"
+    fixture.ensure_merged(margs, base, adapter, fixture.child_env())
+    merged = fixture.merged_copy(base)
+    q = shlex.quote
+    commands = {
+        "loramerge": f"{margs.loramerge_cmd} extract {q(str(merged))} --base {q(str(base))} "
+        f"--rank {args.rank} -o {{out}}"
+    }
+    if args.mergekit:
+        commands["mergekit"] = (
+            f"{q(args.mergekit)} --model {q(str(merged))} --base-model {q(str(base))} "
+            f"--out-path {{out}} --max-rank {args.rank}"
+        )
+    log = margs.workdir / "logs" / "extract.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for tool, command in commands.items():
+        out = margs.workdir / f"extract-{tool}"
+        shutil.rmtree(out, ignore_errors=True)
+        fixture.warm_cache(merged)
+        results[tool] = {
+            "command": command.format(out=q(str(out))),
+            **measure(command.format(out=q(str(out))), log),
+        }
+        print(f"{tool:<10} {json.dumps(results[tool])}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
