@@ -349,3 +349,34 @@ def test_push_dry_run_of_a_gguf_file_shows_its_card(cli, tmp_path):
     card = ModelCard(result.out[result.out.index("---") :], ignore_metadata_errors=False)
     assert "llama-cli --hf-repo alice/model-gguf --hf-file model-q8_0.gguf" in card.text
     assert "ollama run hf.co/alice/model-gguf" in card.text
+
+
+def test_card_of_a_quantized_hub_model_says_quantized(cli, tmp_path):
+    """An NF4 `quantize` of a Hub base: relation `quantized`; with adapters it stays `merge`."""
+    from huggingface_hub import ModelCard
+
+    from loramerge.card import render_card
+
+    out = tmp_path / "nf4"
+    assert cli("quantize", LLAMA, "-o", out, "--to", "nf4").code == 0
+    record = json.loads((out / "loramerge.json").read_text())
+    record["base"]["source"] = "meta/llama-base@" + "a" * 40
+    card = ModelCard(render_card(record, "alice/llama-nf4", for_hub=True))
+    meta = card.data.to_dict()
+    assert meta["base_model"] == "meta/llama-base" and meta["base_model_relation"] == "quantized"
+    assert "nf4" in meta["tags"] and "merge" not in meta["tags"]
+    record["adapters"] = [{"source": "x/y", "weight": 1.0, "rank": 8, "scale": 2.0, "sha256": "0"}]
+    merged = ModelCard(render_card(record, "alice/llama-nf4", for_hub=True)).data.to_dict()
+    assert merged["base_model_relation"] == "merge"
+
+
+def test_quantize_push_to(hub, tmp_path):
+    env = _env(hub, tmp_path / "hf", HF_TOKEN=TOKEN)
+    out = tmp_path / "nf4"
+    run = _run(env, "quantize", LLAMA, "-o", out, "--to", "nf4", "--push-to", "alice/nf4")
+    assert run.returncode == 0, run.stderr
+    repo = hub.state.repos["alice/nf4"]
+    pushed = repo.commits[repo.branches["main"]]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    for shard in set(index["weight_map"].values()):
+        assert pushed[shard] == (out / shard).read_bytes()

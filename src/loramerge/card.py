@@ -26,14 +26,18 @@ def render_card(record: dict, model_id: str, *, for_hub: bool = False) -> str:
     base = record["base"]
     base_ref = _hub_ref(base["source"])
     adapters = record["adapters"]
+    quantized = record.get("output", {}).get("format", "safetensors") != "safetensors"
     meta: dict = {}
     if base_ref or not for_hub:
         meta["base_model"] = base_ref[0] if base_ref else base["source"]
-        meta["base_model_relation"] = "merge" if adapters and base_ref else None
+        relation = "merge" if adapters else ("quantized" if quantized else None)
+        meta["base_model_relation"] = relation if base_ref else None
     meta["library_name"] = "transformers"
     if base.get("license"):
         meta["license"] = base["license"]
-    meta["tags"] = ["lora", "merge", "loramerge"]
+    meta["tags"] = ["lora", "merge", "loramerge"] if adapters else ["loramerge"]
+    if record.get("output", {}).get("format") == "nf4":
+        meta["tags"] += ["nf4", "4-bit", "bitsandbytes"]
     rows = "\n".join(
         f"| {_link(a['source'])} | {a['weight']:g} | {a['rank']} | {a['scale']:g} "
         f"| `{a['sha256'][:12]}` |"
