@@ -26,6 +26,9 @@ from loramerge import __version__
 from loramerge.errors import LoramergeError
 from loramerge.inspect import inspect_path
 from loramerge.merge import MergeOptions, MergeResult, merge
+from loramerge.quantize import quantize
+from loramerge.sink.formats import FORMATS
+from loramerge.sink.nf4_folder import NF4Options
 from loramerge.swap import rebase, unmerge
 from loramerge.verify.files import verify_files
 
@@ -56,17 +59,20 @@ class _Size(click.ParamType):
         return value if isinstance(value, int) else parse_size(value)
 
 
+_OUTPUT = click.option(
+    "-o",
+    "--output",
+    "output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder to write; appears only when complete.",
+)
+
+
 def _merge_options(func):
     """Options shared by merge and its siblings (unmerge, rebase)."""
     options = [
-        click.option(
-            "-o",
-            "--output",
-            "output",
-            required=True,
-            type=click.Path(path_type=Path),
-            help="Folder to write; appears only when complete.",
-        ),
+        _OUTPUT,
         click.option(
             "-w",
             "--weight",
@@ -98,10 +104,15 @@ def _merge_options(func):
         click.option(
             "--to",
             "to",
-            type=click.Choice(["safetensors"]),
+            type=click.Choice(list(FORMATS)),
             default="safetensors",
             show_default=True,
-            help="Output format.",
+            help="Output format (nf4: bitsandbytes 4-bit, as transformers saves it).",
+        ),
+        click.option(
+            "--qlora-base",
+            is_flag=True,
+            help="Merge into dequant(NF4(W0)), the base weights a QLoRA adapter was trained on.",
         ),
         click.option(
             "--max-shard-size",
@@ -149,7 +160,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("adapters", nargs=-1, required=True, type=click.Path(path_type=Path))
 @_merge_options
-def merge_command(base, adapters, output, as_json, quiet, to, weights, **options):
+def merge_command(base, adapters, output, as_json, quiet, weights, **options):
     """Merge ADAPTERS into BASE: W = W0 + sum w * scale * B @ A, written to OUTPUT."""
     options = MergeOptions(weights=tuple(weights), **options)
     with _progress(_bar_wanted(quiet, as_json, options)) as advance:
@@ -177,7 +188,7 @@ def _swap_options(func):
 @click.argument("adapters", nargs=-1, required=True, type=click.Path(path_type=Path))
 @_merge_options
 @_swap_options
-def unmerge_command(merged, adapters, output, as_json, quiet, to, weights, base, force, **options):
+def unmerge_command(merged, adapters, output, as_json, quiet, weights, base, force, **options):
     """Take ADAPTERS out of MERGED (each with its recorded weight, or -w), written to OUTPUT."""
     options = MergeOptions(weights=tuple(weights), **options)
     with _progress(_bar_wanted(quiet, as_json, options), "unmerging") as advance:
@@ -207,9 +218,7 @@ def unmerge_command(merged, adapters, output, as_json, quiet, to, weights, base,
 )
 @_merge_options
 @_swap_options
-def rebase_command(
-    merged, remove, add, output, as_json, quiet, to, weights, base, force, **options
-):
+def rebase_command(merged, remove, add, output, as_json, quiet, weights, base, force, **options):
     """Swap adapters in MERGED: take --remove out and put --add in, in one pass."""
     options = MergeOptions(weights=tuple(weights), **options)
     with _progress(_bar_wanted(quiet, as_json, options), "rebasing") as advance:
@@ -223,6 +232,68 @@ def rebase_command(
             force=force,
             progress=advance,
         )
+    _report(result, options, as_json, quiet)
+
+
+@cli.command("quantize")
+@click.argument("model", type=click.Path(path_type=Path))
+@_OUTPUT
+@click.option(
+    "--to",
+    "to",
+    required=True,
+    type=click.Choice([f for f in FORMATS if f != "safetensors"]),
+    help="Quantized format (nf4: bitsandbytes 4-bit, as transformers saves it).",
+)
+@click.option(
+    "--blocksize",
+    type=int,
+    default=64,
+    show_default=True,
+    help="NF4 elements per absmax block (64, 128, ..., 4096).",
+)
+@click.option("--no-double-quant", is_flag=True, help="Keep the block absmax in float32.")
+@click.option(
+    "--compute-dtype",
+    type=click.Choice(["bfloat16", "float16", "float32"]),
+    default="bfloat16",
+    show_default=True,
+    help="bnb_4bit_compute_dtype: what the loaded model's 4-bit matmuls run in.",
+)
+@click.option(
+    "--skip-modules",
+    multiple=True,
+    help="A module to keep unquantized (repeat); given ones replace the default, lm_head.",
+)
+@click.option(
+    "--max-shard-size",
+    type=_Size(),
+    default="5GB",
+    show_default=True,
+    help="Largest shard file.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--allow-pickle", is_flag=True, help="Load .bin pickle checkpoints.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar, no summary.")
+def quantize_command(
+    model,
+    output,
+    to,
+    blocksize,
+    no_double_quant,
+    compute_dtype,
+    skip_modules,
+    as_json,
+    quiet,
+    **options,
+):
+    """Write MODEL quantized to OUTPUT (NF4: Linear weights; embeddings, norms, lm_head kept)."""
+    quant = NF4Options(blocksize, not no_double_quant, compute_dtype, tuple(skip_modules) or None)
+    options = MergeOptions(to=to, quant=quant, **options)
+    with _progress(_bar_wanted(quiet, as_json, options), "quantizing") as advance:
+        result = quantize(model, output, options, progress=advance)
     _report(result, options, as_json, quiet)
 
 
@@ -492,6 +563,13 @@ def _print_plan(result: MergeResult) -> None:
 
 def _print_summary(result: MergeResult) -> None:
     summary = result.summary()
+    output = (result.record or {}).get("output", {})
+    if result.command == "quantize":
+        click.echo(
+            f"Quantized {output['quantized_tensors']} of {summary['tensors_total']} tensors to "
+            f"{output['format']} in {summary['seconds']:.1f} s -> {result.output}"
+        )
+        return
     verb = {"merge": "Merged", "unmerge": "Unmerged", "rebase": "Rebased"}[result.command]
     click.echo(
         f"{verb} {len(result.adapters)} adapter(s): {summary['tensors_modified']} of "

@@ -25,7 +25,7 @@ from loramerge.adapter import Adapter
 from loramerge.errors import LoramergeError
 from loramerge.plan import Plan, TensorPlan
 from loramerge.sink.direct_io import ALIGN
-from loramerge.sink.sharded import ShardedWriter
+from loramerge.sink.formats import Sink
 from loramerge.source.checkpoint import Checkpoint, RawRange, read_buffer
 
 # Called after each tensor with (bytes just written, total bytes to write).
@@ -106,7 +106,7 @@ def _copied(plan: TensorPlan, base: Checkpoint) -> RawRange | None:
 
 
 def write_tensors(
-    writer: ShardedWriter,
+    writer: Sink,
     plan: Plan,
     checkpoint: Checkpoint,
     adapters: list[Adapter],
@@ -119,7 +119,8 @@ def write_tensors(
     order so each shard's hash keeps pace; BLAS and torch thread pools are held to one thread
     meanwhile (no oversubscription).
     """
-    workers = worker_count([t.nbytes for t in plan.tensors if _copied(t, checkpoint) is None])
+    computed = [t for t in plan.tensors if _raw(t, checkpoint, writer) is None]
+    workers = worker_count([t.nbytes for t in computed])
     by_torch = any(route.by_torch(t, checkpoint) for t in plan.tensors)
     done = 0
     with (
@@ -174,15 +175,20 @@ def _torch_threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def _raw(plan: TensorPlan, base: Checkpoint, writer: Sink) -> RawRange | None:
+    """The bytes to copy for a tensor the writer takes unchanged, if it does."""
+    return _copied(plan, base) if writer.copyable(plan.name) else None
+
+
 def _write_tensor(
-    writer: ShardedWriter,
+    writer: Sink,
     base: Checkpoint,
     adapters: list[Adapter],
     route: Route,
     plan: TensorPlan,
 ) -> None:
     """Produce one output tensor and hand it to the writer (raw bytes when untouched)."""
-    raw = _copied(plan, base)
+    raw = _raw(plan, base, writer)
     if raw is not None:
         writer.copy(plan.name, raw.fd, raw.offset, raw.nbytes)
         return
@@ -194,11 +200,11 @@ def _write_tensor(
         weight = transform.produce(
             plan, base, adapters, route.device, route.compute, route.norms_in, route.norms_out
         )
-    writer.write(plan.name, weight.reshape(-1).view(np.uint8))
+    writer.write(plan.name, weight)
 
 
 def _merge_numpy(
-    writer: ShardedWriter, plan: TensorPlan, base: Checkpoint, adapters: list[Adapter]
+    writer: Sink, plan: TensorPlan, base: Checkpoint, adapters: list[Adapter]
 ) -> np.ndarray:
     """Plain LoRA on a bf16/f32 matrix with `blocked`, in place in the read buffer if it can."""
     phase = writer.position(plan.name) % ALIGN  # in place, then written with no staging copy

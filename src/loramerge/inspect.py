@@ -26,6 +26,7 @@ def _inspect_checkpoint(path: Path, allow_pickle: bool) -> dict:
     with open_weights(path, stem="model", allow_pickle=allow_pickle) as checkpoint:
         infos = list(checkpoint.tensors.values())
         files = [str(p.name) for p in checkpoint.files]
+        quantization = getattr(checkpoint, "description", None)
     config = _json(path / "config.json") if path.is_dir() else {}
     provenance = read_provenance(path) if path.is_dir() else None
     counts = Counter(i.dtype for i in infos)
@@ -41,6 +42,8 @@ def _inspect_checkpoint(path: Path, allow_pickle: bool) -> dict:
         "bytes": sum(i.nbytes for i in infos),
         "files": files,
     }
+    if quantization:  # NF4: tensors described as they read, dequantized
+        report["quantization"] = {**quantization, **(config.get("quantization_config") or {})}
     if provenance:
         report["provenance"] = provenance
     return report

@@ -16,6 +16,7 @@ from loramerge.errors import LoramergeError
 from loramerge.execute import Progress, Route, resolve_device, write_tensors
 from loramerge.plan import Plan, TensorPlan, build_plan
 from loramerge.sink.atomic import AtomicFolder
+from loramerge.sink.formats import open_sink
 from loramerge.sink.hf_folder import (
     copy_files,
     hash_files,
@@ -24,10 +25,11 @@ from loramerge.sink.hf_folder import (
     write_norms,
     write_provenance,
 )
+from loramerge.sink.nf4_folder import NF4Options
 from loramerge.sink.safetensors_writer import Entry
-from loramerge.sink.sharded import ShardedWriter
 from loramerge.source.checkpoint import open_weights
 from loramerge.source.model_folder import model_folder, read_config
+from loramerge.source.nf4 import is_nf4, qlora_base
 
 # Files of a model folder that are weights or that the merge writes itself.
 _NOT_COPIED = {"config.json", "README.md", "loramerge.json", "adapter_config.json"}
@@ -95,6 +97,9 @@ class MergeOptions:
     dry_run: bool = False
     verify: bool = False
     allow_nonfinite: bool = False
+    to: str = "safetensors"  # the output format (sink.formats.FORMATS)
+    qlora_base: bool = False  # merge into dequant(NF4(W0)): the base a QLoRA adapter saw
+    quant: NF4Options = NF4Options()  # how quantizing formats quantize
 
 
 def merge(
@@ -153,11 +158,15 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
         )
     config = read_config(job.source)
     opened: list[Adapter] = []
-    with open_weights(job.source, stem="model", allow_pickle=options.allow_pickle) as checkpoint:
+    with open_weights(job.source, stem="model", allow_pickle=options.allow_pickle) as stored:
+        checkpoint, source_notes = _base_view(stored, config, options)
+        if config is not None:  # a dequantized NF4 base is no longer quantized
+            config = {k: v for k, v in config.items() if k != "quantization_config"}
         try:
             for path in job.adapters:
                 opened.append(load_adapter(path, allow_pickle=options.allow_pickle))
             plan = build_plan(checkpoint, config, opened, job.weights, out_dtype, job.undo)
+            plan.notes.extend(source_notes)
             if not options.allow_nonfinite:
                 _check_finite(opened)
             described = [
@@ -170,11 +179,13 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
             _check_free_space(job.output, plan.nbytes)
             with AtomicFolder(job.output, overwrite=options.overwrite) as folder:
                 result.warnings.extend(folder.recovered)
-                writer = ShardedWriter(
+                writer = open_sink(
+                    options.to,
                     folder.path,
                     [Entry(t.name, t.dtype, t.shape) for t in plan.tensors],
                     options.max_shard_size,
-                    {"format": "pt"},
+                    options.quant,
+                    config,
                 )
                 norms: dict[tuple[int, str], np.ndarray] = {}
                 route = Route(device, options.compute_dtype, job.norms, norms)
@@ -191,6 +202,11 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
                     {**d, "sha256": a.sha256()} for a, d in zip(opened, described, strict=True)
                 ]
                 record = _provenance(job, config, entries, plan, options, device)
+                record["output"] = writer.description
+                if options.qlora_base:
+                    record["qlora_base"] = checkpoint.description["nf4_round_trip"]
+                elif is_nf4(stored):
+                    record["base"]["quantization"] = checkpoint.description
                 stored = {**job.carried_norms, **_norm_keys(norms, entries)}
                 if stored:
                     record["dora_norms"] = write_norms(folder.path, stored)
@@ -207,13 +223,37 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
                         "so transformers cannot load it as a model folder"
                     )
                     record["notes"].append(f"no side files: {missing}")
-                _write_side_files(folder.path, side_from, config, plan, opened, job.undo, record)
+                updates = {**plan.config_updates, **writer.config_updates}
+                _write_side_files(
+                    folder.path, side_from, config, updates, opened, job.undo, record
+                )
                 folder.commit()
         finally:
             for adapter in opened:
                 adapter.close()
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _base_view(stored, config: dict | None, options: MergeOptions):
+    """The base as the merge reads it: NF4 weights dequantized, or with `--qlora-base` the
+    Linear weights passed through NF4 and back; plus notes saying so."""
+    if not options.qlora_base:
+        if is_nf4(stored):
+            count = stored.description["quantized_tensors"]
+            return stored, [f"NF4 base: {count} weights dequantized on read"]
+        return stored, []
+    if is_nf4(stored):
+        raise LoramergeError(
+            "--qlora-base: the base is already NF4, so merging into it is merging into the "
+            "dequantized weights; drop --qlora-base"
+        )
+    quant = options.quant
+    view = qlora_base(stored, quant.blocksize, quant.double_quant)
+    return view, [
+        f"--qlora-base: merged into dequant(NF4(W0)) for {view.description['tensors']} Linear "
+        f"weights (blocksize {quant.blocksize}, double quantization {quant.double_quant})"
+    ]
 
 
 def _verify(folder: Path, base: Path, adapters, weights, allow_pickle: bool, through) -> dict:
@@ -333,10 +373,10 @@ def _provenance(job: Job, config, entries: list[dict], plan: Plan, options, devi
     }
 
 
-def _write_side_files(folder, source, config, plan, adapters, undo, record) -> None:
+def _write_side_files(folder, source, config, updates, adapters, undo, record) -> None:
     """config.json, tokenizer and generation files, model card and provenance."""
     if config is not None:
-        write_config(folder, config, plan.config_updates)
+        write_config(folder, config, updates)
     side = _side_files(source) if source else []
     added = [a for a, taken_out in zip(adapters, undo, strict=True) if not taken_out]
     tokenizer_from = next(

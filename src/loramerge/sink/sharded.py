@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
+
+import numpy as np
 
 from loramerge.sink.safetensors_writer import Entry, SafetensorsWriter, aligned_order, split_shards
 
@@ -13,12 +16,23 @@ INDEX = "model.safetensors.index.json"
 
 class ShardedWriter:
     """All shards of one checkpoint, headers written up front; tensors go in by name (any order,
-    though `order` lets each shard's sha256 keep pace)."""
+    though `order` lets each shard's sha256 keep pace).
 
-    def __init__(self, folder: Path, entries: list[Entry], max_shard_bytes: int, metadata: dict):
+    `late` names small uint8 vectors whose length is known only once they are computed (NF4
+    quantization states): they are kept in memory and written as one last shard by `finish`.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        entries: list[Entry],
+        max_shard_bytes: int,
+        metadata: dict,
+        late: tuple[str, ...] = (),
+    ):
         self.folder = Path(folder)
         shards = [aligned_order(s) for s in split_shards(entries, max_shard_bytes)]
-        count = len(shards)
+        count = len(shards) + (1 if late else 0)
         self.files = (
             [SINGLE]
             if count == 1
@@ -30,8 +44,11 @@ class ShardedWriter:
         self._owner: dict[str, SafetensorsWriter] = {}
         self._weight_map: dict[str, str] = {}
         self._total = sum(e.nbytes for e in entries)
+        self._metadata = metadata
+        self._late: dict[str, bytes | None] = dict.fromkeys(late)
+        self._late_lock = threading.Lock()
         try:
-            for name, shard in zip(self.files, shards, strict=True):
+            for name, shard in zip(self.files[: len(shards)], shards, strict=True):
                 writer = SafetensorsWriter(self.folder / name, shard, metadata)
                 self._writers.append(writer)
                 for entry in shard:
@@ -41,12 +58,25 @@ class ShardedWriter:
             self.abort()
             raise
 
+    config_updates: dict = {}  # a plain safetensors folder changes nothing in config.json
+    description: dict = {"format": "safetensors"}
+
+    def copyable(self, name: str) -> bool:
+        """Every unchanged tensor may be copied as raw bytes."""
+        return True
+
     def position(self, name: str) -> int:
         """File offset of tensor `name`'s bytes in its shard."""
         return self._owner[name].position(name)
 
     def write(self, name: str, data) -> None:
-        """Write one tensor's bytes (thread-safe, any order)."""
+        """Write one tensor (an array, or its bytes) to its place (thread-safe, any order)."""
+        if isinstance(data, np.ndarray):
+            data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        if name in self._late:
+            with self._late_lock:
+                self._late[name] = bytes(data)
+            return
         self._owner[name].write(name, data)
 
     def copy(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
@@ -54,7 +84,10 @@ class ShardedWriter:
         self._owner[name].copy(name, src_fd, src_offset, nbytes)
 
     def finish(self) -> None:
-        """Flush and close every shard; write the index when there are several."""
+        """Flush and close every shard (the late one written now); the index when there are
+        several."""
+        if self._late:
+            self._write_late()
         for name, writer in zip(self.files, self._writers, strict=True):
             writer.finish()
             self.hashes[name] = writer.sha256
@@ -64,6 +97,18 @@ class ShardedWriter:
                 "weight_map": dict(sorted(self._weight_map.items())),
             }
             (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+    def _write_late(self) -> None:
+        missing = [name for name, data in self._late.items() if data is None]
+        if missing:
+            raise RuntimeError(f"never written: {missing[:5]}")
+        entries = [Entry(name, "U8", (len(data),)) for name, data in self._late.items()]
+        writer = SafetensorsWriter(self.folder / self.files[-1], entries, self._metadata)
+        self._writers.append(writer)
+        for name, data in self._late.items():
+            writer.write(name, data)
+            self._weight_map[name] = self.files[-1]
+            self._total += len(data)
 
     def cancel(self) -> None:
         """Wake every thread waiting on a shard, so a failed write can wind down."""

@@ -91,9 +91,23 @@ class Checkpoint:
         self.close()
 
 
-def open_weights(path: Path, *, stem: str, allow_pickle: bool) -> Checkpoint:
-    """Open the weights of a folder (named `{stem}.safetensors` and friends) or a single file."""
-    path = Path(path)
+def open_weights(
+    path: Path, *, stem: str, allow_pickle: bool, dequantize: bool = True
+) -> Checkpoint:
+    """Open the weights of a folder (named `{stem}.safetensors` and friends) or a single file.
+
+    An NF4 checkpoint (bitsandbytes layout) reads as its dequantized float weights unless
+    `dequantize` is False.
+    """
+    checkpoint = _open(Path(path), stem, allow_pickle)
+    if not dequantize:
+        return checkpoint
+    from loramerge.source import nf4  # (it builds on this module)
+
+    return nf4.dequantized(checkpoint) if nf4.is_nf4(checkpoint) else checkpoint
+
+
+def _open(path: Path, stem: str, allow_pickle: bool) -> Checkpoint:
     if not path.exists():
         raise LoramergeError(f"{path} does not exist")
     if path.is_file():

@@ -46,7 +46,9 @@ def open_quantized(candidate: Path, allow_pickle: bool) -> GGUFCandidate | NF4Ca
     if candidate.is_file() and candidate.suffix == ".gguf":
         return GGUFCandidate(candidate)
     if candidate.exists() and candidate.suffix != ".gguf":
-        checkpoint = open_weights(candidate, stem="model", allow_pickle=allow_pickle)
+        checkpoint = open_weights(
+            candidate, stem="model", allow_pickle=allow_pickle, dequantize=False
+        )
         if any(name.endswith(_NF4_STATE) for name in checkpoint.tensors):
             return NF4Candidate(checkpoint)
         checkpoint.close()

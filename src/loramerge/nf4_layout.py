@@ -1,0 +1,82 @@
+"""How transformers lays out a bitsandbytes NF4 checkpoint: which weights are quantized, the
+names of their parts, and the quantization state's JSON. Pure: no I/O, no torch."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from loramerge.errors import LoramergeError
+from loramerge.quant import nf4
+
+STATE = ".quant_state.bitsandbytes__nf4"
+PARTS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", STATE)
+# transformers' default for causal LMs: the output head stays as it is.
+DEFAULT_SKIP = ("lm_head",)
+QUANTIZABLE = ("BF16", "F16", "F32")
+_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+
+
+def quantizable(name: str, shape: tuple[int, ...], dtype: str, skip: tuple[str, ...] | None):
+    """Whether transformers would quantize this tensor: a 2-D float `.weight` of a Linear layer
+    (not an embedding) outside the skipped modules (given ones replace the default)."""
+    return (
+        name.endswith(".weight")
+        and len(shape) == 2
+        and dtype in QUANTIZABLE
+        and not _embedding(name)
+        and not _skipped(name.removesuffix(".weight"), DEFAULT_SKIP if skip is None else skip)
+    )
+
+
+def _embedding(name: str) -> bool:
+    module = name.removesuffix(".weight").rsplit(".", 1)[-1]
+    return "embed" in module or module in ("wte", "wpe")
+
+
+def _skipped(module: str, patterns: tuple[str, ...]) -> bool:
+    """transformers' should_convert_module, negated: a pattern matches from the start up to a
+    module boundary (also as a regex), or as a suffix."""
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    return any(re.match(rf"(?:{p}){boundary}", module) or module.endswith(p) for p in patterns)
+
+
+def state_json(state: nf4.NF4) -> bytes:
+    """The `quant_state.bitsandbytes__nf4` bytes: QuantState.as_dict(packed=True)'s JSON."""
+    fields: dict[str, object] = {
+        "quant_type": "nf4",
+        "blocksize": state.blocksize,
+        "dtype": state.dtype,
+        "shape": list(state.shape),
+    }
+    if state.double_quant:
+        fields.update(
+            nested_blocksize=nf4.NESTED_BLOCKSIZE,
+            nested_dtype="float32",
+            nested_offset=state.offset,
+        )
+    return json.dumps(fields).encode()
+
+
+def parse_state(raw: bytes, where: str) -> dict:
+    """The quantization state of a stored NF4 weight, checked."""
+    try:
+        state = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        state = None
+    ok = (
+        isinstance(state, dict)
+        and state.get("quant_type") == "nf4"
+        and state.get("blocksize") in nf4.BLOCKSIZES
+        and state.get("dtype") in _DTYPES
+        and isinstance(state.get("shape"), list)
+        and all(isinstance(d, int) and d >= 0 for d in state["shape"])
+    )
+    if not ok:
+        raise LoramergeError(f"{where}: not a bitsandbytes NF4 quantization state")
+    return state
+
+
+def stored_dtype(state: dict) -> str:
+    """The safetensors dtype the weight had before quantization."""
+    return _DTYPES[state["dtype"]]

@@ -1,0 +1,1 @@
+"""Quantizers and dequantizers: pure functions of arrays, no file I/O."""

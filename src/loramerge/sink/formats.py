@@ -1,0 +1,62 @@
+"""The output formats, one table: `--to NAME` picks the sink every command writes through.
+
+A sink receives each finished tensor by name (`write`), or the raw bytes of an unchanged one
+when it can take them (`copyable`, `copy`), in its `order`; `finish` completes the files. The
+atomic folder, the record, the model card and the progress bar around it are the same for every
+format. A new format is one more entry here and its own module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from loramerge.errors import LoramergeError
+from loramerge.sink.nf4_folder import NF4Folder, NF4Options
+from loramerge.sink.safetensors_writer import Entry
+from loramerge.sink.sharded import ShardedWriter
+
+
+class Sink(Protocol):
+    """What the executor and the commands need from an output format."""
+
+    order: list[str]  # tensor names, in the order to produce them
+    files: list[str]
+    hashes: dict[str, str]
+    config_updates: dict  # merged into config.json
+    description: dict  # the record's "output" entry
+
+    def copyable(self, name: str) -> bool: ...
+    def position(self, name: str) -> int: ...
+    def copy(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None: ...
+    def write(self, name: str, values: np.ndarray) -> None: ...
+    def finish(self) -> None: ...
+    def cancel(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+def _safetensors(folder, entries, max_shard_bytes, options, config) -> Sink:
+    return ShardedWriter(folder, entries, max_shard_bytes, {"format": "pt"})
+
+
+FORMATS: dict[str, Callable[[Path, list[Entry], int, NF4Options, dict | None], Sink]] = {
+    "safetensors": _safetensors,
+    "nf4": NF4Folder,
+}
+
+
+def open_sink(
+    to: str,
+    folder: Path,
+    entries: list[Entry],
+    max_shard_bytes: int,
+    options: NF4Options,
+    config: dict | None,
+) -> Sink:
+    """The sink of format `to`, writing into `folder`."""
+    if to not in FORMATS:
+        raise LoramergeError(f"unknown output format {to!r}; choose from {', '.join(FORMATS)}")
+    return FORMATS[to](folder, entries, max_shard_bytes, options, config)

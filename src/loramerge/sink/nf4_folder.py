@@ -1,0 +1,159 @@
+"""NF4 output: a safetensors folder in the layout transformers writes for a bitsandbytes 4-bit
+model (`BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")` + `save_pretrained`).
+
+Each quantized weight `X.weight` becomes the packed codes `X.weight` (uint8, (n/2, 1)) plus
+`X.weight.absmax`, `X.weight.quant_map` and, with double quantization, `X.weight.nested_absmax`
+and `X.weight.nested_quant_map`, and `X.weight.quant_state.bitsandbytes__nf4` (the JSON of the
+quantization state as bytes). That last one's length depends on the computed offset, so those
+vectors go into one extra last shard, written when everything else is. config.json gets
+`quantization_config`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from loramerge.errors import LoramergeError
+from loramerge.nf4_layout import STATE, quantizable, state_json
+from loramerge.quant import nf4
+from loramerge.sink.safetensors_writer import Entry
+from loramerge.sink.sharded import ShardedWriter
+
+# GPT-2 style checkpoints store Conv1D weights as (in, out); transformers transposes those.
+_CONV1D_MODELS = ("gpt2", "openai-gpt")
+
+
+@dataclass(frozen=True)
+class NF4Options:
+    """How weights are quantized, as `quantize` and `--to nf4` name it."""
+
+    blocksize: int = 64
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"  # bnb_4bit_compute_dtype: what the 4-bit matmuls run in
+    skip_modules: tuple[str, ...] | None = None  # None: transformers' default (the output head)
+
+
+def quantization_config(options: NF4Options) -> dict:
+    """config.json's `quantization_config`, as BitsAndBytesConfig.to_dict writes it."""
+    skip = list(options.skip_modules) if options.skip_modules is not None else None
+    return {
+        "_load_in_4bit": True,
+        "_load_in_8bit": False,
+        "bnb_4bit_compute_dtype": options.compute_dtype,
+        "bnb_4bit_quant_storage": "uint8",
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": options.double_quant,
+        "llm_int8_enable_fp32_cpu_offload": False,
+        "llm_int8_has_fp16_weight": False,
+        "llm_int8_skip_modules": skip,
+        "llm_int8_threshold": 6.0,
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "quant_method": "bitsandbytes",
+    }
+
+
+def _parts(entry: Entry, options: NF4Options) -> list[Entry]:
+    """The stored tensors of one quantized weight, except its quantization state."""
+    numel = math.prod(entry.shape)
+    blocks = -(-numel // options.blocksize)
+    parts = [
+        Entry(entry.name, "U8", (-(-numel // 2), 1)),
+        Entry(entry.name + ".absmax", "U8" if options.double_quant else "F32", (blocks,)),
+        Entry(entry.name + ".quant_map", "F32", (len(nf4.CODE),)),
+    ]
+    if options.double_quant:
+        nested = -(-blocks // nf4.NESTED_BLOCKSIZE)
+        parts.append(Entry(entry.name + ".nested_absmax", "F32", (nested,)))
+        parts.append(Entry(entry.name + ".nested_quant_map", "F32", (len(nf4.DYNAMIC_MAP),)))
+    return parts
+
+
+class NF4Folder:
+    """The NF4 sink: Linear weights quantized as they arrive, everything else as it is."""
+
+    def __init__(
+        self,
+        folder: Path,
+        entries: list[Entry],
+        max_shard_bytes: int,
+        options: NF4Options,
+        config: dict | None,
+    ) -> None:
+        if options.blocksize not in nf4.BLOCKSIZES:
+            raise LoramergeError(f"--blocksize must be one of {nf4.BLOCKSIZES}")
+        if (config or {}).get("model_type") in _CONV1D_MODELS:
+            raise LoramergeError(
+                f"NF4 output of {config['model_type']} (Conv1D weights) is not supported yet"
+            )
+        self.options = options
+        skip = options.skip_modules
+        self._quantized = {e.name for e in entries if quantizable(e.name, e.shape, e.dtype, skip)}
+        stored = [
+            p for e in entries for p in (_parts(e, options) if e.name in self._quantized else [e])
+        ]
+        late = tuple(name + STATE for name in sorted(self._quantized))
+        self._writer = ShardedWriter(folder, stored, max_shard_bytes, {"format": "pt"}, late)
+        owner = {p.name: e.name for e in entries for p in _parts(e, options)}
+        self.order = list(dict.fromkeys(owner.get(n, n) for n in self._writer.order))
+        self.config_updates = {"quantization_config": quantization_config(options)}
+        self.description = {
+            "format": "nf4",
+            "blocksize": options.blocksize,
+            "double_quant": options.double_quant,
+            "compute_dtype": options.compute_dtype,
+            "skip_modules": list(options.skip_modules) if options.skip_modules else None,
+            "quantized_tensors": len(self._quantized),
+        }
+
+    @property
+    def files(self) -> list[str]:
+        """Shard file names."""
+        return self._writer.files
+
+    @property
+    def hashes(self) -> dict[str, str]:
+        """sha256 of each shard, once finished."""
+        return self._writer.hashes
+
+    def copyable(self, name: str) -> bool:
+        """Unchanged tensors are copied as bytes unless they are to be quantized."""
+        return name not in self._quantized
+
+    def position(self, name: str) -> int:
+        """Where a tensor stored as it is goes (0 for quantized ones: any buffer will do)."""
+        return 0 if name in self._quantized else self._writer.position(name)
+
+    def copy(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
+        """Copy an unquantized tensor's bytes."""
+        self._writer.copy(name, src_fd, src_offset, nbytes)
+
+    def write(self, name: str, values: np.ndarray) -> None:
+        """Store one finished tensor: quantized to NF4 when it is a Linear weight."""
+        if name not in self._quantized:
+            self._writer.write(name, values)
+            return
+        state = nf4.quantize(values, self.options.blocksize, self.options.double_quant)
+        self._writer.write(name, state.packed)
+        self._writer.write(name + ".absmax", state.absmax)
+        self._writer.write(name + ".quant_map", nf4.CODE)
+        if state.double_quant:
+            self._writer.write(name + ".nested_absmax", state.nested_absmax)
+            self._writer.write(name + ".nested_quant_map", nf4.DYNAMIC_MAP)
+        self._writer.write(name + STATE, np.frombuffer(state_json(state), np.uint8))
+
+    def finish(self) -> None:
+        """Write the quantization states and the index; flush and close."""
+        self._writer.finish()
+
+    def cancel(self) -> None:
+        """Wake any thread waiting on a shard."""
+        self._writer.cancel()
+
+    def abort(self) -> None:
+        """Close every shard without checks."""
+        self._writer.abort()

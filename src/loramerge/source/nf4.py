@@ -1,0 +1,149 @@
+"""Checkpoints seen through NF4: stored NF4 weights dequantized on read (a "bnb-4bit" base from
+transformers or loramerge), or a float base's Linear weights replaced by dequant(NF4(W0)), the
+weights a QLoRA adapter was trained against (`--qlora-base`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import replace
+
+import numpy as np
+
+from loramerge import dtypes
+from loramerge.nf4_layout import PARTS, STATE, parse_state, quantizable, stored_dtype
+from loramerge.quant import nf4
+from loramerge.source.checkpoint import Checkpoint, RawRange
+from loramerge.source.safetensors_file import TensorInfo
+
+
+class DerivedCheckpoint:
+    """A checkpoint in which some tensors are computed when read (never copied as bytes)."""
+
+    def __init__(
+        self,
+        inner: Checkpoint,
+        derived: dict[str, tuple[TensorInfo, Callable[[], np.ndarray]]],
+        hidden: set[str],
+        description: dict,
+    ) -> None:
+        self.path = inner.path
+        self.description = description
+        self._inner = inner
+        self._derived = derived
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, info in inner.tensors.items():
+            if name in derived:
+                self.tensors[name] = derived[name][0]
+            elif name not in hidden:
+                self.tensors[name] = info
+
+    @property
+    def files(self):
+        """The weight files underneath."""
+        return self._inner.files
+
+    def read(self, name: str, into: np.ndarray | None = None) -> np.ndarray:
+        """One tensor (computed ones in their float dtype), in `into` if given."""
+        if name not in self._derived:
+            return self._inner.read(name, into)
+        info, compute = self._derived[name]
+        values = compute()
+        if into is None:
+            return values
+        view = into[: info.nbytes].view(values.dtype).reshape(values.shape)
+        np.copyto(view, values)
+        return view
+
+    def raw(self, name: str) -> RawRange | None:
+        """Stored bytes of a tensor that is not computed."""
+        return None if name in self._derived else self._inner.raw(name)
+
+    def close(self) -> None:
+        """Close the checkpoint underneath."""
+        self._inner.close()
+
+    def __enter__(self) -> DerivedCheckpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def is_nf4(checkpoint: Checkpoint | DerivedCheckpoint) -> bool:
+    """Whether a checkpoint stores NF4 weights (bitsandbytes layout), dequantized or not."""
+    if isinstance(checkpoint, DerivedCheckpoint):
+        return checkpoint.description.get("format") == "nf4"
+    return any(name.endswith(STATE) for name in checkpoint.tensors)
+
+
+def dequantized(checkpoint: Checkpoint) -> DerivedCheckpoint:
+    """An NF4 checkpoint whose quantized weights read as their dequantized float values
+    (exactly bitsandbytes' dequantize_4bit), their quantization parts hidden."""
+    derived, hidden, states = {}, set(), []
+    for state_name in [n for n in checkpoint.tensors if n.endswith(STATE)]:
+        name = state_name.removesuffix(STATE)
+        raw = checkpoint.read(state_name).tobytes()
+        state = parse_state(raw, f"{checkpoint.path}: {name}")
+        dtype = stored_dtype(state)
+        shape = tuple(state["shape"])
+        packed = checkpoint.tensors.get(name)
+        info = TensorInfo(
+            name,
+            packed.path if packed else checkpoint.path,
+            dtype,
+            shape,
+            packed.offset if packed else 0,
+            math.prod(shape) * dtypes.itemsize(dtype),
+        )
+        derived[name] = (info, _reader(checkpoint, name, state))
+        hidden |= {name + part for part in PARTS}
+        states.append(state)
+    blocksizes = sorted({s["blocksize"] for s in states})
+    description = {"format": "nf4", "quantized_tensors": len(derived), "blocksizes": blocksizes}
+    return DerivedCheckpoint(checkpoint, derived, hidden, description)
+
+
+def _reader(checkpoint: Checkpoint, name: str, state: dict) -> Callable[[], np.ndarray]:
+    def read() -> np.ndarray:
+        def part(suffix: str) -> np.ndarray:
+            return checkpoint.read(name + suffix)
+
+        nested = name + ".nested_absmax" in checkpoint.tensors
+        stored = nf4.NF4(
+            packed=checkpoint.read(name),
+            absmax=part(".absmax"),
+            shape=tuple(state["shape"]),
+            dtype=state["dtype"],
+            blocksize=state["blocksize"],
+            nested_absmax=part(".nested_absmax") if nested else None,
+            offset=float(state["nested_offset"]) if nested else None,
+        )
+        nested_code = part(".nested_quant_map") if nested else nf4.DYNAMIC_MAP
+        values = nf4.dequantize(stored, part(".quant_map"), nested_code)
+        return values.astype(dtypes.to_numpy(stored_dtype(state)))
+
+    return read
+
+
+def qlora_base(checkpoint: Checkpoint, blocksize: int, double_quant: bool) -> DerivedCheckpoint:
+    """A float checkpoint whose Linear weights read as dequant(NF4(W0)), rounded to their dtype:
+    what a QLoRA adapter saw of the base during training."""
+    derived = {}
+    for name, info in checkpoint.tensors.items():
+        if quantizable(name, info.shape, info.dtype, None):
+            derived[name] = (replace(info), _round_trip(checkpoint, name, blocksize, double_quant))
+    description = {
+        "nf4_round_trip": {"blocksize": blocksize, "double_quant": double_quant},
+        "tensors": len(derived),
+    }
+    return DerivedCheckpoint(checkpoint, derived, set(), description)
+
+
+def _round_trip(checkpoint: Checkpoint, name: str, blocksize: int, double_quant: bool):
+    def read() -> np.ndarray:
+        weight = checkpoint.read(name)
+        state = nf4.quantize(weight, blocksize, double_quant)
+        return nf4.dequantize(state).astype(weight.dtype)
+
+    return read

@@ -1,0 +1,79 @@
+"""`--qlora-base`: an adapter trained with PEFT on the NF4-quantized fixture base, merged into
+dequant(NF4(W0)) and into W0; the first must be closer to the model it was trained as."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import LLAMA
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+pytest.importorskip("bitsandbytes")
+
+PROMPT = torch.tensor([[0, 5, 17, 42, 99, 200, 3, 7, 11, 250, 300, 1]])
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _train_qlora(folder) -> torch.Tensor:
+    """Train a LoRA for a few steps on the NF4 base (QLoRA, on the CPU); save it to `folder`;
+    return the logits of the training-time model (NF4 base + adapter) on PROMPT."""
+    torch.manual_seed(0)
+    config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    base = transformers.AutoModelForCausalLM.from_pretrained(
+        LLAMA, quantization_config=config, device_map="cpu"
+    )
+    model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    data = torch.randint(0, 384, (4, 16), generator=torch.Generator().manual_seed(1))
+    for _ in range(8):
+        model(input_ids=data, labels=data).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    model.save_pretrained(folder)
+    with torch.no_grad():
+        return model(PROMPT).logits.float()
+
+
+def _logits(folder) -> torch.Tensor:
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    with torch.no_grad():
+        return model(PROMPT).logits.float()
+
+
+def test_qlora_base_is_closer_to_the_training_time_model(cli, tmp_path):
+    adapter = tmp_path / "adapter"
+    trained = _train_qlora(adapter)
+    plain, qlora = tmp_path / "plain", tmp_path / "qlora"
+    assert cli("merge", LLAMA, adapter, "-o", plain).code == 0
+    result = cli("merge", LLAMA, adapter, "-o", qlora, "--qlora-base", "--json")
+    assert result.code == 0, result.err
+    assert any("--qlora-base" in note for note in json.loads(result.out)["notes"])
+    record = json.loads((qlora / "loramerge.json").read_text())
+    assert record["qlora_base"] == {"blocksize": 64, "double_quant": True}
+    plain_distance = (_logits(plain) - trained).abs().max().item()
+    qlora_distance = (_logits(qlora) - trained).abs().max().item()
+    print(
+        f"\nmax |logits - training-time logits|: plain merge {plain_distance:.4g}, "
+        f"--qlora-base merge {qlora_distance:.4g}"
+    )
+    assert qlora_distance < plain_distance
+
+
+def test_qlora_base_refuses_an_nf4_base(cli, tmp_path):
+    assert cli("quantize", LLAMA, "-o", tmp_path / "nf4", "--to", "nf4").code == 0
+    result = cli(
+        "merge", tmp_path / "nf4", LLAMA.parent / "adapters" / "llama-lora",
+        "-o", tmp_path / "out", "--qlora-base",
+    )  # fmt: skip
+    assert result.code == 2 and "already NF4" in result.err
+    assert not (tmp_path / "out").exists()
