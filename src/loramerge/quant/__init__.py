@@ -1,1 +1,1 @@
-"""Quantizers and dequantizers: pure functions of arrays, no file I/O."""
+"""Block quantizers and dequantizers (NF4, ggml): pure functions of arrays, no file I/O."""

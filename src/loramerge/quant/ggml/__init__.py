@@ -1,0 +1,87 @@
+"""ggml tensor types as bytes: llama.cpp's reference quantizers and dequantizers in numpy.
+
+`quantize(rows, qtype)` returns the bytes llama.cpp's `quantize_row_*_ref` writes (what
+`llama-quantize` writes without an importance matrix); `dequantize(data, qtype)` is the inverse
+its `dequantize_row_*` computes. Both work on the last axis, block by block, in bounded chunks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from . import kquants, legacy
+
+T = GGMLQuantizationType
+
+_CODECS: dict[GGMLQuantizationType, tuple[Callable, Callable]] = {
+    T.F16: (legacy.quantize_f16, legacy.dequantize_f16),
+    T.BF16: (legacy.quantize_bf16, legacy.dequantize_bf16),
+    T.Q8_0: (legacy.quantize_q8_0, legacy.dequantize_q8_0),
+    T.Q4_0: (legacy.quantize_q4_0, legacy.dequantize_q4_0),
+    T.Q4_1: (legacy.quantize_q4_1, legacy.dequantize_q4_1),
+    T.Q5_0: (legacy.quantize_q5_0, legacy.dequantize_q5_0),
+    T.Q5_1: (legacy.quantize_q5_1, legacy.dequantize_q5_1),
+    T.Q2_K: (kquants.quantize_q2_k, kquants.dequantize_q2_k),
+    T.Q3_K: (kquants.quantize_q3_k, kquants.dequantize_q3_k),
+    T.Q4_K: (kquants.quantize_q4_k, kquants.dequantize_q4_k),
+    T.Q5_K: (kquants.quantize_q5_k, kquants.dequantize_q5_k),
+    T.Q6_K: (kquants.quantize_q6_k, kquants.dequantize_q6_k),
+}
+
+SUPPORTED: frozenset[GGMLQuantizationType] = frozenset({T.F32, *_CODECS})
+
+# Elements per chunk: a chunk's float32 intermediates stay within a few tens of MiB.
+CHUNK = 1 << 18
+
+
+def block_size(qtype: GGMLQuantizationType) -> int:
+    """Elements per block (1 for the float types)."""
+    return GGML_QUANT_SIZES[qtype][0]
+
+
+def row_bytes(qtype: GGMLQuantizationType, n: int) -> int:
+    """Bytes of a row of n elements; n must be a whole number of blocks."""
+    size, type_size = GGML_QUANT_SIZES[qtype]
+    if n % size:
+        raise ValueError(f"a row of {n} elements is not a whole number of {qtype.name} blocks")
+    return n // size * type_size
+
+
+def quantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """Rows (last axis) of float values -> uint8 array (*rows, row_bytes): llama.cpp's bytes."""
+    nbytes = row_bytes(qtype, data.shape[-1])
+    x = np.ascontiguousarray(data, np.float32)
+    if qtype == T.F32:
+        return x.view(np.uint8).reshape(*data.shape[:-1], nbytes)
+    encode = _CODECS[qtype][0]
+    size, type_size = GGML_QUANT_SIZES[qtype]
+    blocks = x.reshape(-1, size)
+    out = np.empty((blocks.shape[0], type_size), np.uint8)
+    step = max(1, CHUNK // size)
+    with np.errstate(all="ignore"):
+        for at in range(0, blocks.shape[0], step):
+            out[at : at + step] = encode(blocks[at : at + step]).reshape(-1, type_size)
+    return out.reshape(*data.shape[:-1], nbytes)
+
+
+def dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """uint8 array (*rows, row_bytes) -> float32 (*rows, n): llama.cpp's dequantize_row_*."""
+    raw = np.ascontiguousarray(data).view(np.uint8)
+    size, type_size = GGML_QUANT_SIZES[qtype]
+    if raw.shape[-1] % type_size:
+        raise ValueError(
+            f"{raw.shape[-1]} bytes per row is not a whole number of {qtype.name} blocks"
+        )
+    n = raw.shape[-1] // type_size * size
+    if qtype == T.F32:
+        return raw.view(np.float32).reshape(*raw.shape[:-1], n)
+    decode = _CODECS[qtype][1]
+    blocks = raw.reshape(-1, type_size)
+    out = np.empty((blocks.shape[0], size), np.float32)
+    step = max(1, CHUNK // size)
+    for at in range(0, blocks.shape[0], step):
+        out[at : at + step] = decode(blocks[at : at + step]).reshape(-1, size)
+    return out.reshape(*raw.shape[:-1], n)
