@@ -181,6 +181,19 @@ def test_merge_unmerge_rebase_to_gguf(cli, tmp_path):
             assert np.array_equal(stored[name].reshape(expected.shape), expected), (op, name)
 
 
+def test_merge_to_gguf_passes_verify(cli, tmp_path):
+    """merge --to gguf --verify: verify's float64 check of the written Q8_0 file against the
+    base and adapter (each element within Q8_0's stated error bound) passes."""
+    out = tmp_path / "merged.gguf"
+    lora = ADAPTERS / "llama-lora"
+    args = ("merge", LLAMA, lora, "-o", out, "--to", "gguf", "--gguf-type", "q8_0", "--verify")
+    result = cli(*args, "--json")
+    assert result.code == 0, result.err
+    verification = json.loads(result.out)["verification"]
+    assert verification["passed"], verification
+    assert "Q8_0" in verification["verdict"]
+
+
 def test_unsupported_architecture_is_one_clear_error(cli, tmp_path):
     out = tmp_path / "gpt2.gguf"
     result = cli("quantize", GPT2, "-o", out, "--to", "gguf", "--gguf-type", "q8_0")
@@ -270,6 +283,42 @@ def test_other_architectures(cli, tmp_path, kind):
     assert np.array_equal(tensors["blk.0.attn_norm.weight"], norm + np.float32(offset))
 
 
+def test_sentencepiece_tokenizer(cli, tmp_path):
+    """A tokenizer.model (SentencePiece, trained here) is written as llama.cpp's "llama" vocabulary:
+    pieces, scores and types as sentencepiece itself reports them, padded to vocab_size."""
+    spm = pytest.importorskip("sentencepiece", reason="sentencepiece is not installed")
+    model = tmp_path / "sp-llama"
+    shutil.copytree(LLAMA, model)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(
+        "\n".join(f"the quick brown fox {i} jumps over the lazy dog" for i in range(300))
+    )
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(model / "tokenizer"),
+        vocab_size=320,
+        byte_fallback=True,
+        bos_id=0,
+        eos_id=1,
+        unk_id=3,
+        pad_id=2,
+        minloglevel=2,
+    )
+    sp = spm.SentencePieceProcessor(model_file=str(model / "tokenizer.model"))
+    fields = _fields(gguf.GGUFReader(_export(cli, tmp_path, "f16", model)))
+    assert fields["tokenizer.ggml.model"] == "llama"
+    n = sp.get_piece_size()
+    assert fields["tokenizer.ggml.tokens"][:n] == [sp.id_to_piece(i) for i in range(n)]
+    assert fields["tokenizer.ggml.scores"][:n] == pytest.approx([sp.get_score(i) for i in range(n)])
+    types = fields["tokenizer.ggml.token_type"]
+    TT = gguf.TokenType
+    assert [i for i in range(n) if types[i] == TT.CONTROL] == [0, 1, 2]
+    assert [i for i in range(n) if types[i] == TT.UNKNOWN] == [3]
+    assert [i for i in range(n) if types[i] == TT.BYTE] == [i for i in range(n) if sp.is_byte(i)]
+    assert len(fields["tokenizer.ggml.tokens"]) == CONFIG["vocab_size"]
+    assert set(types[n:]) == {TT.UNUSED}
+
+
 def _llama_cpp():
     return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
 
@@ -313,3 +362,20 @@ def test_llama_cpp_loads_and_matches_transformers(cli, tmp_path, gguf_type):
         assert error <= 1e-3 * scale
     else:
         assert np.isfinite(got).all()
+
+
+def test_f32_export_loads_in_transformers(cli, tmp_path):
+    """transformers' own GGUF reader (from_pretrained(..., gguf_file=...)) gets back every tensor
+    of the fixture exactly (bfloat16 values stored as F32) and the same sizes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = _export(cli, tmp_path, "f32")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)
+    for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"):
+        assert getattr(model.config, key) == CONFIG[key], key
+    loaded = {k: v.numpy() for k, v in model.state_dict().items()}
+    hf = _read_hf(LLAMA)
+    assert set(loaded) == set(hf)
+    for name, values in hf.items():
+        assert np.array_equal(loaded[name], values), name

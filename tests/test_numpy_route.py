@@ -23,9 +23,9 @@ from loramerge.adapter import load_adapter
 from loramerge.compare import ulp
 from loramerge.delta import Term, merge_weight
 from loramerge.execute import Route, worker_count
-from loramerge.merge import _read_config
 from loramerge.plan import build_plan
 from loramerge.source.checkpoint import open_weights
+from loramerge.source.model_folder import read_config
 
 IMPORTS_TORCH = """
 import sys
@@ -112,7 +112,7 @@ def _plan(base, adapter, out_dtype=None):
     with open_weights(base, stem="model", allow_pickle=False) as checkpoint:
         opened = load_adapter(ADAPTERS / adapter, allow_pickle=False)
         try:
-            plan = build_plan(checkpoint, _read_config(base), [opened], [1.0], out_dtype)
+            plan = build_plan(checkpoint, read_config(base), [opened], [1.0], out_dtype)
         finally:
             opened.close()
         return plan, {n: i.dtype for n, i in checkpoint.tensors.items()}

@@ -204,7 +204,7 @@ def _sentencepiece(folder: Path, vocab_size: int) -> tuple[list[str], list[float
     """_set_vocab_sentencepiece through gguf's SentencePieceVocab (needs `sentencepiece`)."""
     try:
         vocab = gguf.vocab.SentencePieceVocab(folder)
-    except ImportError:
+    except (ImportError, RuntimeError):  # gguf raises RuntimeError when the module is missing
         raise LoramergeError(
             "this model's tokenizer is SentencePiece (tokenizer.model): pip install sentencepiece"
         ) from None
