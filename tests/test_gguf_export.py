@@ -319,6 +319,44 @@ def test_sentencepiece_tokenizer(cli, tmp_path):
     assert set(types[n:]) == {TT.UNUSED}
 
 
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,  # so the head's 8 frequencies span all three cases
+}
+
+
+@pytest.fixture(scope="module")
+def llama3_rope(tmp_path_factory) -> Path:
+    """The fixture Llama with Llama 3.1's RoPE scaling in its config.json."""
+    folder = tmp_path_factory.mktemp("llama3") / "llama3-rope"
+    shutil.copytree(LLAMA, folder)
+    config = {**CONFIG, "rope_parameters": LLAMA3_ROPE}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def test_llama3_rope_frequencies(cli, tmp_path, llama3_rope):
+    """Llama 3 RoPE scaling becomes the rope_freqs tensor: inv_freq / its llama3-scaled value, as
+    transformers' own llama3 RoPE initialisation computes them (float32, ~1 ulp)."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    reader = gguf.GGUFReader(_export(cli, tmp_path, "q8_0", llama3_rope))
+    tensors = {t.name: t for t in reader.tensors}
+    stored = np.asarray(tensors["rope_freqs.weight"].data, dtype=np.float64)
+    assert tensors["rope_freqs.weight"].tensor_type == T.F32
+    config = AutoConfig.from_pretrained(llama3_rope)
+    scaled = ROPE_INIT_FUNCTIONS["llama3"](config)[0].double().numpy()
+    plain = 1.0 / 10000.0 ** (np.arange(0, 16, 2) / 16)
+    expected = plain / scaled
+    assert len(set(np.round(expected, 3))) >= 3  # 1, 8 and smoothed factors in between
+    np.testing.assert_allclose(stored, expected, rtol=4 * 2.0**-23)
+
+
 def _llama_cpp():
     return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
 

@@ -22,7 +22,7 @@ from loramerge.errors import LoramergeError
 from loramerge.gguf_names import TensorNames, UnsupportedArchitecture, architecture, to_gguf_values
 from loramerge.quant import ggml
 from loramerge.quant.ggml_types import ModelInfo, tensor_types
-from loramerge.sink.gguf_metadata import write_hyperparameters, write_tokenizer
+from loramerge.sink.gguf_metadata import extra_tensors, write_hyperparameters, write_tokenizer
 from loramerge.sink.safetensors_writer import Entry
 
 F = gguf.LlamaFileType
@@ -113,12 +113,16 @@ class GGUFFile:
         record = {**info.record, "output": self.description}
         writer.add_string(PROVENANCE_KEY, json.dumps(record, sort_keys=True))
         self._tensors: dict[str, _Tensor] = {}
+        extras = extra_tensors(arch.arch, config)
+        layout = [(hf_name, gname, shape, types[gname]) for hf_name, (gname, shape) in kept.items()]
+        layout += [
+            (name, name, v.shape, gguf.GGMLQuantizationType.F32) for name, v in extras.items()
+        ]
         offset = 0
-        for hf_name, (gname, shape) in kept.items():
-            qtype = types[gname]
+        for name, gname, shape, qtype in layout:
             nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * ggml.row_bytes(qtype, shape[-1])
             writer.add_tensor_info(gname, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
-            self._tensors[hf_name] = _Tensor(gname, qtype, offset, nbytes)
+            self._tensors[name] = _Tensor(gname, qtype, offset, nbytes)
             offset += writer.ggml_pad(nbytes, writer.data_alignment)
         writer.write_header_to_file(path)
         writer.write_kv_data_to_file()
@@ -128,11 +132,13 @@ class GGUFFile:
         file.close()
         self._fd = os.open(path, os.O_RDWR)
         os.ftruncate(self._fd, self._data_start + offset)
-        self.order = list(self._tensors)
+        self.order = list(kept)
+        self._written: set[str] = set()
+        for name, values in extras.items():
+            self._store(name, values)
         self.files: list[str] = []
         self.hashes: dict[str, str] = {}
         self.config_updates: dict = {}
-        self._written: set[str] = set()
 
     def copyable(self, name: str) -> bool:
         """Every tensor is converted (layout, type), so none is copied as raw bytes."""
@@ -148,9 +154,11 @@ class GGUFFile:
 
     def write(self, name: str, values: np.ndarray) -> None:
         """Convert one finished tensor as llama.cpp expects it and write its blocks in place."""
+        self._store(name, to_gguf_values(self._arch, name, values, self._config))
+
+    def _store(self, name: str, values: np.ndarray) -> None:
         tensor = self._tensors[name]
-        converted = to_gguf_values(self._arch, name, values, self._config)
-        data = ggml.quantize(converted.reshape(values.shape), tensor.qtype)
+        data = ggml.quantize(values, tensor.qtype)
         _pwrite_all(self._fd, memoryview(data.reshape(-1)), self._data_start + tensor.offset)
         self._written.add(name)
 

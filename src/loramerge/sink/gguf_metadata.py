@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import gguf
+import numpy as np
 
 from loramerge.errors import LoramergeError
 
@@ -22,11 +23,17 @@ A = gguf.MODEL_ARCH
 TokenType = gguf.TokenType
 
 
-def _rope(w: gguf.GGUFWriter, config: dict) -> None:
-    """RoPE base and scaling (`rope_parameters` of transformers 5, `rope_scaling` before)."""
+def _rope_parameters(config: dict) -> dict:
+    """RoPE settings: `rope_parameters` of transformers 5, `rope_scaling` + `rope_theta` before."""
     params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
     params.setdefault("rope_theta", config.get("rope_theta"))
     params.setdefault("rope_type", params.get("type"))
+    return params
+
+
+def _rope(w: gguf.GGUFWriter, config: dict, arch: gguf.MODEL_ARCH) -> None:
+    """RoPE base and scaling keys (Llama 3's scaling is the rope_freqs tensor instead)."""
+    params = _rope_parameters(config)
     rope_type, factor = params.get("rope_type"), params.get("factor")
     if rope_type == "linear" and factor is not None:
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -43,15 +50,16 @@ def _rope(w: gguf.GGUFWriter, config: dict) -> None:
         ):
             if params.get(key) is not None:
                 add(params[key])
-    elif rope_type not in (None, "default"):
+    elif rope_type not in (None, "default") and not (rope_type == "llama3" and arch == A.LLAMA):
         raise LoramergeError(
-            f"RoPE scaling {rope_type!r} cannot be written as GGUF yet (linear and yarn can)"
+            f"RoPE scaling {rope_type!r} cannot be written as GGUF yet (linear and yarn can, and "
+            "llama3 for Llama)"
         )
     if params.get("rope_theta") is not None:
         w.add_rope_freq_base(params["rope_theta"])
 
 
-def _text_model(w: gguf.GGUFWriter, config: dict) -> None:
+def _text_model(w: gguf.GGUFWriter, config: dict, arch: gguf.MODEL_ARCH = A.QWEN2) -> None:
     """TextModel.set_gguf_parameters for a decoder-only model (Qwen2 adds nothing)."""
     w.add_block_count(config["num_hidden_layers"])
     w.add_context_length(config["max_position_embeddings"])
@@ -60,7 +68,7 @@ def _text_model(w: gguf.GGUFWriter, config: dict) -> None:
     w.add_head_count(config["num_attention_heads"])
     if config.get("num_key_value_heads") is not None:
         w.add_head_count_kv(config["num_key_value_heads"])
-    _rope(w, config)
+    _rope(w, config, arch)
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
     if config.get("head_dim") is not None:
         w.add_key_length(config["head_dim"])
@@ -69,10 +77,36 @@ def _text_model(w: gguf.GGUFWriter, config: dict) -> None:
 
 def _llama(w: gguf.GGUFWriter, config: dict) -> None:
     """LlamaModel: the vocabulary size and the rotary dimension on top."""
-    _text_model(w, config)
+    _text_model(w, config, A.LLAMA)
     w.add_vocab_size(config["vocab_size"])
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    w.add_rope_dimension_count(head_dim)
+    w.add_rope_dimension_count(_head_dim(config))
+
+
+def _head_dim(config: dict) -> int:
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def extra_tensors(arch: gguf.MODEL_ARCH, config: dict) -> dict[str, np.ndarray]:
+    """Tensors the converter makes from config.json: Llama 3's `rope_freqs.weight`
+    (LlamaModel.generate_extra_tensors: per rotary frequency, the factor its period is divided
+    by), computed in float64 and stored as float32."""
+    params = _rope_parameters(config)
+    if arch != A.LLAMA or params.get("rope_type") != "llama3":
+        return {}
+    dim = _head_dim(config)
+    freqs = 1.0 / (params.get("rope_theta") or 10000.0) ** (np.arange(0, dim, 2) / dim)
+    factor = params.get("factor", 8.0)
+    low, high = params.get("low_freq_factor", 1.0), params.get("high_freq_factor", 4.0)
+    old_context = params.get("original_max_position_embeddings", 8192)
+    wavelen = 2 * np.pi / freqs
+    smooth = (old_context / wavelen - low) / (high - low)
+    with np.errstate(divide="ignore"):
+        between = 1 / ((1 - smooth) / factor + smooth)
+    factors = np.where(
+        wavelen < old_context / high, 1.0, np.where(wavelen > old_context / low, factor, between)
+    )
+    name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+    return {name: factors.astype(np.float32)}
 
 
 def _gemma(w: gguf.GGUFWriter, config: dict) -> None:
