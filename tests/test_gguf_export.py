@@ -384,18 +384,35 @@ def _llama_cpp_logits(path: Path) -> np.ndarray:
         llama.close()
 
 
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, llama3_rope) -> dict[str, Path]:
+    """The fixture Llama, one with Llama 3 RoPE scaling, and tiny Qwen2, Gemma and Gemma 2."""
+    folder = tmp_path_factory.mktemp("models")
+    tiny = {kind: _tiny(kind, folder / kind) for kind in ("qwen2", "gemma", "gemma2")}
+    return {"llama": LLAMA, "llama3-rope": llama3_rope, **tiny}
+
+
+_LOGITS: dict[Path, np.ndarray] = {}
+
+
 @pytest.mark.parametrize("gguf_type", ["f32", "f16", "q8_0", "q4_k_m"])
-def test_llama_cpp_loads_and_matches_transformers(cli, tmp_path, gguf_type):
-    """llama.cpp loads the fixture Llama export; its logits against transformers' forward pass:
-    F32 within 1e-3 of the largest logit; quantized types report top-1 agreement and the worst
-    logit error."""
+@pytest.mark.parametrize("kind", ["llama", "llama3-rope", "qwen2", "gemma", "gemma2"])
+def test_llama_cpp_loads_and_matches_transformers(cli, tmp_path, models, kind, gguf_type):
+    """llama.cpp loads each export; its logits against transformers' forward pass of the same
+    checkpoint: F32 within 1e-3 of the largest logit; the other types report top-1 agreement and
+    the worst logit error."""
     _llama_cpp()
-    got = _llama_cpp_logits(_export(cli, tmp_path, gguf_type))
-    want = _transformers_logits(LLAMA)
+    got = _llama_cpp_logits(_export(cli, tmp_path, gguf_type, models[kind]))
+    if models[kind] not in _LOGITS:
+        _LOGITS[models[kind]] = _transformers_logits(models[kind])
+    want = _LOGITS[models[kind]]
     error = np.abs(got - want).max()
     scale = np.abs(want).max()
     agree = float(np.mean(got.argmax(-1) == want.argmax(-1)))
-    print(f"{gguf_type}: top-1 agreement {agree:.3f}, max |logit error| {error:.3g} / {scale:.3g}")
+    print(
+        f"{kind} {gguf_type}: top-1 agreement {agree:.3f}, "
+        f"max |logit error| {error:.3g} of max |logit| {scale:.3g}"
+    )
     if gguf_type == "f32":
         assert error <= 1e-3 * scale
     else:
