@@ -169,7 +169,8 @@ def test_merge_unmerge_rebase_to_gguf(cli, tmp_path):
         out = tmp_path / f"{op}.gguf"
         result = cli(*args, "-o", out, "--to", "gguf", "--gguf-type", "f32", "--json")
         assert result.code == 0, result.err
-        assert json.loads(result.out)["files"] == [out.name]
+        summary = json.loads(result.out)
+        assert summary["files"] == [out.name] and summary["bytes_written"] == out.stat().st_size
         reader = gguf.GGUFReader(out)
         record = json.loads(_fields(reader)["loramerge.provenance"])
         assert record["history"][-1]["op"] == op

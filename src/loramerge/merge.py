@@ -222,6 +222,7 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
                 record["output"] = writer.description
                 result.record = record
                 if single:
+                    result.bytes_written = out.path.stat().st_size
                     if norms or job.carried_norms:
                         result.warnings.append(
                             "DoRA magnitude norms are not stored in a GGUF file: it cannot be "
