@@ -131,7 +131,7 @@ def test_llama_metadata(cli, tmp_path):
         "llama.rope.dimension_count": CONFIG["head_dim"],
         "llama.vocab_size": CONFIG["vocab_size"],
         "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": "gpt2",
+        "tokenizer.ggml.pre": "gpt-2",  # llama-vocab.cpp: LLAMA_VOCAB_PRE_TYPE_GPT2
         "tokenizer.ggml.bos_token_id": CONFIG["bos_token_id"],
         "tokenizer.ggml.eos_token_id": CONFIG["eos_token_id"],
         "tokenizer.ggml.padding_token_id": CONFIG["pad_token_id"],
@@ -244,6 +244,8 @@ def _tiny(kind: str, folder: Path, **sizes) -> Path:
     }[kind]
     torch.manual_seed(0)
     tied = kind != "llama"
+    if kind == "gemma2":  # as in Gemma 2 2B/9B, what llama.cpp assumes (it reads no such key)
+        sizes = {"query_pre_attn_scalar": sizes.get("head_dim", SMALL["head_dim"]), **sizes}
     config = getattr(transformers, config_cls)(**{**SMALL, **sizes}, tie_word_embeddings=tied)
     model = getattr(transformers, model_cls)(config)
     with torch.no_grad():
@@ -374,10 +376,20 @@ def _transformers_logits(model: Path) -> np.ndarray:
         return hf(torch.tensor([TOKENS])).logits[0].numpy().astype(np.float64)
 
 
-def _llama_cpp_logits(path: Path) -> np.ndarray:
-    llama = _llama_cpp().Llama(
-        model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2
-    )
+def _llama_cpp_logits(path: Path, monkeypatch) -> np.ndarray:
+    """llama.cpp's logits for TOKENS, its weights in plain buffers: the repacking "extra buffer
+    types" (AMX on CPUs that report it) die with an illegal instruction on VMs that report AMX but
+    do not enable it; they change only the matmul kernels, not what the file holds."""
+    lib = _llama_cpp()
+    defaults = lib.llama_cpp.llama_model_default_params
+
+    def plain_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    monkeypatch.setattr(lib.llama_cpp, "llama_model_default_params", plain_buffers)
+    llama = lib.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
     try:
         llama.eval(TOKENS)
         return np.array(llama.scores[: len(TOKENS)], dtype=np.float64)
@@ -398,12 +410,14 @@ _LOGITS: dict[Path, np.ndarray] = {}
 
 @pytest.mark.parametrize("gguf_type", ["f32", "f16", "q8_0", "q4_k_m"])
 @pytest.mark.parametrize("kind", ["llama", "llama3-rope", "qwen2", "gemma", "gemma2"])
-def test_llama_cpp_loads_and_matches_transformers(cli, tmp_path, models, kind, gguf_type):
+def test_llama_cpp_loads_and_matches_transformers(
+    cli, tmp_path, monkeypatch, models, kind, gguf_type
+):
     """llama.cpp loads each export; its logits against transformers' forward pass of the same
     checkpoint: F32 within 1e-3 of the largest logit; the other types report top-1 agreement and
     the worst logit error."""
     _llama_cpp()
-    got = _llama_cpp_logits(_export(cli, tmp_path, gguf_type, models[kind]))
+    got = _llama_cpp_logits(_export(cli, tmp_path, gguf_type, models[kind]), monkeypatch)
     if models[kind] not in _LOGITS:
         _LOGITS[models[kind]] = _transformers_logits(models[kind])
     want = _LOGITS[models[kind]]

@@ -199,7 +199,7 @@ _PRE_BY_REGEX = {_LLAMA3_REGEX: "llama-bpe", _QWEN2_REGEX: "qwen2"}
 
 
 def _pre_tokenizer(tokenizer: dict) -> str:
-    """llama.cpp's name for the tokenizer's pre-tokenization ("gpt2": plain byte-level)."""
+    """llama.cpp's name for the tokenizer's pre-tokenization ("gpt-2": plain byte-level)."""
     pre = tokenizer.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     for step in steps:
@@ -212,7 +212,7 @@ def _pre_tokenizer(tokenizer: dict) -> str:
                 f"(known: GPT-2 byte-level, {', '.join(_PRE_BY_REGEX.values())})"
             )
     if any(s.get("type") == "ByteLevel" and s.get("use_regex", True) for s in steps):
-        return "gpt2"
+        return "gpt-2"
     raise LoramergeError("the tokenizer's pre-tokenizer has no llama.cpp equivalent here")
 
 
