@@ -44,7 +44,7 @@ def _quantized_by_transformers(base, folder, double_quant: bool = True):
 
 
 def _tensors(folder) -> dict[str, bytes]:
-    with open_weights(folder, stem="model", allow_pickle=False) as checkpoint:
+    with open_weights(folder, stem="model", allow_pickle=False, dequantize=False) as checkpoint:
         return {
             name: (info.dtype, info.shape, checkpoint.read(name).tobytes())
             for name, info in checkpoint.tensors.items()
