@@ -29,6 +29,7 @@ from loramerge.merge import MergeOptions, MergeResult, merge
 from loramerge.push import PushResult, push
 from loramerge.quantize import quantize
 from loramerge.sink.formats import FORMATS
+from loramerge.sink.gguf_file import GGUF_TYPES
 from loramerge.sink.nf4_folder import NF4Options
 from loramerge.swap import rebase, unmerge
 from loramerge.verify.files import verify_files
@@ -66,7 +67,7 @@ _OUTPUT = click.option(
     "output",
     required=True,
     type=click.Path(path_type=Path),
-    help="Folder to write; appears only when complete.",
+    help="Folder (or .gguf file) to write; appears only when complete.",
 )
 
 
@@ -108,7 +109,15 @@ def _merge_options(func):
             type=click.Choice(list(FORMATS)),
             default="safetensors",
             show_default=True,
-            help="Output format (nf4: bitsandbytes 4-bit, as transformers saves it).",
+            help="Output format (nf4: bitsandbytes 4-bit, as transformers saves it; gguf: "
+            "one llama.cpp file).",
+        ),
+        click.option(
+            "--gguf-type",
+            type=click.Choice(list(GGUF_TYPES)),
+            default="f16",
+            show_default=True,
+            help="--to gguf: llama.cpp file type (q4_k_m, q5_k_m, q6_k: llama.cpp's mixtures).",
         ),
         click.option(
             "--qlora-base",
@@ -275,7 +284,15 @@ def rebase_command(
     "to",
     required=True,
     type=click.Choice([f for f in FORMATS if f != "safetensors"]),
-    help="Quantized format (nf4: bitsandbytes 4-bit, as transformers saves it).",
+    help="Quantized format (nf4: bitsandbytes 4-bit, as transformers saves it; gguf: one "
+    "llama.cpp file).",
+)
+@click.option(
+    "--gguf-type",
+    type=click.Choice(list(GGUF_TYPES)),
+    default="f16",
+    show_default=True,
+    help="--to gguf: llama.cpp file type (q4_k_m, q5_k_m, q6_k: llama.cpp's mixtures).",
 )
 @click.option(
     "--blocksize",

@@ -16,8 +16,9 @@ from loramerge.card import read_license
 from loramerge.errors import LoramergeError
 from loramerge.execute import Progress, Route, resolve_device, write_tensors
 from loramerge.plan import Plan, TensorPlan, build_plan
-from loramerge.sink.atomic import AtomicFolder
-from loramerge.sink.formats import open_sink
+from loramerge.sink.atomic import AtomicFile, AtomicFolder
+from loramerge.sink.formats import SINGLE_FILE, open_sink
+from loramerge.sink.gguf_file import GGUFInfo
 from loramerge.sink.hf_folder import (
     copy_files,
     hash_files,
@@ -101,6 +102,7 @@ class MergeOptions:
     to: str = "safetensors"  # the output format (sink.formats.FORMATS)
     qlora_base: bool = False  # merge into dequant(NF4(W0)): the base a QLoRA adapter saw
     quant: NF4Options = NF4Options()  # how quantizing formats quantize
+    gguf_type: str = "f16"  # --to gguf: the file type (sink.gguf_file.GGUF_TYPES)
 
 
 def merge(
@@ -182,15 +184,34 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
             if options.dry_run:
                 return result
             _check_free_space(job.output, plan.nbytes)
-            with AtomicFolder(job.output, overwrite=options.overwrite) as folder:
-                result.warnings.extend(folder.recovered)
+            entries = [{**d, "sha256": a.sha256()} for a, d in zip(opened, described, strict=True)]
+            record = _provenance(job, config, entries, plan, options, device)
+            if options.qlora_base:
+                record["qlora_base"] = checkpoint.description["nf4_round_trip"]
+            elif is_nf4(stored):
+                record["base"]["quantization"] = checkpoint.description
+            side_from, missing = model_folder(job.source)
+            single = options.to in SINGLE_FILE
+            atomic = AtomicFile if single else AtomicFolder
+            with atomic(job.output, overwrite=options.overwrite) as out:
+                result.warnings.extend(out.recovered)
+                tokenizer_from = _tokenizer_source(opened, job.undo)
+                if tokenizer_from is not None:
+                    record["notes"].append(f"tokenizer files taken from adapter {tokenizer_from}")
+                info = GGUFInfo(
+                    options.gguf_type,
+                    tokenizer_from or side_from,
+                    job.source.name,
+                    record,
+                )
                 writer = open_sink(
                     options.to,
-                    folder.path,
+                    out.path,
                     [Entry(t.name, t.dtype, t.shape) for t in plan.tensors],
                     options.max_shard_size,
                     options.quant,
                     config,
+                    info,
                 )
                 norms: dict[tuple[int, str], np.ndarray] = {}
                 route = Route(device, options.compute_dtype, job.norms, norms)
@@ -202,26 +223,30 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
                 except BaseException:
                     writer.abort()
                     raise
-                result.files = list(writer.files)
-                entries = [
-                    {**d, "sha256": a.sha256()} for a, d in zip(opened, described, strict=True)
-                ]
-                record = _provenance(job, config, entries, plan, options, device)
+                result.files = [job.output.name] if single else list(writer.files)
                 record["output"] = writer.description
-                if options.qlora_base:
-                    record["qlora_base"] = checkpoint.description["nf4_round_trip"]
-                elif is_nf4(stored):
-                    record["base"]["quantization"] = checkpoint.description
+                result.record = record
+                if single:
+                    result.bytes_written = out.path.stat().st_size
+                    if norms or job.carried_norms:
+                        result.warnings.append(
+                            "DoRA magnitude norms are not stored in a GGUF file: it cannot be "
+                            "unmerged exactly"
+                        )
+                    if options.verify and job.verify_against:
+                        result.verification = _verify(
+                            out.path, *job.verify_against, options.allow_pickle, job.verify_through
+                        )
+                    out.commit()
+                    return _finished(result, start)
                 stored = {**job.carried_norms, **_norm_keys(norms, entries)}
                 if stored:
-                    record["dora_norms"] = write_norms(folder.path, stored)
+                    record["dora_norms"] = write_norms(out.path, stored)
                 if options.verify and job.verify_against:
                     result.verification = record["verification"] = _verify(
-                        folder.path, *job.verify_against, options.allow_pickle, job.verify_through
+                        out.path, *job.verify_against, options.allow_pickle, job.verify_through
                     )
-                result.record = record
                 record["files"] = dict(writer.hashes)
-                side_from, missing = model_folder(job.source)
                 if missing:
                     result.warnings.append(
                         f"{missing}: the output holds the weights but no config or tokenizer, "
@@ -229,11 +254,16 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
                     )
                     record["notes"].append(f"no side files: {missing}")
                 updates = {**plan.config_updates, **writer.config_updates}
-                _write_side_files(folder.path, side_from, config, updates, opened, job.undo, record)
-                folder.commit()
+                _write_side_files(out.path, side_from, config, updates, record, tokenizer_from)
+                out.commit()
         finally:
             for adapter in opened:
                 adapter.close()
+    return _finished(result, start)
+
+
+def _finished(result: MergeResult, start: float) -> MergeResult:
+    """The result with its duration."""
     result.seconds = time.perf_counter() - start
     return result
 
@@ -377,13 +407,10 @@ def _provenance(job: Job, config, entries: list[dict], plan: Plan, options, devi
     }
 
 
-def _write_side_files(folder, source, config, updates, adapters, undo, record) -> None:
-    """config.json, tokenizer and generation files, model card and provenance."""
-    if config is not None:
-        write_config(folder, config, updates)
-    side = _side_files(source) if source else []
+def _tokenizer_source(adapters: list[Adapter], undo: list[bool]) -> Path | None:
+    """The last added adapter that carries tokenizer files (its vocabulary wins), if any."""
     added = [a for a, taken_out in zip(adapters, undo, strict=True) if not taken_out]
-    tokenizer_from = next(
+    return next(
         (
             a.path
             for a in reversed(added)
@@ -391,10 +418,16 @@ def _write_side_files(folder, source, config, updates, adapters, undo, record) -
         ),
         None,
     )
+
+
+def _write_side_files(folder, source, config, updates, record, tokenizer_from) -> None:
+    """config.json, tokenizer and generation files, model card and provenance."""
+    if config is not None:
+        write_config(folder, config, updates)
+    side = _side_files(source) if source else []
     if tokenizer_from is not None:
         side = [f for f in side if f.name not in _TOKENIZER_FILES]
         side += [f for f in _side_files(tokenizer_from) if f.name in _TOKENIZER_FILES]
-        record["notes"].append(f"tokenizer files taken from adapter {tokenizer_from}")
     copy_files(folder, side)
     write_model_card(folder, record)
     # every file but the record itself (written last); shards were hashed as they were written

@@ -1,4 +1,5 @@
-"""`quantize`: write a model in another format (NF4), every tensor streamed through its sink."""
+"""`quantize`: write a model in another format (NF4, GGUF), every tensor streamed through its
+sink."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def quantize(
 ) -> MergeResult:
     """Write `model` to `output` in format `options.to`; a merged model keeps its record."""
     if options.to == "safetensors":
-        raise LoramergeError("quantize writes a quantized format: pass --to nf4")
+        raise LoramergeError("quantize writes a quantized format: pass --to nf4 or --to gguf")
     model = hub.resolve(Path(model), allow_pickle=options.allow_pickle)
     job = Job("quantize", model, [], [], [], Path(output))
     job.record = read_provenance(model) if model.is_dir() else None

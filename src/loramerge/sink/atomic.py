@@ -1,5 +1,7 @@
 """Outputs that appear whole or not at all: build in a temporary sibling, then rename into place.
 
+A folder (`AtomicFolder`) or a single file (`AtomicFile`, e.g. a .gguf) alike.
+
 While a run builds `OUT` it holds an exclusive lock on `.OUT.loramerge-lock` (released by the
 kernel even when the process is killed), so a second run writing the same OUT fails at once
 instead of interleaving. A temporary left by a killed run is recognised by the next one (its pid
@@ -24,6 +26,8 @@ _OLD_MARK = "old-"
 class AtomicFolder:
     """A folder built under a temporary sibling name and renamed to `final` by `commit()`."""
 
+    is_folder = True
+
     def __init__(self, final: Path, *, overwrite: bool) -> None:
         self.final = Path(final).absolute()
         parent = self.final.parent
@@ -37,10 +41,11 @@ class AtomicFolder:
             self.recovered = _clean_stale(self.final)
             if self.final.exists() and not overwrite:
                 raise LoramergeError(f"{self.final} already exists; pass --overwrite to replace it")
-            if self.final.exists() and not self.final.is_dir():
-                raise LoramergeError(f"{self.final} exists and is not a folder")
+            if self.final.exists() and self.final.is_dir() != self.is_folder:
+                kind = "a folder" if self.is_folder else "a file"
+                raise LoramergeError(f"{self.final} exists and is not {kind}")
             self.path = parent / f".{self.final.name}{TEMP_MARK}{os.getpid()}"
-            self.path.mkdir()
+            self._create()
         except OSError as exc:
             self._release()
             raise LoramergeError(
@@ -52,9 +57,7 @@ class AtomicFolder:
 
     def commit(self) -> None:
         """fsync the folder, move it into place (replacing an old one), fsync the parent."""
-        for file in self.path.rglob("*"):  # subfolders too (fsync works on a folder)
-            fsync_file(file)
-        _fsync_dir(self.path)
+        self._flush()
         old = None
         if self.final.exists():
             old = self.final.parent / f".{self.final.name}{TEMP_MARK}{_OLD_MARK}{os.getpid()}"
@@ -62,13 +65,21 @@ class AtomicFolder:
         os.rename(self.path, self.final)
         _fsync_dir(self.final.parent)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         self._release()
 
     def abort(self) -> None:
-        """Remove the temporary folder and everything in it."""
-        shutil.rmtree(self.path, ignore_errors=True)
+        """Remove the temporary output and everything in it."""
+        _remove(self.path)
         self._release()
+
+    def _create(self) -> None:
+        self.path.mkdir()
+
+    def _flush(self) -> None:
+        for file in self.path.rglob("*"):  # subfolders too (fsync works on a folder)
+            fsync_file(file)
+        _fsync_dir(self.path)
 
     def __enter__(self) -> AtomicFolder:
         return self
@@ -83,6 +94,29 @@ class AtomicFolder:
                 os.unlink(self._lock_path)
             os.close(self._lock)
             self._lock = None
+
+
+class AtomicFile(AtomicFolder):
+    """One file built under a temporary sibling name (`path`, created empty) and renamed to
+    `final` by `commit()`."""
+
+    is_folder = False
+
+    def _create(self) -> None:
+        self.path = self.path.with_name(self.path.name + self.final.suffix)  # still a .gguf
+        self.path.touch(exist_ok=False)
+
+    def _flush(self) -> None:
+        fsync_file(self.path)
+
+
+def _remove(path: Path) -> None:
+    """Remove a temporary folder or file, whatever is left of it."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def _acquire(lock_path: Path, final: Path) -> int:
@@ -119,7 +153,7 @@ def _clean_stale(final: Path) -> list[str]:
             os.rename(stale, final)
             done.append(f"restored {final} that an interrupted --overwrite had moved aside")
         else:
-            shutil.rmtree(stale, ignore_errors=True)
+            _remove(stale)
             done.append(f"removed {stale.name}, left by an interrupted run")
     return done
 

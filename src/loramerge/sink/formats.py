@@ -2,8 +2,9 @@
 
 A sink receives each finished tensor by name (`write`), or the raw bytes of an unchanged one
 when it can take them (`copyable`, `copy`), in its `order`; `finish` completes the files. The
-atomic folder, the record, the model card and the progress bar around it are the same for every
-format. A new format is one more entry here and its own module.
+atomic folder (or file), the record and the progress bar around it are the same for every
+format. A new format is one more entry here and its own module. A single-file format (GGUF) is
+built as one file instead of a folder and keeps the record inside it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from loramerge.errors import LoramergeError
+from loramerge.sink.gguf_file import GGUFFile, GGUFInfo
 from loramerge.sink.nf4_folder import NF4Folder, NF4Options
 from loramerge.sink.safetensors_writer import Entry
 from loramerge.sink.sharded import ShardedWriter
@@ -38,14 +40,25 @@ class Sink(Protocol):
     def abort(self) -> None: ...
 
 
-def _safetensors(folder, entries, max_shard_bytes, options, config) -> Sink:
+def _safetensors(folder, entries, max_shard_bytes, options, config, info) -> Sink:
     return ShardedWriter(folder, entries, max_shard_bytes, {"format": "pt"})
 
 
-FORMATS: dict[str, Callable[[Path, list[Entry], int, NF4Options, dict | None], Sink]] = {
+def _nf4(folder, entries, max_shard_bytes, options, config, info) -> Sink:
+    return NF4Folder(folder, entries, max_shard_bytes, options, config)
+
+
+def _gguf(path, entries, max_shard_bytes, options, config, info) -> Sink:
+    return GGUFFile(path, entries, config, info)
+
+
+Factory = Callable[[Path, list[Entry], int, NF4Options, dict | None, GGUFInfo], Sink]
+FORMATS: dict[str, Factory] = {
     "safetensors": _safetensors,
-    "nf4": NF4Folder,
+    "nf4": _nf4,
+    "gguf": _gguf,
 }
+SINGLE_FILE = frozenset({"gguf"})  # formats written as one file, which holds the record
 
 
 def open_sink(
@@ -55,8 +68,9 @@ def open_sink(
     max_shard_bytes: int,
     options: NF4Options,
     config: dict | None,
+    info: GGUFInfo,
 ) -> Sink:
-    """The sink of format `to`, writing into `folder`."""
+    """The sink of format `to`, writing into `folder` (the file, for a single-file format)."""
     if to not in FORMATS:
         raise LoramergeError(f"unknown output format {to!r}; choose from {', '.join(FORMATS)}")
-    return FORMATS[to](folder, entries, max_shard_bytes, options, config)
+    return FORMATS[to](folder, entries, max_shard_bytes, options, config, info)

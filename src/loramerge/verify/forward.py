@@ -162,6 +162,27 @@ def _is_nf4(candidate: Path) -> bool:
     return isinstance(reader, NF4Candidate)
 
 
+def _plain_llama(llama_cpp, path: Path):
+    """llama_cpp.Llama with the weights in plain buffers: the repacking "extra buffer types"
+    (AMX where the CPU reports it) die with an illegal instruction on VMs that report AMX without
+    enabling it, and only change which matmul kernels run. Llama() takes no such option, so its
+    default model parameters are amended while it loads."""
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def plain():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_cpp.llama_model_default_params = plain
+    try:
+        return llama_cpp.Llama(
+            model_path=str(path), logits_all=True, n_ctx=256, verbose=False, n_threads=2
+        )
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = defaults
+
+
 def _gguf_forward(candidate: Path, base: Path, adapters: list[Path], weights: list[float]) -> dict:
     """llama.cpp's logits for the GGUF (through llama-cpp-python) against transformers + PEFT."""
     try:
@@ -178,9 +199,7 @@ def _gguf_forward(candidate: Path, base: Path, adapters: list[Path], weights: li
     if adapters:
         reference = _with_adapters(PeftModel, reference, adapters, weights)
     reference.eval()
-    model = llama_cpp.Llama(
-        model_path=str(candidate), logits_all=True, n_ctx=256, verbose=False, n_threads=2
-    )
+    model = _plain_llama(llama_cpp, candidate)
 
     class _Llama:  # the two calls _compare makes, answered by llama.cpp
         def __call__(self, input_ids):

@@ -1,0 +1,186 @@
+"""GGUF output: one llama.cpp file, header first, then each tensor's blocks as it arrives.
+
+Every tensor's GGUF name, type and byte size follow from its shape, so gguf's `GGUFWriter`
+writes the header, the metadata (hyperparameters, tokenizer, `loramerge.provenance`) and the
+tensor infos up front; each finished tensor is then converted as convert_hf_to_gguf.py does
+(`gguf_names`), quantized (`quant.ggml`, llama.cpp's reference blocks) and written at its own
+offset, so tensors may arrive in any order on any thread and none is held longer than that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from loramerge.errors import LoramergeError
+from loramerge.gguf_names import TensorNames, UnsupportedArchitecture, architecture, to_gguf_values
+from loramerge.quant import ggml
+from loramerge.quant.ggml_types import ModelInfo, tensor_types
+from loramerge.sink.gguf_metadata import extra_tensors, write_hyperparameters, write_tokenizer
+from loramerge.sink.safetensors_writer import Entry
+
+F = gguf.LlamaFileType
+
+# --gguf-type NAME -> (llama.cpp file type, pure). Pure: every quantizable tensor gets the file
+# type's block type (llama-quantize --pure); otherwise llama.cpp's per-tensor rules pick it.
+GGUF_TYPES: dict[str, tuple[gguf.LlamaFileType, bool]] = {
+    "f32": (F.ALL_F32, False),
+    "f16": (F.MOSTLY_F16, False),
+    "bf16": (F.MOSTLY_BF16, False),
+    "q8_0": (F.MOSTLY_Q8_0, False),
+    "q4_0": (F.MOSTLY_Q4_0, False),
+    "q4_1": (F.MOSTLY_Q4_1, False),
+    "q5_0": (F.MOSTLY_Q5_0, False),
+    "q5_1": (F.MOSTLY_Q5_1, False),
+    "q2_k": (F.MOSTLY_Q2_K, True),
+    "q3_k": (F.MOSTLY_Q3_K_M, True),
+    "q4_k": (F.MOSTLY_Q4_K_M, True),
+    "q5_k": (F.MOSTLY_Q5_K_M, True),
+    "q6_k": (F.MOSTLY_Q6_K, False),
+    "q4_k_m": (F.MOSTLY_Q4_K_M, False),
+    "q5_k_m": (F.MOSTLY_Q5_K_M, False),
+}
+PROVENANCE_KEY = "loramerge.provenance"
+
+
+@dataclass(frozen=True)
+class GGUFInfo:
+    """What a GGUF file holds besides the tensors: its type, tokenizer, name and record."""
+
+    gguf_type: str
+    tokenizer: Path | None  # the folder holding tokenizer.json / tokenizer.model
+    name: str  # general.name
+    record: dict  # the provenance record, stored as JSON under PROVENANCE_KEY
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    name: str  # the GGUF name
+    qtype: gguf.GGMLQuantizationType
+    offset: int  # in the file
+    nbytes: int
+
+
+class GGUFFile:
+    """The GGUF sink: `path` is the (temporary) file to fill."""
+
+    def __init__(self, path: Path, entries: list[Entry], config: dict | None, info: GGUFInfo):
+        if info.gguf_type not in GGUF_TYPES:
+            raise LoramergeError(
+                f"unknown --gguf-type {info.gguf_type!r}; choose from {', '.join(GGUF_TYPES)}"
+            )
+        if config is None:
+            raise LoramergeError("GGUF export needs the model's config.json")
+        try:
+            arch = architecture(config)
+        except UnsupportedArchitecture as exc:
+            raise LoramergeError(str(exc)) from None
+        self._arch, self._config = arch, config
+        ftype, pure = GGUF_TYPES[info.gguf_type]
+        layers = config["num_hidden_layers"]
+        names = TensorNames(arch, layers)
+        kept: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for entry in entries:
+            try:
+                gname = names.gguf_name(entry.name)
+            except KeyError as exc:
+                raise LoramergeError(str(exc.args[0])) from None
+            if gname is not None:
+                kept[entry.name] = (gname, entry.shape)
+        heads = config["num_attention_heads"]
+        model = ModelInfo(arch.name, layers, heads, config.get("num_key_value_heads") or heads)
+        types = tensor_types(kept.values(), ftype, model, pure)
+        writer = gguf.GGUFWriter(None, arch.name)
+        writer.add_name(info.name)
+        write_hyperparameters(writer, arch.arch, config)
+        writer.add_file_type(int(ftype))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        write_tokenizer(writer, arch.arch, info.tokenizer, config["vocab_size"])
+        self.description = {
+            "format": "gguf",
+            "gguf_type": info.gguf_type,
+            "file_type": ftype.name,
+            "architecture": arch.name,
+            "tensor_types": dict(sorted(Counter(t.name for t in types.values()).items())),
+            "quantized_tensors": sum(t != gguf.GGMLQuantizationType.F32 for t in types.values()),
+        }
+        record = {**info.record, "output": self.description}
+        writer.add_string(PROVENANCE_KEY, json.dumps(record, sort_keys=True))
+        self._tensors: dict[str, _Tensor] = {}
+        extras = extra_tensors(arch.arch, config)
+        layout = [(hf_name, gname, shape, types[gname]) for hf_name, (gname, shape) in kept.items()]
+        layout += [
+            (name, name, v.shape, gguf.GGMLQuantizationType.F32) for name, v in extras.items()
+        ]
+        offset = 0
+        for name, gname, shape, qtype in layout:
+            nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * ggml.row_bytes(qtype, shape[-1])
+            writer.add_tensor_info(gname, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+            self._tensors[name] = _Tensor(gname, qtype, offset, nbytes)
+            offset += writer.ggml_pad(nbytes, writer.data_alignment)
+        writer.write_header_to_file(path)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        (file,) = writer.fout
+        self._data_start = writer.ggml_pad(file.tell(), writer.data_alignment)
+        file.close()
+        self._fd = os.open(path, os.O_RDWR)
+        os.ftruncate(self._fd, self._data_start + offset)
+        self.order = list(kept)
+        self._written: set[str] = set()
+        for name, values in extras.items():
+            self._store(name, values)
+        self.files: list[str] = []
+        self.hashes: dict[str, str] = {}
+        self.config_updates: dict = {}
+
+    def copyable(self, name: str) -> bool:
+        """Every tensor is converted (layout, type), so none is copied as raw bytes."""
+        return False
+
+    def position(self, name: str) -> int:
+        """Any buffer alignment will do: tensors are converted before writing."""
+        return 0
+
+    def copy(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
+        """Never called (nothing is copyable)."""
+        raise AssertionError(f"GGUF output converts every tensor; {name} cannot be copied")
+
+    def write(self, name: str, values: np.ndarray) -> None:
+        """Convert one finished tensor as llama.cpp expects it and write its blocks in place."""
+        self._store(name, to_gguf_values(self._arch, name, values, self._config))
+
+    def _store(self, name: str, values: np.ndarray) -> None:
+        tensor = self._tensors[name]
+        data = ggml.quantize(values, tensor.qtype)
+        _pwrite_all(self._fd, memoryview(data.reshape(-1)), self._data_start + tensor.offset)
+        self._written.add(name)
+
+    def finish(self) -> None:
+        """Check every tensor arrived and close the file (the atomic output fsyncs it)."""
+        missing = set(self._tensors) - self._written
+        if missing:
+            raise LoramergeError(f"GGUF output is missing {len(missing)} tensor(s)")
+        self.abort()
+
+    def cancel(self) -> None:
+        """Nothing waits on anything."""
+
+    def abort(self) -> None:
+        """Close the file."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """os.pwrite until every byte is written."""
+    while data:
+        done = os.pwrite(fd, data, offset)
+        data, offset = data[done:], offset + done
