@@ -380,3 +380,22 @@ def test_quantize_push_to(hub, tmp_path):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     for shard in set(index["weight_map"].values()):
         assert pushed[shard] == (out / shard).read_bytes()
+
+
+def test_adapter_folders_push_with_an_adapter_card(cli, tmp_path):
+    """combine / extract outputs are PEFT adapters: library peft, relation adapter."""
+    from huggingface_hub import ModelCard
+
+    from loramerge.card import render_adapter_card
+
+    out = tmp_path / "combined"
+    lora, lora_b = ADAPTERS / "llama-lora", ADAPTERS / "llama-lora-b"
+    assert cli("combine", lora, lora_b, "-w", "1", "-w", "-0.5", "-o", out).code == 0
+    run = cli("push", out, "alice/combined", "--dry-run")
+    assert run.code == 0, run.err
+    record = json.loads((out / "loramerge.json").read_text())
+    record["base"]["source"] = "meta/llama-base@" + "b" * 40
+    card = ModelCard(render_adapter_card(record, "alice/combined"), ignore_metadata_errors=False)
+    meta = card.data.to_dict()
+    assert meta["base_model_relation"] == "adapter" and meta["library_name"] == "peft"
+    assert 'AutoPeftModelForCausalLM.from_pretrained("alice/combined")' in card.text

@@ -74,6 +74,46 @@ def render_card(record: dict, model_id: str, *, for_hub: bool = False) -> str:
     return "\n\n".join(sections) + "\n"
 
 
+def render_adapter_card(record: dict, model_id: str) -> str:
+    """README.md for a PEFT adapter loramerge wrote (`combine`, `extract`), for the Hub."""
+    base = record["base"]["source"]
+    base_ref = _hub_ref(base)
+    op = record["history"][-1]["op"]
+    meta: dict = {}
+    if base_ref:
+        meta["base_model"] = base_ref[0]
+        meta["base_model_relation"] = "adapter"
+    meta["library_name"] = "peft"
+    meta["tags"] = ["lora", "peft", "loramerge", op]
+    if op == "extract":
+        what = (
+            f"extracted from {_link(record['extracted_from']['source'])} minus its base by a "
+            f"truncated SVD per changed weight (largest relative error "
+            f"{record.get('max_relative_error', 0.0):.3g})"
+        )
+    else:
+        what = f"the weighted sum of {len(record['adapters'])} LoRA adapters, as one adapter"
+    rows = "\n".join(
+        f"| {_link(a['source'])} | {a['weight']:g} | {a['rank']} | `{a['sha256'][:12]}` |"
+        for a in record["adapters"]
+    )
+    sections = [
+        _front_matter(meta),
+        f"# LoRA adapter for {base_ref[0] if base_ref else base}",
+        f"A PEFT LoRA adapter for {_link(base)}: {what}, written by "
+        f"[loramerge](https://pypi.org/project/loramerge/) {record['tool']['version']}.",
+    ]
+    if rows:
+        sections.append("| adapter | weight | rank | sha256 |\n|---|---|---|---|\n" + rows)
+    sections += [
+        "The full provenance record is in `loramerge.json`.",
+        "## Usage",
+        "```python\nfrom peft import AutoPeftModelForCausalLM\n\n"
+        f"model = AutoPeftModelForCausalLM.from_pretrained({json.dumps(model_id)})\n```",
+    ]
+    return "\n\n".join(sections) + "\n"
+
+
 def render_gguf_card(file_name: str, repo_id: str) -> str:
     """README.md for a repo holding one GGUF file: how llama.cpp and Ollama run it."""
     meta = {"library_name": "gguf", "tags": ["gguf", "loramerge"]}

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loramerge import hub
-from loramerge.card import render_card, render_gguf_card
+from loramerge.card import render_adapter_card, render_card, render_gguf_card
 from loramerge.errors import LoramergeError
 from loramerge.sink.hf_folder import PROVENANCE, provenance_bytes, read_provenance, recorded_files
 from loramerge.verify.files import verify_files
@@ -75,7 +75,10 @@ def _folder_files(folder: Path, repo_id: str) -> tuple[list[hub.Upload], str, li
     check = verify_files(folder)
     if not check["passed"] or check["extra"]:
         raise LoramergeError(f"{folder} does not match its record, not pushed: {check['summary']}")
-    card = render_card(record, repo_id, for_hub=True)
+    if record.get("kind") == "adapter":
+        card = render_adapter_card(record, repo_id)
+    else:
+        card = render_card(record, repo_id, for_hub=True)
     _check_card(card)
     files = [hub.Upload(name, folder / name) for name in recorded_files(folder)]
     notes = [f"{folder}: {check['summary']}"]
