@@ -21,31 +21,10 @@ import numpy as np
 from loramerge.errors import LoramergeError
 from loramerge.gguf_names import TensorNames, UnsupportedArchitecture, architecture, to_gguf_values
 from loramerge.quant import ggml
-from loramerge.quant.ggml_types import ModelInfo, tensor_types
+from loramerge.quant.ggml_types import GGUF_TYPES, ModelInfo, tensor_types
 from loramerge.sink.gguf_metadata import extra_tensors, write_hyperparameters, write_tokenizer
 from loramerge.sink.safetensors_writer import Entry
 
-F = gguf.LlamaFileType
-
-# --gguf-type NAME -> (llama.cpp file type, pure). Pure: every quantizable tensor gets the file
-# type's block type (llama-quantize --pure); otherwise llama.cpp's per-tensor rules pick it.
-GGUF_TYPES: dict[str, tuple[gguf.LlamaFileType, bool]] = {
-    "f32": (F.ALL_F32, False),
-    "f16": (F.MOSTLY_F16, False),
-    "bf16": (F.MOSTLY_BF16, False),
-    "q8_0": (F.MOSTLY_Q8_0, False),
-    "q4_0": (F.MOSTLY_Q4_0, False),
-    "q4_1": (F.MOSTLY_Q4_1, False),
-    "q5_0": (F.MOSTLY_Q5_0, False),
-    "q5_1": (F.MOSTLY_Q5_1, False),
-    "q2_k": (F.MOSTLY_Q2_K, True),
-    "q3_k": (F.MOSTLY_Q3_K_M, True),
-    "q4_k": (F.MOSTLY_Q4_K_M, True),
-    "q5_k": (F.MOSTLY_Q5_K_M, True),
-    "q6_k": (F.MOSTLY_Q6_K, False),
-    "q4_k_m": (F.MOSTLY_Q4_K_M, False),
-    "q5_k_m": (F.MOSTLY_Q5_K_M, False),
-}
 PROVENANCE_KEY = "loramerge.provenance"
 
 
