@@ -3,8 +3,10 @@
 Uses bench/merge.py's TinyLlama-shaped fixture (built once under --workdir) and its loramerge
 merge of the r=16 adapter (154 modules at 22 layers) as the fine-tuned model, then runs each
 tool as a separate process at rank 16 and reports wall seconds, CPU seconds and peak RSS
-(`os.wait4`). mergekit runs only when `--mergekit` names its `mergekit-extract-lora` (install
-it in its own venv: `pip install torch==2.13.0 mergekit==0.1.5`).
+(`os.wait4`) and the load average around each run. mergekit runs only when `--mergekit` names
+its `mergekit-extract-lora` (install it in its own venv: `pip install torch==2.13.0
+mergekit==0.1.5`); loramerge then runs once before and once after it, so a change of load on a
+shared machine shows. Outputs and the log go under `--out` (default: the workdir).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=22)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--mergekit", help="path of mergekit-extract-lora (its own venv)")
+    p.add_argument("--out", type=Path, help="where outputs and the log go (default: --workdir)")
     p.add_argument("--json", type=Path, help="write results as JSON here")
     args = p.parse_args()
     margs = fixture.parse_args(["--workdir", str(args.workdir), "--layers", str(args.layers)])
@@ -65,18 +68,22 @@ def main() -> None:
             f"{q(args.mergekit)} --model {q(str(merged))} --base-model {q(str(base))} "
             f"--out-path {{out}} --max-rank {args.rank}"
         )
-    log = margs.workdir / "logs" / "extract.log"
+    where = args.out or margs.workdir
+    log = where / "logs" / "extract.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    results = {}
-    for tool, command in commands.items():
-        out = margs.workdir / f"extract-{tool}"
+    order = ["loramerge", "mergekit", "loramerge"] if args.mergekit else ["loramerge"]
+    results = []
+    for tool in order:
+        out = where / f"extract-{tool}"
         shutil.rmtree(out, ignore_errors=True)
         fixture.warm_cache(merged)
-        results[tool] = {
-            "command": command.format(out=q(str(out))),
-            **measure(command.format(out=q(str(out))), log),
-        }
-        print(f"{tool:<10} {json.dumps(results[tool])}", flush=True)
+        command = commands[tool].format(out=q(str(out)))
+        load = os.getloadavg()[0]
+        run = {"tool": tool, "command": command, **measure(command, log)}
+        run["load_before_after"] = [round(load, 2), round(os.getloadavg()[0], 2)]
+        results.append(run)
+        print(f"{tool:<10} {json.dumps(run)}", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

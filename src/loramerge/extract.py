@@ -9,11 +9,14 @@ biases, resized vocabulary matrices) become modules_to_save, or are listed and l
 from __future__ import annotations
 
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from loramerge import ties
 from loramerge.adapter import PREFIX
@@ -116,27 +119,26 @@ def extract(
                 "is BASE the model FINETUNED was trained from?"
             )
         modules, report, full, skipped, unchanged = [], {}, {}, [], 0
-        scratch = _Scratch()
-        for name in sorted(ft.tensors):
-            if _same_bytes(ft, w0, name):
-                unchanged += 1
-                continue
-            new = ft.read(name, scratch.raw(0, ft, name))
-            old = w0.read(name, scratch.raw(1, w0, name))
-            module = name.rsplit(".", 1)[0]
-            if _is_linear(name, new, old, vocab, targets):
-                delta = scratch.delta(new.shape)
-                np.subtract(new, old, out=delta, dtype=np.float32)
-                factors, entry = _extract_module(module, delta.T if transposed else delta, choice)
-                modules.append(factors)
-                report[module] = entry
-            elif skip_nonlinear:
-                skipped.append(name)
-            else:
-                full[name] = new.copy()
+        work = _TensorJob(ft, w0, vocab, targets, transposed, choice, skip_nonlinear)
+        with (
+            threadpool_limits(limits=1, user_api="blas"),
+            ThreadPoolExecutor(_workers() + 1, thread_name_prefix="loramerge") as pool,
+        ):
+            # The provenance hashes read both checkpoints once more, on a thread of their own.
+            hashes = pool.submit(lambda: [sha256_of(c.files) for c in (ft, w0)])
+            names = sorted(ft.tensors)
+            for name, (kind, value) in zip(names, pool.map(work, names), strict=True):
+                if kind == "unchanged":
+                    unchanged += 1
+                elif kind == "lora":
+                    modules.append(value[0])
+                    report[value[0].module] = value[1]
+                elif kind == "skipped":
+                    skipped.append(name)
+                else:
+                    full[name] = value
+            hashes = dict(zip(("finetuned", "base"), hashes.result(), strict=True))
         _check_saved(full, report)
-        sources = {"finetuned": finetuned, "base": base}
-        hashes = {k: sha256_of(c.files) for k, c in zip(sources, (ft, w0), strict=True)}
     saved = sorted(n.rsplit(".", 1)[0] for n in full)
     lora = lora_config(
         modules,
@@ -162,6 +164,43 @@ def extract(
     return result
 
 
+def _workers() -> int:
+    """One extracting thread per core (each with single-threaded BLAS), at most 4 (memory)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class _TensorJob:
+    """What becomes of one tensor: unchanged, LoRA (factors and report), saved whole or skipped."""
+
+    ft: Checkpoint
+    w0: Checkpoint
+    vocab: set[str]
+    targets: tuple[str, ...]
+    transposed: bool
+    choice: RankChoice
+    skip_nonlinear: bool
+    scratch: _Scratch = field(default_factory=lambda: _Scratch())
+
+    def __call__(self, name: str) -> tuple[str, object]:
+        """(kind, value) for tensor `name`; runs on any worker thread."""
+        ft, w0, scratch = self.ft, self.w0, self.scratch
+        if _same_bytes(ft, w0, name):
+            return "unchanged", None
+        shape = tuple(ft.tensors[name].shape)
+        if _is_linear(name, shape, tuple(w0.tensors[name].shape), self.vocab, self.targets):
+            delta = scratch.delta(shape)
+            np.copyto(delta, ft.read(name, scratch.raw(ft, name)))
+            np.subtract(delta, w0.read(name, scratch.raw(w0, name)), out=delta)
+            module = name.rsplit(".", 1)[0]
+            return "lora", _extract_module(
+                module, delta.T if self.transposed else delta, self.choice
+            )
+        if self.skip_nonlinear:
+            return "skipped", None
+        return "saved", ft.read(name).copy()
+
+
 def _same_bytes(a: Checkpoint, b: Checkpoint, name: str) -> bool:
     """Whether tensor `name` is stored identically in both, compared a piece at a time."""
     info_a, info_b = a.tensors[name], b.tensors[name]
@@ -179,19 +218,19 @@ def _same_bytes(a: Checkpoint, b: Checkpoint, name: str) -> bool:
     return True
 
 
-class _Scratch:
-    """Buffers reused from tensor to tensor (fresh ones each time fragment the heap)."""
+class _Scratch(threading.local):
+    """Each thread's buffers, reused from tensor to tensor (fresh ones fragment the heap)."""
 
     def __init__(self) -> None:
-        self._raw = [np.empty(0, np.uint8), np.empty(0, np.uint8)]
+        self._raw = np.empty(0, np.uint8)
         self._delta = np.empty(0, np.float32)
 
-    def raw(self, slot: int, checkpoint: Checkpoint, name: str) -> np.ndarray:
-        """Byte buffer `slot`, large enough for tensor `name`."""
+    def raw(self, checkpoint: Checkpoint, name: str) -> np.ndarray:
+        """A byte buffer large enough for tensor `name`."""
         nbytes = checkpoint.tensors[name].nbytes
-        if self._raw[slot].size < nbytes:
-            self._raw[slot] = np.empty(nbytes, np.uint8)
-        return self._raw[slot]
+        if self._raw.size < nbytes:
+            self._raw = np.empty(nbytes, np.uint8)
+        return self._raw
 
     def delta(self, shape: tuple[int, ...]) -> np.ndarray:
         """A float32 array of `shape` on the reused buffer."""
@@ -213,9 +252,10 @@ def _vocabulary_matrices(config: dict, base: Checkpoint) -> set[str]:
     return {n for n in base.tensors if n in names or any(n.endswith("." + m) for m in names)}
 
 
-def _is_linear(name: str, new: np.ndarray, old: np.ndarray, vocab: set[str], targets) -> bool:
-    """A 2-D weight of unchanged shape, not a vocabulary matrix, and targeted (if any given)."""
-    if new.ndim != 2 or new.shape != old.shape or not name.endswith(".weight") or name in vocab:
+def _is_linear(name: str, new: tuple, old: tuple, vocab: set[str], targets) -> bool:
+    """A 2-D weight (shapes `new`, `old`) of unchanged shape, not a vocabulary matrix, and
+    targeted (if any given)."""
+    if len(new) != 2 or new != old or not name.endswith(".weight") or name in vocab:
         return False
     layer = name.rsplit(".", 2)[-2]
     return not targets or layer in targets

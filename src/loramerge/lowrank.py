@@ -11,9 +11,9 @@ import numpy as np
 # At or below this many columns and rows an exact SVD is cheap; above, a randomized one.
 EXACT_LIMIT = 512
 _OVERSAMPLE = 8
-_POWER_ITERATIONS = 3
+_PASSES = 4
 _SEED = 0
-_ROW_BLOCK = 1024
+_ROW_BLOCK = 256
 
 
 def split(u: np.ndarray, s: np.ndarray, vt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -43,20 +43,31 @@ def truncate_factors(b: np.ndarray, a: np.ndarray, rank: int):
 
 def delta_svd(delta: np.ndarray, rank: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Leading singular triplets of `delta`: all of them (exact SVD, `rank` None or the matrix
-    small), else `rank` plus a few from a randomized SVD with a fixed seed and power iterations.
+    small), else `rank` plus a few from a randomized SVD with a fixed seed.
+
+    The randomized one multiplies a random block by `delta` and its transpose in turn (_PASSES
+    products, each orthonormalized before the next) and takes the SVD of the last, thin product
+    P = delta @ Z (delta ~ P Z^T): the usual scheme's final pass Q^T delta is never needed.
     """
     small = min(delta.shape) <= EXACT_LIMIT
     if rank is None or small or rank + _OVERSAMPLE >= min(delta.shape) // 2:
         u, s, vt = np.linalg.svd(delta.astype(np.float64), full_matrices=False)
         return u, s, vt
     k = rank + _OVERSAMPLE
-    omega = np.random.default_rng(_SEED).standard_normal((delta.shape[1], k))
-    q = _orthonormal(delta @ omega.astype(delta.dtype))
-    for _ in range(_POWER_ITERATIONS):
-        z = _orthonormal(delta.T @ q.astype(delta.dtype))
-        q = _orthonormal(delta @ z.astype(delta.dtype))
-    small_u, s, vt = np.linalg.svd(q.T.astype(delta.dtype) @ delta, full_matrices=False)
-    return q @ small_u.astype(np.float64), s.astype(np.float64), vt.astype(np.float64)
+    basis = np.random.default_rng(_SEED).standard_normal((delta.shape[1], k)).astype(delta.dtype)
+    for step in range(_PASSES):
+        transposed = step % 2 == 1
+        product = (delta.T if transposed else delta) @ basis
+        if step < _PASSES - 1:
+            basis = _orthonormal(product).astype(delta.dtype)
+    # delta ~ product @ basis^T (or its transpose): SVD of the product, thin, via its QR.
+    q = _orthonormal(product)
+    r = q.T @ product.astype(np.float64)
+    small_u, s, small_vt = np.linalg.svd(r)
+    left, right = q @ small_u, basis.astype(np.float64) @ small_vt.T
+    if transposed:
+        left, right = right, left
+    return left, s, right.T
 
 
 def residual_norm(delta: np.ndarray, b: np.ndarray, a: np.ndarray) -> float:
@@ -65,8 +76,10 @@ def residual_norm(delta: np.ndarray, b: np.ndarray, a: np.ndarray) -> float:
     a64 = a.astype(np.float64)
     for start in range(0, delta.shape[0], _ROW_BLOCK):
         rows = slice(start, start + _ROW_BLOCK)
-        diff = delta[rows].astype(np.float64) - b[rows].astype(np.float64) @ a64
-        total += float(np.einsum("ij,ij->", diff, diff))
+        diff = b[rows].astype(np.float64) @ a64
+        np.subtract(delta[rows], diff, out=diff)
+        flat = diff.ravel()
+        total += float(np.dot(flat, flat))
     return float(np.sqrt(total))
 
 
@@ -80,13 +93,13 @@ def rank_for_energy(s: np.ndarray, total: float, energy: float) -> int:
 
 def _orthonormal(matrix: np.ndarray) -> np.ndarray:
     """Orthonormal basis of a tall, thin matrix's columns, in float64: Cholesky QR twice (two
-    small Gram matrices and triangular solves, far cheaper than LAPACK's QR of a tall matrix on
+    small Gram matrices and triangular inverses, far cheaper than LAPACK's QR of a tall matrix on
     a busy machine), or Householder QR when the columns are (nearly) dependent."""
     q = matrix.astype(np.float64)
     try:
         for _ in range(2):
             upper = np.linalg.cholesky(q.T @ q).T
-            q = np.linalg.solve(upper.T, q.T).T
+            q = q @ np.linalg.inv(upper)
     except np.linalg.LinAlgError:
         q, _ = np.linalg.qr(matrix.astype(np.float64))
     return q
