@@ -64,3 +64,66 @@ def test_cuda_requested_without_cuda_is_refused():
     with pytest.raises(LoramergeError, match="no CUDA device"):
         resolve_device("cuda")
     assert resolve_device("auto") == "cpu"
+
+
+# NF4 on CUDA (quant/nf4_torch.py). What to expect, from bitsandbytes' csrc (kQuantizeBlockwise,
+# dQuantizeNF4, dQuantize): our torch quantizer does the CPU reference's arithmetic, so on the GPU
+# it must give the numpy quantizer's bytes exactly. bitsandbytes' CUDA kernel uses the same 15
+# float32 thresholds (ties to the lower code) and x * (1 / absmax) on whole blocks, so on tensors
+# of whole blocks with no all-zero block its packed codes and float32 absmax are ours bit for
+# bit. It differs on a short last block (reciprocal instead of division: a value may round to
+# the other side of a threshold), on all-zero blocks (absmax 0, codes 0 from 0 * inf = NaN), and
+# in double quantization (the offset is a CUDA sum, the nested codes a binary search of the
+# dynamic map): there only the 4-bit codes are compared, and the offset within its summation
+# error.
+@cuda
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_on_cuda_is_the_numpy_quantizer(double_quant):
+    from test_nf4_torch import assert_same_as_numpy
+
+    from loramerge import dtypes
+    from loramerge.source.checkpoint import open_weights
+
+    with open_weights(LLAMA, stem="model", allow_pickle=False) as checkpoint:
+        for name in [n for n, info in checkpoint.tensors.items() if len(info.shape) == 2]:
+            tensor = dtypes.as_torch(checkpoint.read(name).copy())
+            assert_same_as_numpy(tensor, 64, double_quant, device="cuda")
+    generator = torch.Generator().manual_seed(5)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for numel in (1, 63, 65, 64 * 300 + 5, 64 * 40000 + 3):
+            tensor = (torch.randn(numel, generator=generator) * 0.05).to(dtype)
+            tensor[64 : 64 * 3] = 0  # whole zero blocks
+            assert_same_as_numpy(tensor, 64, double_quant, device="cuda")
+
+
+@cuda
+def test_nf4_on_cuda_against_bitsandbytes_cuda_kernel():
+    functional = pytest.importorskip("bitsandbytes.functional")
+    from loramerge.quant import nf4_torch
+
+    generator = torch.Generator().manual_seed(6)
+    tensor = (torch.randn(512, 640, generator=generator) * 0.05).to(torch.bfloat16).cuda()
+    packed, state = functional.quantize_4bit(tensor, blocksize=64, quant_type="nf4")
+    ours = nf4_torch.quantize(tensor, 64, double_quant=False)
+    assert torch.equal(torch.from_numpy(ours.packed), packed.cpu())
+    assert torch.equal(torch.from_numpy(ours.absmax), state.absmax.cpu())
+    packed, state = functional.quantize_4bit(
+        tensor, blocksize=64, quant_type="nf4", compress_statistics=True
+    )
+    ours = nf4_torch.quantize(tensor, 64, double_quant=True)
+    assert torch.equal(torch.from_numpy(ours.packed), packed.cpu())
+    blocks = ours.absmax.size
+    assert abs(ours.offset - state.offset.item()) <= blocks * 2.0**-24 * abs(ours.offset)
+    same = (torch.from_numpy(ours.absmax) == state.absmax.cpu()).float().mean().item()
+    print(f"\nnested absmax codes equal to bitsandbytes' CUDA kernel: {same:.4%}")
+
+
+@cuda
+def test_quantize_to_nf4_on_cuda_writes_the_cpu_bytes(tmp_path, cli):
+    for device in ("cpu", "cuda"):
+        args = ["quantize", LLAMA, "-o", tmp_path / device, "--to", "nf4", "--device", device]
+        assert cli(*args).code == 0
+    shards = sorted(p.name for p in (tmp_path / "cpu").glob("*.safetensors"))
+    assert shards
+    for shard in shards:
+        assert (tmp_path / "cpu" / shard).read_bytes() == (tmp_path / "cuda" / shard).read_bytes()

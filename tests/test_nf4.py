@@ -32,9 +32,18 @@ def _oracle(tensor: torch.Tensor, blocksize: int, double_quant: bool):
     return packed, state, F.dequantize_4bit(packed, state)
 
 
-def assert_same_as_bitsandbytes(tensor: torch.Tensor, blocksize: int, double_quant: bool):
-    packed, state, dequantized = _oracle(tensor, blocksize, double_quant)
-    ours = nf4.quantize(dtypes.as_numpy(tensor), blocksize, double_quant, threads=2)
+def assert_same_as_bitsandbytes(
+    tensor: torch.Tensor, blocksize: int, double_quant: bool, state: nf4.NF4 | None = None
+):
+    """Our NF4 state of `tensor` (numpy's, or the one given) is bitsandbytes', bit for bit."""
+    packed, state_bnb, dequantized = _oracle(tensor, blocksize, double_quant)
+    ours = state or nf4.quantize(dtypes.as_numpy(tensor), blocksize, double_quant, threads=2)
+    if state is not None:  # and the numpy one's
+        numpy_state = nf4.quantize(dtypes.as_numpy(tensor), blocksize, double_quant)
+        for field in ("packed", "absmax", "nested_absmax"):
+            np.testing.assert_array_equal(getattr(ours, field), getattr(numpy_state, field))
+        assert ours.offset == numpy_state.offset
+    state = state_bnb
     assert ours.packed.shape == tuple(packed.shape)
     np.testing.assert_array_equal(ours.packed, packed.numpy())
     np.testing.assert_array_equal(ours.absmax, state.absmax.numpy())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -209,7 +209,7 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
                     out.path,
                     [Entry(t.name, t.dtype, t.shape) for t in plan.tensors],
                     options.max_shard_size,
-                    options.quant,
+                    replace(options.quant, device=device),
                     config,
                     info,
                 )

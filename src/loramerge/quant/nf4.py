@@ -190,8 +190,8 @@ DYNAMIC_MAP = np.concatenate([-_DYNAMIC_POSITIVE[::-1], [0.0], _DYNAMIC_POSITIVE
 NESTED_BLOCKSIZE = 256
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 
-_MIDPOINTS = ((CODE[:-1] + CODE[1:]) / np.float32(2)).astype(np.float32)
-_TINY = np.float32(1e-38)
+MIDPOINTS = ((CODE[:-1] + CODE[1:]) / np.float32(2)).astype(np.float32)
+TINY = np.float32(1e-38)
 _TORCH_LANES = 8  # bitsandbytes clamps absmax to this before dividing by it
 # Elements per work chunk: a multiple of every blocksize, small enough to stay in cache.
 _CHUNK = 1 << 16
@@ -242,13 +242,24 @@ def quantize(
     )
     if full < n:
         _quantize_tail(flat, full, blocksize, packed, absmax)
+    return assemble(packed, absmax, tuple(values.shape), dtype, blocksize, double_quant)
+
+
+def assemble(
+    packed: np.ndarray,
+    absmax: np.ndarray,
+    shape: tuple[int, ...],
+    dtype: str,
+    blocksize: int,
+    double_quant: bool,
+) -> NF4:
+    """The NF4 state of packed codes and float32 block absmax, the absmax double-quantized
+    (offset: their mean, summed in torch's CPU order) if asked."""
     if not double_quant:
-        return NF4(packed.reshape(-1, 1), absmax, tuple(values.shape), dtype, blocksize)
-    offset = np.float32(torch_sum(absmax) / np.float32(blocks))
+        return NF4(packed.reshape(-1, 1), absmax, shape, dtype, blocksize)
+    offset = np.float32(torch_sum(absmax) / np.float32(absmax.size))
     codes, nested = quantize_blockwise(absmax - offset, DYNAMIC_MAP, NESTED_BLOCKSIZE)
-    return NF4(
-        packed.reshape(-1, 1), codes, tuple(values.shape), dtype, blocksize, nested, float(offset)
-    )
+    return NF4(packed.reshape(-1, 1), codes, shape, dtype, blocksize, nested, float(offset))
 
 
 def _run(threads: int, work: Callable[[int], None], starts: range) -> None:
@@ -275,7 +286,7 @@ def _quantize_full(flat, start: int, end: int, blocksize: int, packed, absmax) -
     _check_finite(amax)
     absmax[start // blocksize : end // blocksize] = amax
     with np.errstate(over="ignore"):
-        recip = (np.float32(1) / np.maximum(amax, _TINY))[:, None]
+        recip = (np.float32(1) / np.maximum(amax, TINY))[:, None]
     out = packed[start // 2 : end // 2]
     for values, shift in ((even, 4), (odd, 0)):
         np.multiply(values.reshape(-1, rows), recip, out=scaled.reshape(-1, rows))
@@ -324,7 +335,7 @@ def _abs_max(values: np.ndarray, rows: int) -> np.ndarray:
 def _quantize_tail(flat, start: int, blocksize: int, packed, absmax) -> None:
     """The short last block: x / max(absmax, 1e-38), the clamped absmax stored."""
     x = flat[start:].astype(np.float32)
-    amax = np.maximum(np.abs(x).max(), _TINY)
+    amax = np.maximum(np.abs(x).max(), TINY)
     _check_finite(amax)
     absmax[-1] = amax
     scaled = x / amax
@@ -351,11 +362,11 @@ class _Table:
         ends = np.stack([top.view(np.float32), (top | 0xFFFF).view(np.float32)])
         with np.errstate(invalid="ignore"):
             lowest = np.nanmin(np.where(np.isnan(ends), np.inf, ends), axis=0)
-        self.base = np.searchsorted(_MIDPOINTS, lowest, side="left").astype(np.uint8)
+        self.base = np.searchsorted(MIDPOINTS, lowest, side="left").astype(np.uint8)
         self.bound = np.full(1 << 16, np.inf, dtype=np.float32)
-        cells = _MIDPOINTS.view(np.uint32) >> 16
-        self.base[cells] = np.arange(len(_MIDPOINTS), dtype=np.uint8)
-        self.bound[cells] = _MIDPOINTS
+        cells = MIDPOINTS.view(np.uint32) >> 16
+        self.base[cells] = np.arange(len(MIDPOINTS), dtype=np.uint8)
+        self.bound[cells] = MIDPOINTS
 
     def codes(self, scaled, index=None, codes=None, bounds=None, above=None) -> np.ndarray:
         """Codes of float32 values (into the given buffers, if any)."""

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from loramerge import dtypes
 from loramerge.errors import LoramergeError
 from loramerge.nf4_layout import STATE, quantizable, state_json
 from loramerge.quant import nf4
@@ -35,6 +36,7 @@ class NF4Options:
     double_quant: bool = True
     compute_dtype: str = "bfloat16"  # bnb_4bit_compute_dtype: what the 4-bit matmuls run in
     skip_modules: tuple[str, ...] | None = None  # None: transformers' default (the output head)
+    device: str = "cpu"  # where weights are quantized: numpy on "cpu", torch on "cuda[:N]"
 
 
 def quantization_config(options: NF4Options) -> dict:
@@ -71,6 +73,16 @@ def _parts(entry: Entry, options: NF4Options) -> list[Entry]:
         parts.append(Entry(entry.name + ".nested_absmax", "F32", (nested,)))
         parts.append(Entry(entry.name + ".nested_quant_map", "F32", (len(nf4.DYNAMIC_MAP),)))
     return parts
+
+
+def quantize(values: np.ndarray, options: NF4Options) -> nf4.NF4:
+    """NF4 of one weight: numpy on the CPU, torch on a GPU (the same bytes)."""
+    if options.device == "cpu":
+        return nf4.quantize(values, options.blocksize, options.double_quant)
+    from loramerge.quant import nf4_torch  # torch, only for a GPU
+
+    on_device = dtypes.as_torch(values).to(options.device)
+    return nf4_torch.quantize(on_device, options.blocksize, options.double_quant)
 
 
 class NF4Folder:
@@ -141,7 +153,7 @@ class NF4Folder:
         if name not in self._quantized:
             self._writer.write(name, values)
             return
-        state = nf4.quantize(values, self.options.blocksize, self.options.double_quant)
+        state = quantize(values, self.options)
         self._writer.write(name, state.packed)
         self._writer.write(name + ".absmax", state.absmax)
         self._writer.write(name + ".quant_map", nf4.CODE)
