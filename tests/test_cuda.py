@@ -119,10 +119,11 @@ def test_nf4_on_cuda_against_bitsandbytes_cuda_kernel():
 
 
 @cuda
-def test_quantize_to_nf4_on_cuda_writes_the_cpu_bytes(tmp_path, cli):
+def test_quantize_to_nf4_on_cuda_writes_the_cpu_bytes(tmp_path):
+    from loramerge.quantize import quantize
+
     for device in ("cpu", "cuda"):
-        args = ["quantize", LLAMA, "-o", tmp_path / device, "--to", "nf4", "--device", device]
-        assert cli(*args).code == 0
+        quantize(LLAMA, tmp_path / device, MergeOptions(to="nf4", device=device))
     shards = sorted(p.name for p in (tmp_path / "cpu").glob("*.safetensors"))
     assert shards
     for shard in shards:
