@@ -12,6 +12,7 @@ from conftest import ADAPTERS, LLAMA, ROOT
 from test_numpy_route import IMPORTS_TORCH
 
 from loramerge import dtypes
+from loramerge.nf4_layout import PARTS, STATE
 from loramerge.source.checkpoint import open_weights
 
 transformers = pytest.importorskip("transformers")
@@ -185,3 +186,33 @@ def test_nf4_on_the_cpu_never_imports_torch(tmp_path, args):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
     assert (out / "loramerge.json").is_file()
+
+
+def test_nf4_base_to_nf4_copies_untouched_weights(cli, tmp_path):
+    """An NF4 base written to NF4 keeps the stored bytes of every weight nothing changes:
+    re-quantizing its dequantized values would not (the absmax of bf16-rounded values moves)."""
+    _quantized_by_transformers(LLAMA, tmp_path / "tf")
+    theirs = _tensors(tmp_path / "tf")
+    assert cli("quantize", tmp_path / "tf", "-o", tmp_path / "again", "--to", "nf4").code == 0
+    again = _tensors(tmp_path / "again")
+    assert sorted(again) == sorted(theirs)
+    assert [n for n in again if again[n] != theirs[n]] == []
+    adapter = ADAPTERS / "llama-rslora"  # q_proj and v_proj only
+    result = cli("merge", tmp_path / "tf", adapter, "-o", tmp_path / "merged", "--to", "nf4")
+    assert result.code == 0, result.err
+    merged = _tensors(tmp_path / "merged")
+    assert sorted(merged) == sorted(theirs)
+    weights = [n.removesuffix(STATE) for n in theirs if n.endswith(STATE)]
+    touched = [w for w in weights if w.split(".")[-2] in ("q_proj", "v_proj")]
+    assert touched and len(touched) < len(weights)
+    for weight in weights:
+        parts = [weight, *(weight + p for p in PARTS)]
+        if weight in touched:
+            assert merged[weight] != theirs[weight], weight
+        else:
+            assert [p for p in parts if merged[p] != theirs[p]] == [], weight
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "merged", device_map="cpu"
+    )
+    assert type(loaded.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert torch.isfinite(_logits(loaded)).all()

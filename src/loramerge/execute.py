@@ -23,10 +23,12 @@ from threadpoolctl import threadpool_limits
 from loramerge import blocked, dtypes
 from loramerge.adapter import Adapter
 from loramerge.errors import LoramergeError
+from loramerge.nf4_layout import StoredNF4
 from loramerge.plan import Plan, TensorPlan, as_matrix
 from loramerge.sink.direct_io import ALIGN
 from loramerge.sink.formats import Sink
 from loramerge.source.checkpoint import Checkpoint, RawRange, read_buffer
+from loramerge.source.nf4 import stored_nf4
 
 # Called after each tensor with (bytes just written, total bytes to write).
 Progress = Callable[[int, int], None]
@@ -175,6 +177,13 @@ def _torch_threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def _stored(plan: TensorPlan, base: Checkpoint) -> StoredNF4 | None:
+    """How an untouched weight of an NF4 base is stored, if it is."""
+    if plan.modified or plan.dtype != base.tensors[plan.source].dtype:
+        return None
+    return stored_nf4(base, plan.source)
+
+
 def _raw(plan: TensorPlan, base: Checkpoint, writer: Sink) -> RawRange | None:
     """The bytes to copy for a tensor the writer takes unchanged, if it does."""
     return _copied(plan, base) if writer.copyable(plan.name) else None
@@ -191,6 +200,9 @@ def _write_tensor(
     raw = _raw(plan, base, writer)
     if raw is not None:
         writer.copy(plan.name, raw.fd, raw.offset, raw.nbytes)
+        return
+    stored = _stored(plan, base)
+    if stored is not None and writer.copy_stored(plan.name, stored):
         return
     if route.by_numpy(plan, base.tensors[plan.source].dtype):
         weight = _merge_numpy(writer, plan, base, adapters)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 
 from loramerge.errors import LoramergeError
 from loramerge.quant import nf4
@@ -27,6 +28,16 @@ def quantizable(name: str, shape: tuple[int, ...], dtype: str, skip: tuple[str, 
         and not _embedding(name)
         and not _skipped(name.removesuffix(".weight"), DEFAULT_SKIP if skip is None else skip)
     )
+
+
+@dataclass(frozen=True)
+class StoredNF4:
+    """An NF4 weight as a checkpoint stores it: its quantization state's bytes and, for the
+    packed codes ("") and each part (".absmax", ...), its stored dtype, shape and
+    (fd, offset, nbytes) to copy."""
+
+    state: bytes
+    parts: dict[str, tuple[str, tuple[int, ...], tuple[int, int, int]]]
 
 
 def _embedding(name: str) -> bool:

@@ -1,7 +1,8 @@
 """The output formats, one table: `--to NAME` picks the sink every command writes through.
 
 A sink receives each finished tensor by name (`write`), or the raw bytes of an unchanged one
-when it can take them (`copyable`, `copy`), in its `order`; `finish` completes the files. The
+when it can take them (`copyable`, `copy`; an untouched NF4 weight's stored parts:
+`copy_stored`), in its `order`; `finish` completes the files. The
 atomic folder (or file), the record and the progress bar around it are the same for every
 format. A new format is one more entry here and its own module. A single-file format (GGUF) is
 built as one file instead of a folder and keeps the record inside it.
@@ -16,6 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from loramerge.errors import LoramergeError
+from loramerge.nf4_layout import StoredNF4
 from loramerge.sink.gguf_file import GGUFFile, GGUFInfo
 from loramerge.sink.nf4_folder import NF4Folder, NF4Options
 from loramerge.sink.safetensors_writer import Entry
@@ -34,6 +36,7 @@ class Sink(Protocol):
     def copyable(self, name: str) -> bool: ...
     def position(self, name: str) -> int: ...
     def copy(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None: ...
+    def copy_stored(self, name: str, stored: StoredNF4) -> bool: ...
     def write(self, name: str, values: np.ndarray) -> None: ...
     def finish(self) -> None: ...
     def cancel(self) -> None: ...

@@ -127,6 +127,10 @@ class GGUFFile:
         """Any buffer alignment will do: tensors are converted before writing."""
         return 0
 
+    def copy_stored(self, name: str, stored) -> bool:
+        """Never takes stored NF4 parts (GGUF converts every tensor)."""
+        return False
+
     def copy(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
         """Never called (nothing is copyable)."""
         raise AssertionError(f"GGUF output converts every tensor; {name} cannot be copied")

@@ -12,6 +12,7 @@ vectors go into one extra last shard, written when everything else is. config.js
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from loramerge import dtypes
 from loramerge.errors import LoramergeError
-from loramerge.nf4_layout import STATE, quantizable, state_json
+from loramerge.nf4_layout import STATE, StoredNF4, parse_state, quantizable, state_json
 from loramerge.quant import nf4
 from loramerge.sink.safetensors_writer import Entry
 from loramerge.sink.sharded import ShardedWriter
@@ -85,6 +86,12 @@ def quantize(values: np.ndarray, options: NF4Options) -> nf4.NF4:
     return nf4_torch.quantize(on_device, options.blocksize, options.double_quant)
 
 
+def _holds(where: tuple[int, int, int], table: np.ndarray) -> bool:
+    """Whether the stored bytes at (fd, offset, nbytes) are this float32 table's."""
+    fd, offset, nbytes = where
+    return nbytes == table.nbytes and os.pread(fd, nbytes, offset) == table.tobytes()
+
+
 class NF4Folder:
     """The NF4 sink: Linear weights quantized as they arrive, everything else as it is."""
 
@@ -105,9 +112,8 @@ class NF4Folder:
         self.options = options
         skip = options.skip_modules
         self._quantized = {e.name for e in entries if quantizable(e.name, e.shape, e.dtype, skip)}
-        stored = [
-            p for e in entries for p in (_parts(e, options) if e.name in self._quantized else [e])
-        ]
+        self._parts = {e.name: _parts(e, options) for e in entries if e.name in self._quantized}
+        stored = [p for e in entries for p in self._parts.get(e.name, [e])]
         late = tuple(name + STATE for name in sorted(self._quantized))
         # A weight's parts lie in several regions (the file is ordered by item size), so the
         # shards are hashed from the file, not from copies held until the order catches up.
@@ -147,6 +153,35 @@ class NF4Folder:
     def copy(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
         """Copy an unquantized tensor's bytes."""
         self._writer.copy(name, src_fd, src_offset, nbytes)
+
+    def copy_stored(self, name: str, stored: StoredNF4) -> bool:
+        """Copy an untouched NF4 weight's stored bytes (codes, absmax, maps, nested statistics,
+        state) when they are exactly what this sink would write; False: quantize it anew."""
+        if name not in self._quantized or not self._same_layout(name, stored):
+            return False
+        for suffix, (_, _, (fd, offset, nbytes)) in stored.parts.items():
+            self._writer.copy(name + suffix, fd, offset, nbytes)
+        self._writer.write(name + STATE, np.frombuffer(stored.state, np.uint8))
+        return True
+
+    def _same_layout(self, name: str, stored: StoredNF4) -> bool:
+        """Stored with this blocksize and double quantization, bitsandbytes' code tables, the
+        parts' dtypes and shapes the ones written here."""
+        state = parse_state(stored.state, name)
+        entries = {e.name.removeprefix(name): e for e in self._parts[name]}
+        return (
+            state["blocksize"] == self.options.blocksize
+            and set(stored.parts) == set(entries)
+            and all(
+                (dtype, shape) == (entries[s].dtype, entries[s].shape)
+                for s, (dtype, shape, _) in stored.parts.items()
+            )
+            and _holds(stored.parts[".quant_map"][2], nf4.CODE)
+            and (
+                not self.options.double_quant
+                or _holds(stored.parts[".nested_quant_map"][2], nf4.DYNAMIC_MAP)
+            )
+        )
 
     def write(self, name: str, values: np.ndarray) -> None:
         """Store one finished tensor: quantized to NF4 when it is a Linear weight."""

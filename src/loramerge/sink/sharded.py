@@ -81,6 +81,10 @@ class ShardedWriter:
             return
         self._owner[name].write(name, data)
 
+    def copy_stored(self, name: str, stored) -> bool:
+        """Never takes stored NF4 parts (a plain safetensors folder stores weights dequantized)."""
+        return False
+
     def copy(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
         """Write one tensor by copying bytes from an open file (thread-safe, any order)."""
         self._owner[name].copy(name, src_fd, src_offset, nbytes)

@@ -11,7 +11,14 @@ from dataclasses import replace
 import numpy as np
 
 from loramerge import dtypes
-from loramerge.nf4_layout import PARTS, STATE, parse_state, quantizable, stored_dtype
+from loramerge.nf4_layout import (
+    PARTS,
+    STATE,
+    StoredNF4,
+    parse_state,
+    quantizable,
+    stored_dtype,
+)
 from loramerge.quant import nf4
 from loramerge.source.checkpoint import Checkpoint, RawRange
 from loramerge.source.safetensors_file import TensorInfo
@@ -26,9 +33,11 @@ class DerivedCheckpoint:
         derived: dict[str, tuple[TensorInfo, Callable[[], np.ndarray]]],
         hidden: set[str],
         description: dict,
+        stored: dict[str, StoredNF4] | None = None,
     ) -> None:
         self.path = inner.path
         self.description = description
+        self.stored = stored or {}  # dequantized NF4 weights, as stored
         self._inner = inner
         self._derived = derived
         self.tensors: dict[str, TensorInfo] = {}
@@ -80,7 +89,7 @@ def is_nf4(checkpoint: Checkpoint | DerivedCheckpoint) -> bool:
 def dequantized(checkpoint: Checkpoint) -> DerivedCheckpoint:
     """An NF4 checkpoint whose quantized weights read as their dequantized float values
     (exactly bitsandbytes' dequantize_4bit), their quantization parts hidden."""
-    derived, hidden, states = {}, set(), []
+    derived, hidden, states, stored = {}, set(), [], {}
     for state_name in [n for n in checkpoint.tensors if n.endswith(STATE)]:
         name = state_name.removesuffix(STATE)
         raw = checkpoint.read(state_name).tobytes()
@@ -99,9 +108,27 @@ def dequantized(checkpoint: Checkpoint) -> DerivedCheckpoint:
         derived[name] = (info, _reader(checkpoint, name, state))
         hidden |= {name + part for part in PARTS}
         states.append(state)
+        parts = {p: _raw_part(checkpoint, name + p) for p in ("", *PARTS[:-1])}
+        if None not in parts.values():
+            stored[name] = StoredNF4(raw, {p: r for p, r in parts.items() if r != ()})
     blocksizes = sorted({s["blocksize"] for s in states})
     description = {"format": "nf4", "quantized_tensors": len(derived), "blocksizes": blocksizes}
-    return DerivedCheckpoint(checkpoint, derived, hidden, description)
+    return DerivedCheckpoint(checkpoint, derived, hidden, description, stored)
+
+
+def stored_nf4(checkpoint: Checkpoint | DerivedCheckpoint, name: str) -> StoredNF4 | None:
+    """How the checkpoint stores weight `name` in NF4 (None: not NF4, or not as raw bytes)."""
+    return checkpoint.stored.get(name) if isinstance(checkpoint, DerivedCheckpoint) else None
+
+
+def _raw_part(checkpoint: Checkpoint, name: str):
+    """(dtype, shape, byte range) of a stored part; () when absent; None when not raw bytes."""
+    if name not in checkpoint.tensors:
+        return ()
+    raw, info = checkpoint.raw(name), checkpoint.tensors[name]
+    return (
+        None if raw is None else (info.dtype, tuple(info.shape), (raw.fd, raw.offset, raw.nbytes))
+    )
 
 
 def _reader(checkpoint: Checkpoint, name: str, state: dict) -> Callable[[], np.ndarray]:
