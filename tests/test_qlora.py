@@ -77,3 +77,29 @@ def test_qlora_base_refuses_an_nf4_base(cli, tmp_path):
     )  # fmt: skip
     assert result.code == 2 and "already NF4" in result.err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("blocksize", [64, 128])
+def test_rebase_from_the_base_reapplies_the_recorded_qlora_base(tmp_path, blocksize):
+    """`rebase --base` rebuilds a `--qlora-base` merge as such: into dequant(NF4(W0)) with the
+    recorded blocksize, byte for byte the direct `--qlora-base` merge of what remains."""
+    from conftest import ADAPTERS
+
+    from loramerge.merge import MergeOptions, merge
+    from loramerge.sink.nf4_folder import NF4Options
+    from loramerge.swap import rebase
+
+    a, b = ADAPTERS / "llama-lora", ADAPTERS / "llama-lora-b"
+    qlora = MergeOptions(qlora_base=True, quant=NF4Options(blocksize=blocksize))
+    merge(LLAMA, [a], tmp_path / "a", qlora)
+    merge(LLAMA, [b], tmp_path / "direct", qlora)
+    merge(LLAMA, [b], tmp_path / "plain")
+    result = rebase(tmp_path / "a", [a], [b], tmp_path / "swapped", base=LLAMA)
+    record = json.loads((tmp_path / "swapped" / "loramerge.json").read_text())
+    assert record["qlora_base"] == {"blocksize": blocksize, "double_quant": True}
+    shards = sorted(p.name for p in (tmp_path / "direct").glob("*.safetensors"))
+    assert shards and result.files == shards
+    for shard in shards:
+        swapped = (tmp_path / "swapped" / shard).read_bytes()
+        assert swapped == (tmp_path / "direct" / shard).read_bytes()
+        assert swapped != (tmp_path / "plain" / shard).read_bytes()

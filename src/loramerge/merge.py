@@ -187,7 +187,7 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
             entries = [{**d, "sha256": a.sha256()} for a, d in zip(opened, described, strict=True)]
             record = _provenance(job, config, entries, plan, options, device)
             if options.qlora_base:
-                record["qlora_base"] = checkpoint.description["nf4_round_trip"]
+                record["qlora_base"] = _round_trip(options)
             elif is_nf4(stored):
                 record["base"]["quantization"] = checkpoint.description
             side_from, missing = model_folder(job.source)
@@ -235,7 +235,7 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
                         )
                     if options.verify and job.verify_against:
                         result.verification = _verify(
-                            out.path, *job.verify_against, options.allow_pickle, job.verify_through
+                            out.path, *job.verify_against, options, job.verify_through
                         )
                     out.commit()
                     return _finished(result, start)
@@ -244,7 +244,7 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
                     record["dora_norms"] = write_norms(out.path, stored)
                 if options.verify and job.verify_against:
                     result.verification = record["verification"] = _verify(
-                        out.path, *job.verify_against, options.allow_pickle, job.verify_through
+                        out.path, *job.verify_against, options, job.verify_through
                     )
                 record["files"] = dict(writer.hashes)
                 if missing:
@@ -268,6 +268,13 @@ def _finished(result: MergeResult, start: float) -> MergeResult:
     return result
 
 
+def _round_trip(options: MergeOptions) -> dict | None:
+    """How `--qlora-base` passes the base through NF4 (the record's "qlora_base"), or None."""
+    if not options.qlora_base:
+        return None
+    return {"blocksize": options.quant.blocksize, "double_quant": options.quant.double_quant}
+
+
 def _base_view(stored, config: dict | None, options: MergeOptions):
     """The base as the merge reads it: NF4 weights dequantized, or with `--qlora-base` the
     Linear weights passed through NF4 and back; plus notes saying so."""
@@ -289,12 +296,18 @@ def _base_view(stored, config: dict | None, options: MergeOptions):
     ]
 
 
-def _verify(folder: Path, base: Path, adapters, weights, allow_pickle: bool, through) -> dict:
+def _verify(folder: Path, base: Path, adapters, weights, options: MergeOptions, through) -> dict:
     """Run the weight check on what was just written; the verdict goes into the record."""
     from loramerge.verify import verify_weights  # torch, loaded only when a check runs
 
     report = verify_weights(
-        folder, base, adapters, weights, allow_pickle=allow_pickle, through=through
+        folder,
+        base,
+        adapters,
+        weights,
+        allow_pickle=options.allow_pickle,
+        through=through,
+        qlora_base=_round_trip(options),
     )
     return {
         "passed": report.passed,

@@ -10,7 +10,7 @@ says, and is bit-identical to merging the remaining adapters into the base direc
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +109,7 @@ def _swap(command, merged, remove, add, options, output, base, force, progress) 
     )
     warnings = [] if record else [f"{merged} has no provenance record: nothing can be checked"]
     if base is not None:
+        swap.options = options = _as_recorded(options, record)
         result = run(_rebuild_job(swap, hub.resolve(base, allow_pickle=pickle)), options, progress)
     else:
         job = _subtract_job(swap)
@@ -119,6 +120,16 @@ def _swap(command, merged, remove, add, options, output, base, force, progress) 
         warnings.append("--verify: the recorded base is not at hand, nothing to verify against")
     result.warnings = warnings
     return result
+
+
+def _as_recorded(options: MergeOptions, record: dict | None) -> MergeOptions:
+    """A rebuild from the base merges as the recorded merge did: into dequant(NF4(W0)) when
+    that was a `--qlora-base` merge, with its blocksize and double quantization."""
+    qlora = (record or {}).get("qlora_base")
+    if not qlora:
+        return options
+    quant = replace(options.quant, blocksize=qlora["blocksize"], double_quant=qlora["double_quant"])
+    return replace(options, qlora_base=True, quant=quant)
 
 
 def _pair(paths: list[Path], weights: list[float]) -> list[tuple[Path, float | None]]:
@@ -259,7 +270,10 @@ def _rebuild_job(swap: _Swap, base: Path) -> Job:
     allow_pickle = swap.options.allow_pickle
     from loramerge.verify import verify_weights  # torch, loaded only when a check runs
 
-    check = verify_weights(swap.merged, base, inside, weights, allow_pickle=allow_pickle)
+    qlora = (swap.record or {}).get("qlora_base")
+    check = verify_weights(
+        swap.merged, base, inside, weights, allow_pickle=allow_pickle, qlora_base=qlora
+    )
     if not check.passed and not swap.force:
         worst = ", ".join(f"{t.name} ({t.note or t.kind})" for t in check.failures()[:5])
         raise LoramergeError(

@@ -21,6 +21,7 @@ from loramerge.compare import Distance, ulp
 from loramerge.delta import Term, add_bias, merged_blocks
 from loramerge.plan import TensorPlan, as_matrix, build_plan
 from loramerge.sink.hf_folder import read_provenance
+from loramerge.source import nf4 as nf4_source
 from loramerge.source.checkpoint import Checkpoint, open_weights
 from loramerge.source.model_folder import read_config
 from loramerge.transform import tensor_inputs
@@ -146,8 +147,12 @@ def verify_weights(
     allow_pickle: bool = False,
     progress: Callable[[int, int], None] | None = None,
     through: list[Path] | None = None,
+    qlora_base: dict | None = None,
 ) -> VerifyReport:
     """Check CANDIDATE == BASE + sum w_i * adapter_i, tensor by tensor, against float64.
+
+    `qlora_base` (a record's {"blocksize", "double_quant"}): the candidate was merged into
+    dequant(NF4(W0)) (`--qlora-base`), so the check starts from that too.
 
     `through`: the checkpoints the candidate was computed from by subtraction (an unmerge's
     merged input, and that one's own inputs); by default, those its record names. Their
@@ -166,7 +171,7 @@ def verify_weights(
     )
     quantized = open_quantized(candidate, allow_pickle)
     if quantized is not None:
-        with open_weights(base, stem="model", allow_pickle=allow_pickle) as base_ck:
+        with _open_base(base, allow_pickle, qlora_base) as base_ck:
             try:
                 _check_all_quantized(
                     report, quantized, base_ck, config, adapters, weights, progress
@@ -182,7 +187,7 @@ def verify_weights(
     through = _at_hand(through, report)
     opened: list[Adapter] = []
     with ExitStack() as stack:
-        base_ck = stack.enter_context(open_weights(base, stem="model", allow_pickle=allow_pickle))
+        base_ck = stack.enter_context(_open_base(base, allow_pickle, qlora_base))
         cand_ck = stack.enter_context(
             open_weights(candidate, stem="model", allow_pickle=allow_pickle)
         )
@@ -205,6 +210,14 @@ def verify_weights(
             for adapter in opened:
                 adapter.close()
     return report
+
+
+def _open_base(base: Path, allow_pickle: bool, qlora: dict | None):
+    """The base as the candidate's merge read it: as stored, or through NF4 (`--qlora-base`)."""
+    checkpoint = open_weights(base, stem="model", allow_pickle=allow_pickle)
+    if qlora is None:
+        return checkpoint
+    return nf4_source.qlora_base(checkpoint, qlora["blocksize"], qlora["double_quant"])
 
 
 def _at_hand(through: list[Path], report: VerifyReport) -> list[Path]:
