@@ -46,8 +46,9 @@ def delta_svd(delta: np.ndarray, rank: int | None) -> tuple[np.ndarray, np.ndarr
     small), else `rank` plus a few from a randomized SVD with a fixed seed.
 
     The randomized one multiplies a random block by `delta` and its transpose in turn (_PASSES
-    products, each orthonormalized before the next) and takes the SVD of the last, thin product
-    P = delta @ Z (delta ~ P Z^T): the usual scheme's final pass Q^T delta is never needed.
+    products, each orthonormalized before the next: with 4, one power iteration) and takes the
+    SVD of the last, thin product P = delta^T Q (delta ~ Q P^T) from P's QR and an SVD of its
+    small triangle, never of a wide matrix.
     """
     small = min(delta.shape) <= EXACT_LIMIT
     if rank is None or small or rank + _OVERSAMPLE >= min(delta.shape) // 2:
