@@ -22,6 +22,7 @@ from loramerge import ties
 from loramerge.adapter import PREFIX
 from loramerge.adapter_build import Factors, adapter_record, lora_config, tensors_of
 from loramerge.errors import LoramergeError
+from loramerge.execute import BUFFER_BUDGET
 from loramerge.hashing import sha256_of
 from loramerge.lowrank import delta_svd, rank_for_energy, residual_norm, split
 from loramerge.merge import _check_output_is_not_input
@@ -122,7 +123,7 @@ def extract(
         work = _TensorJob(ft, w0, vocab, targets, transposed, choice, skip_nonlinear)
         with (
             threadpool_limits(limits=1, user_api="blas"),
-            ThreadPoolExecutor(_workers() + 1, thread_name_prefix="loramerge") as pool,
+            ThreadPoolExecutor(_workers(ft) + 1, thread_name_prefix="loramerge") as pool,
         ):
             # The provenance hashes read both checkpoints once more, on a thread of their own.
             hashes = pool.submit(lambda: [sha256_of(c.files) for c in (ft, w0)])
@@ -164,9 +165,11 @@ def extract(
     return result
 
 
-def _workers() -> int:
-    """One extracting thread per core (each with single-threaded BLAS), at most 4 (memory)."""
-    return max(1, min(4, os.cpu_count() or 1))
+def _workers(checkpoint: Checkpoint) -> int:
+    """One extracting thread per core (each with single-threaded BLAS), at most 4, fewer when
+    their buffers (a tensor's bytes and its float32 delta) would pass the merge's budget."""
+    largest = max((info.nbytes * 3 for info in checkpoint.tensors.values()), default=1)
+    return max(1, min(4, os.cpu_count() or 1, BUFFER_BUDGET // max(largest, 1)))
 
 
 @dataclass(frozen=True)
