@@ -87,7 +87,12 @@ def sources() -> Path:
     return root
 
 
-_SENTINELS = ("ggml/src/ggml-quants.c", "src/llama-quant.cpp", "convert_hf_to_gguf.py")
+_SENTINELS = (
+    "ggml/src/ggml-quants.c",
+    "src/llama-quant.cpp",
+    "convert_hf_to_gguf.py",
+    "convert_lora_to_gguf.py",
+)
 
 
 def _wanted(member: str) -> bool:
