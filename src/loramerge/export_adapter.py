@@ -203,8 +203,13 @@ def _gguf_targets(base: Path, adapter: Adapter, weight: float) -> tuple[dict, li
         else:
             targets.append(_Target(module.target, (out, cols), module, weight * module.scale))
     for full in adapter.full:
-        if not (full.base_copy and _gguf_equals(reader, names, adapter, full.target, full.key)):
+        if not full.base_copy:
             errors.append(f"{full.target} is replaced whole (modules_to_save); {_MERGE_INSTEAD}")
+        elif not _gguf_equals(reader, names, adapter, full.target, full.key):
+            errors.append(
+                f"{full.key} is a saved copy of the base's {full.target}, which does not equal "
+                f"the base's in a float32 or bfloat16 GGUF; pass the safetensors base"
+            )
     if errors:
         lines = "\n  - ".join(errors)
         raise LoramergeError(f"{adapter.path.name} does not fit the base:\n  - {lines}")
