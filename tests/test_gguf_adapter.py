@@ -284,3 +284,19 @@ def test_outtypes_are_the_converters(cli, tmp_path, converted, outtype):
             scaled = _float(exact[name]) * np.float32(scalings[name.rsplit(".", 1)[0]])
             expected = gguf.quants.quantize(scaled, qtype)
         assert np.array_equal(np.asarray(tensor.data).view(np.uint8), expected.view(np.uint8))
+
+
+def test_nonfinite_adapter_is_refused_and_nothing_written(cli, tmp_path):
+    """NaN in a factor: one Error line naming the module, no output (not even a partial one)."""
+    from safetensors.numpy import load_file, save_file
+
+    adapter = Path(shutil.copytree(ADAPTERS / "llama-lora", tmp_path / "nan"))
+    weights = load_file(adapter / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"
+    weights[key][3, 1] = np.nan
+    save_file(weights, adapter / "adapter_model.safetensors")
+    out = tmp_path / "out" / "a.gguf"
+    result = cli("export-adapter", adapter, "--base", LLAMA, "-o", out)
+    assert result.code == 2
+    assert "NaN or Inf in the LoRA factors of model.layers.1.mlp.down_proj" in result.err
+    assert not list(out.parent.iterdir())

@@ -93,25 +93,28 @@ def export_adapter(
     try:
         _refuse_unexportable(loaded)
         if Path(base).suffix == ".gguf":
-            config, targets = _gguf_targets(Path(base), loaded, options.weight)
+            config, names, targets = _gguf_targets(Path(base), loaded, options.weight)
         else:
             needs_values = any(f.base_copy for f in loaded.full)  # compared with the base
             base = hub.resolve(base, headers_only=not needs_values)
-            config, targets = _checkpoint_targets(Path(base), loaded, options)
+            config, names, targets = _checkpoint_targets(Path(base), loaded, options)
         for path in (adapter, base):
             if output.absolute() == Path(path).absolute():
                 raise LoramergeError(f"output {output} would overwrite input {path}")
         record = _record(loaded, base, config, targets, options)
         pairs = [Pair(t.name, t.shape, t.module.rank) for t in targets]
-        arch = architecture(config)
         with AtomicFile(output, overwrite=options.overwrite) as out:
             sink = GGUFAdapterFile(
-                out.path, pairs, arch, config, options.outtype, loaded.path.name, record
+                out.path, pairs, names, config, options.outtype, loaded.path.name, record
             )
             try:
                 for target in targets:
                     module = target.module
                     a, b = loaded.weights.read(module.a_key), loaded.weights.read(module.b_key)
+                    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+                        raise LoramergeError(
+                            f"{loaded.path}: NaN or Inf in the LoRA factors of {module.module}"
+                        )
                     term = factor(a, b, target.coef, module.transposed)
                     # dW = B @ A in the base tensor's layout (embeddings store (B @ A)^T)
                     a, b = (term.b.T, term.a.T) if module.transposed else (term.a, term.b)
@@ -150,12 +153,12 @@ def _refuse_unexportable(adapter: Adapter) -> None:
 
 def _checkpoint_targets(
     base: Path, adapter: Adapter, options: ExportOptions
-) -> tuple[dict, list[_Target]]:
+) -> tuple[dict, TensorNames, list[_Target]]:
     """The adapter planned against a safetensors base, as for a merge; the pairs to export."""
     config = read_config(base)
     if config is None:
         raise LoramergeError(f"{base}: export-adapter needs the base's config.json beside it")
-    _architecture(config)
+    names = TensorNames(_architecture(config), config["num_hidden_layers"])
     with open_weights(base, stem="model", allow_pickle=options.allow_pickle) as checkpoint:
         plan = build_plan(checkpoint, config, [adapter], [options.weight], None)
     name = adapter.path.name
@@ -177,11 +180,13 @@ def _checkpoint_targets(
         for t in plan.tensors
         for term in t.lora
     ]
-    _check_names(config, [t.name for t in targets], adapter)
-    return config, targets
+    _check_names(names, [t.name for t in targets], adapter)
+    return config, names, targets
 
 
-def _gguf_targets(base: Path, adapter: Adapter, weight: float) -> tuple[dict, list[_Target]]:
+def _gguf_targets(
+    base: Path, adapter: Adapter, weight: float
+) -> tuple[dict, TensorNames, list[_Target]]:
     """The pairs to export against a GGUF base: every target's GGUF name must be a tensor of
     the base with the shape the adapter's delta has."""
     config, shapes, reader = read_gguf_base(base)
@@ -218,7 +223,7 @@ def _gguf_targets(base: Path, adapter: Adapter, weight: float) -> tuple[dict, li
             f"{adapter.path.name}: LoRA on the token embedding of a model whose output head is "
             f"tied to it; {_MERGE_INSTEAD}"
         )
-    return config, targets
+    return config, names, targets
 
 
 def read_gguf_base(path: Path) -> tuple[dict, dict[str, tuple[int, ...]], gguf.GGUFReader]:
@@ -277,9 +282,8 @@ def _architecture(config: dict):
         raise LoramergeError(str(exc)) from None
 
 
-def _check_names(config: dict, targets: list[str], adapter: Adapter) -> None:
+def _check_names(names: TensorNames, targets: list[str], adapter: Adapter) -> None:
     """Every target has a GGUF name (one error listing those that do not)."""
-    names = TensorNames(_architecture(config), config["num_hidden_layers"])
     missing = []
     for target in targets:
         try:

@@ -21,7 +21,7 @@ import gguf
 import numpy as np
 
 from loramerge.errors import LoramergeError
-from loramerge.gguf_names import Architecture, TensorNames, to_gguf_values
+from loramerge.gguf_names import TensorNames, to_gguf_values
 from loramerge.quant import ggml
 from loramerge.quant.ggml_types import DEFAULT_TYPE, GGUF_TYPES, converter_type
 
@@ -54,13 +54,13 @@ class _Slot:
 
 
 class GGUFAdapterFile:
-    """The GGUF adapter sink: `path` is the (temporary) file to fill, for base `arch`."""
+    """The GGUF adapter sink: `path` is the (temporary) file to fill, `names` the base's map."""
 
     def __init__(
         self,
         path: Path,
         pairs: list[Pair],
-        arch: Architecture,
+        names: TensorNames,
         config: dict,
         outtype: str,
         name: str,
@@ -70,9 +70,9 @@ class GGUFAdapterFile:
             raise LoramergeError(
                 f"unknown --outtype {outtype!r}; choose from {', '.join(OUTTYPES)}"
             )
+        arch = names.arch
         self._arch, self._config = arch, config
         default = DEFAULT_TYPE[GGUF_TYPES[outtype][0]]
-        names = TensorNames(arch, config["num_hidden_layers"])
         self._slots: dict[str, tuple[_Slot, _Slot]] = {}
         for pair in pairs:
             gname = names.gguf_name(pair.target)
