@@ -35,11 +35,7 @@ def main() -> None:
     p.add_argument("--converter", type=Path, default=CONVERTER)
     p.add_argument("--json", type=Path, help="write results as JSON here")
     args = p.parse_args()
-    margs = fixture.parse_args(["--workdir", str(args.workdir), "--layers", str(args.layers)])
-    margs.workdir.mkdir(parents=True, exist_ok=True)
-    fixture.ensure_fixture(margs, args.layers)
-    root = margs.workdir / f"L{args.layers}"
-    base, adapter = root / "base", root / "adapter"
+    margs, base, adapter = fixture.prepared_fixture(args.workdir, args.layers)
     q = shlex.quote
     commands = {
         "loramerge": f"{margs.loramerge_cmd} export-adapter {q(str(adapter))} --base "
