@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import ggml_ref
@@ -300,3 +302,18 @@ def test_nonfinite_adapter_is_refused_and_nothing_written(cli, tmp_path):
     assert result.code == 2
     assert "NaN or Inf in the LoRA factors of model.layers.1.mlp.down_proj" in result.err
     assert not list(out.parent.iterdir())
+
+
+def test_export_never_imports_torch(tmp_path):
+    """The export is numpy from end to end: the CLI run never loads torch (its import alone
+    would cost more than the whole 154-module export in the benchmark)."""
+    from test_numpy_route import IMPORTS_TORCH
+
+    out = tmp_path / "a.gguf"
+    args = ["export-adapter", ADAPTERS / "llama-patterns", "--base", LLAMA, "-o", out, "-q"]
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORTS_TORCH, *map(str, args)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+    assert out.is_file()
