@@ -51,11 +51,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="where outputs and the log go (default: --workdir)")
     p.add_argument("--json", type=Path, help="write results as JSON here")
     args = p.parse_args()
-    margs = fixture.parse_args(["--workdir", str(args.workdir), "--layers", str(args.layers)])
-    margs.workdir.mkdir(parents=True, exist_ok=True)
-    fixture.ensure_fixture(margs, args.layers)
-    root = margs.workdir / f"L{args.layers}"
-    base, adapter = root / "base", root / "adapter"
+    margs, base, adapter = fixture.prepared_fixture(args.workdir, args.layers)
     fixture.ensure_merged(margs, base, adapter, fixture.child_env())
     merged = fixture.merged_copy(base)
     q = shlex.quote

@@ -517,6 +517,16 @@ def ensure_fixture(args: argparse.Namespace, layers: int) -> dict[str, Any]:
     return info
 
 
+def prepared_fixture(workdir: Path, layers: int) -> tuple[argparse.Namespace, Path, Path]:
+    """This script's arguments for one size, its fixture built once under `workdir`; with the
+    base and adapter folders (for the other bench scripts)."""
+    args = parse_args(["--workdir", str(workdir), "--layers", str(layers)])
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    ensure_fixture(args, layers)
+    root = args.workdir / f"L{layers}"
+    return args, root / "base", root / "adapter"
+
+
 def run_child(args: argparse.Namespace) -> None:
     """Entry point of the build/verify child processes."""
     layers = args.layers[0]

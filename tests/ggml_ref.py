@@ -6,7 +6,8 @@ ggml-quants.c (with the shim beside this file) into a small shared library wrapp
 -march, asserts off) and with -ffp-contract=off, so that no compiler fuses a multiply-add the
 x86-64 build does not. `build_type_chooser()` compiles llama-quant.cpp's tensor-type selection
 into a small program (llama_quant_harness.cpp); `choose_types` runs it. `convert` runs the
-sdist's own convert_hf_to_gguf.py (hf_to_gguf_runner.py).
+sdist's own convert_hf_to_gguf.py (hf_to_gguf_runner.py), `convert_lora` its
+convert_lora_to_gguf.py (lora_to_gguf_runner.py).
 """
 
 from __future__ import annotations
@@ -87,7 +88,12 @@ def sources() -> Path:
     return root
 
 
-_SENTINELS = ("ggml/src/ggml-quants.c", "src/llama-quant.cpp", "convert_hf_to_gguf.py")
+_SENTINELS = (
+    "ggml/src/ggml-quants.c",
+    "src/llama-quant.cpp",
+    "convert_hf_to_gguf.py",
+    "convert_lora_to_gguf.py",
+)
 
 
 def _wanted(member: str) -> bool:
@@ -183,6 +189,17 @@ def convert(models: dict[str, Path], out_dir: Path, outtypes: list[str]) -> dict
     jobs = [f"{models[m]}={t}={path}" for (m, t), path in files.items()]
     cmd = [sys.executable, str(HERE / "hf_to_gguf_runner.py"), str(sources()), *jobs]
     done = subprocess.run(cmd, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    return files
+
+
+def convert_lora(jobs: list[tuple[Path, str]], base: Path, out_dir: Path) -> dict:
+    """llama.cpp's convert_lora_to_gguf.py on each (adapter, outtype), the base's config from
+    `base`, in one process; {(adapter folder name, outtype): file}."""
+    files = {(Path(a).name, t): out_dir / f"{Path(a).name}-{t}.gguf" for a, t in jobs}
+    args = [f"{a}={t}={files[Path(a).name, t]}" for a, t in jobs]
+    cmd = [sys.executable, str(HERE / "lora_to_gguf_runner.py"), str(sources()), str(base)]
+    done = subprocess.run([*cmd, *args], capture_output=True)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     return files
 

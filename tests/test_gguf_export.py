@@ -376,8 +376,9 @@ def _transformers_logits(model: Path) -> np.ndarray:
         return hf(torch.tensor([TOKENS])).logits[0].numpy().astype(np.float64)
 
 
-def _llama_cpp_logits(path: Path, monkeypatch) -> np.ndarray:
-    """llama.cpp's logits for TOKENS, its weights in plain buffers: the repacking "extra buffer
+def _llama_cpp_logits(path: Path, monkeypatch, lora: Path | None = None, **params) -> np.ndarray:
+    """llama.cpp's logits for TOKENS (with the GGUF adapter `lora` applied at run time, if given;
+    `params` go to llama_cpp.Llama), its weights in plain buffers: the repacking "extra buffer
     types" (AMX on CPUs that report it) die with an illegal instruction on VMs that report AMX but
     do not enable it; they change only the matmul kernels, not what the file holds."""
     lib = _llama_cpp()
@@ -389,7 +390,16 @@ def _llama_cpp_logits(path: Path, monkeypatch) -> np.ndarray:
         return params
 
     monkeypatch.setattr(lib.llama_cpp, "llama_model_default_params", plain_buffers)
-    llama = lib.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    extra = {"lora_path": str(lora)} if lora else {}
+    llama = lib.Llama(
+        model_path=str(path),
+        n_ctx=64,
+        logits_all=True,
+        verbose=False,
+        n_threads=2,
+        **extra,
+        **params,
+    )
     try:
         llama.eval(TOKENS)
         return np.array(llama.scores[: len(TOKENS)], dtype=np.float64)

@@ -29,6 +29,7 @@ from loramerge.merge import MergeOptions, MergeResult, merge
 from loramerge.push import PushResult, push
 from loramerge.quantize import quantize
 from loramerge.sink.formats import FORMATS
+from loramerge.sink.gguf_adapter import OUTTYPES
 from loramerge.sink.gguf_file import GGUF_TYPES
 from loramerge.sink.nf4_folder import NF4Options
 from loramerge.swap import rebase, unmerge
@@ -352,6 +353,43 @@ def quantize_command(
     with _progress(_bar_wanted(quiet, as_json, options), "quantizing") as advance:
         result = quantize(model, output, options, progress=advance)
     _report(result, options, as_json, quiet, push_to)
+
+
+@cli.command("export-adapter")
+@click.argument("adapter", type=click.Path(path_type=Path))
+@click.option(
+    "--base",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The base model (folder, .safetensors or .gguf): names and shapes are checked.",
+)
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="OUT.gguf")
+@click.option(
+    "--outtype",
+    type=click.Choice(list(OUTTYPES)),
+    default="f32",
+    show_default=True,
+    help="Type of the LoRA tensors (as convert_lora_to_gguf.py's --outtype).",
+)
+@click.option("-w", "--weight", type=float, default=1.0, show_default=True, help="Adapter weight.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--allow-pickle", is_flag=True, help="Load a .bin pickle adapter.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--quiet", "-q", is_flag=True, help="No summary.")
+def export_adapter_command(adapter, base, output, as_json, quiet, **options):
+    """Write ADAPTER as a GGUF LoRA adapter for llama.cpp (--lora), every scale folded in."""
+    from loramerge.export_adapter import ExportOptions, export_adapter
+
+    result = export_adapter(adapter, base, output, ExportOptions(**options))
+    summary = result.summary()
+    if as_json:
+        click.echo(json.dumps(summary))
+    elif not quiet:
+        scales = ", ".join(f"{s:g}" for s in summary["scales"])
+        click.echo(
+            f"Exported {summary['lora_pairs']} LoRA pairs ({summary['outtype']}, scales {scales} "
+            f"folded into lora_b) in {summary['seconds']:.2f} s -> {result.output}"
+        )
 
 
 def _bar_wanted(quiet: bool, as_json: bool, options: MergeOptions) -> bool:

@@ -129,8 +129,10 @@ def category(name: str) -> str:
 
 
 def converter_type(name: str, shape: Sequence[int], outtype: GGMLQuantizationType):
-    """convert_hf_to_gguf.py's type for a tensor at --outtype f32/f16/bf16/q8_0."""
-    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
+    """convert_hf_to_gguf.py's (and convert_lora_to_gguf.py's) type for a tensor at --outtype
+    f32/f16/bf16/q8_0."""
+    matrix = name.endswith((".weight", ".lora_a", ".lora_b"))
+    if len(shape) <= 1 or name.endswith("_norm.weight") or not matrix:
         return T.F32
     if shape[-1] % GGML_QUANT_SIZES[outtype][0]:
         return T.F16

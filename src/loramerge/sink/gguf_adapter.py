@@ -1,0 +1,138 @@
+"""GGUF LoRA adapter output: the file llama.cpp loads with `--lora`, laid out as
+convert_lora_to_gguf.py writes it.
+
+Each adapted base tensor `<gguf name>` gets `<gguf name>.lora_a` and `.lora_b` (numpy shapes
+(r, in) and (out, r), so llama.cpp reads the rank from lora_b's first dimension), B's rows in the
+order the base's GGUF rows have (the Llama q/k permutation), and for the token embedding A and B
+flipped as llama.cpp's embedding lookup wants them. Tensor types follow the converter's --outtype
+rule. Header, metadata and tensor infos are written first (gguf's `GGUFWriter`), then each pair in
+the announced order as it arrives.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from loramerge.errors import LoramergeError
+from loramerge.gguf_names import TensorNames, to_gguf_values
+from loramerge.quant import ggml
+from loramerge.quant.ggml_types import DEFAULT_TYPE, GGUF_TYPES, converter_type
+
+PROVENANCE_KEY = "loramerge.provenance"
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # convert_lora_to_gguf.py's --outtype choices
+TOKEN_EMBD = "token_embd.weight"
+
+# llama.cpp scales a pair by `adapter_scale * alpha / rank` (rank = lora_b's ne[0]), or by
+# `adapter_scale` alone when adapter.lora.alpha is 0 (llama_adapter_lora_weight::get_scale,
+# export-lora.cpp alike). One alpha per file cannot give every pair its own scale once ranks
+# differ (rank_pattern), and alpha / rank would round again in float32, so each pair carries its
+# scale in B and the file says 0: llama.cpp then multiplies by exactly the user's --lora-scaled.
+ALPHA = 0.0
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One adapted base tensor: its Hugging Face name, shape (out, in) and LoRA rank."""
+
+    target: str
+    shape: tuple[int, int]
+    rank: int
+
+
+@dataclass(frozen=True)
+class _Slot:
+    name: str  # GGUF tensor name
+    qtype: gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # numpy order
+
+
+class GGUFAdapterFile:
+    """The GGUF adapter sink: `path` is the (temporary) file to fill, `names` the base's map."""
+
+    def __init__(
+        self,
+        path: Path,
+        pairs: list[Pair],
+        names: TensorNames,
+        config: dict,
+        outtype: str,
+        name: str,
+        record: dict,
+    ) -> None:
+        if outtype not in OUTTYPES:
+            raise LoramergeError(
+                f"unknown --outtype {outtype!r}; choose from {', '.join(OUTTYPES)}"
+            )
+        arch = names.arch
+        self._arch, self._config = arch, config
+        default = DEFAULT_TYPE[GGUF_TYPES[outtype][0]]
+        self._slots: dict[str, tuple[_Slot, _Slot]] = {}
+        for pair in pairs:
+            gname = names.gguf_name(pair.target)
+            out, cols = pair.shape
+            a_shape, b_shape = (out, pair.rank), (cols, pair.rank)  # token_embd: flipped
+            if gname != TOKEN_EMBD:
+                a_shape, b_shape = (pair.rank, cols), (out, pair.rank)
+            self._slots[pair.target] = tuple(  # type: ignore[assignment]
+                _Slot(n, converter_type(n, s, default), s)
+                for n, s in ((f"{gname}.lora_a", a_shape), (f"{gname}.lora_b", b_shape))
+            )
+        self._writer = gguf.GGUFWriter(None, arch.name)
+        writer = self._writer
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, ALPHA)
+        writer.add_name(name)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        slots = [s for pair in self._slots.values() for s in pair]
+        self.description = {
+            "format": "gguf-lora",
+            "outtype": outtype,
+            "architecture": arch.name,
+            "lora_pairs": len(self._slots),
+            "adapter.lora.alpha": ALPHA,
+            "tensor_types": dict(sorted(Counter(s.qtype.name for s in slots).items())),
+        }
+        record = {**record, "output": self.description}
+        writer.add_string(PROVENANCE_KEY, json.dumps(record, sort_keys=True))
+        for slot in slots:
+            nbytes = int(np.prod(slot.shape[:-1])) * ggml.row_bytes(slot.qtype, slot.shape[-1])
+            writer.add_tensor_info(
+                slot.name, slot.shape, np.dtype(np.float32), nbytes, raw_dtype=slot.qtype
+            )
+        writer.write_header_to_file(path)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        self.order = list(self._slots)
+        self._expected: Iterator[str] = iter(self.order)
+
+    def write(self, target: str, a: np.ndarray, b: np.ndarray) -> None:
+        """Write the next pair: A (r, in) and B (out, r) with dW = B @ A in `target`'s own
+        Hugging Face layout, the scale already in B."""
+        expected = next(self._expected, None)
+        if target != expected:
+            raise AssertionError(f"GGUF adapter pairs arrive in order: {expected}, not {target}")
+        slot_a, slot_b = self._slots[target]
+        b = to_gguf_values(self._arch, target, b, self._config)  # B's rows as the base's rows
+        if slot_a.name == f"{TOKEN_EMBD}.lora_a":  # llama.cpp takes A's rows per token
+            a, b = b, a.T
+        for slot, values in ((slot_a, a), (slot_b, b)):
+            self._writer.write_tensor_data(ggml.quantize(values, slot.qtype))
+
+    def finish(self) -> None:
+        """Check every pair arrived and close the file (the atomic output fsyncs it)."""
+        missing = next(self._expected, None)
+        if missing is not None:
+            raise LoramergeError(f"GGUF adapter output is missing the pair of {missing}")
+        self._writer.close()
+
+    def abort(self) -> None:
+        """Close the file."""
+        self._writer.close()
