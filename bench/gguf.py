@@ -152,8 +152,9 @@ def main() -> None:
             runs[tool].append(run)
             size = out.stat().st_size if out.exists() else 0
             print(
-                f"  {tool:<22} repeat {rep + 1}: {run.seconds:7.2f} s wall {run.cpu_seconds:7.2f} s "
-                f"CPU {run.rss_kib / 1024:7.1f} MiB rc={run.returncode} {size / 2**20:.0f} MiB out",
+                f"  {tool:<22} repeat {rep + 1}: {run.seconds:7.2f} s wall "
+                f"{run.cpu_seconds:7.2f} s CPU {run.rss_kib / 1024:7.1f} MiB "
+                f"rc={run.returncode} {size / 2**20:.0f} MiB out",
                 flush=True,
             )
     runner.settle(out, 0)
@@ -180,25 +181,20 @@ def main() -> None:
     for ours, theirs, target in PAIRS:
         if ours in rows and theirs in rows:
             a, b = rows[ours], rows[theirs]
-            speed = b["seconds"] / a["seconds"]
+            speed, cpu = b["seconds"] / a["seconds"], b["cpu_seconds"] / a["cpu_seconds"]
             print(
                 f"{theirs} / {ours}: wall {speed:.2f}x (target >= {target:g}x: "
-                f"{'met' if speed >= target else 'NOT met'}), CPU {b['cpu_seconds'] / a['cpu_seconds']:.2f}x, "
+                f"{'met' if speed >= target else 'NOT met'}), CPU {cpu:.2f}x, "
                 f"peak RSS {a['peak_rss_mib']:.0f} vs {b['peak_rss_mib']:.0f} MiB"
             )
     facts: dict = {"load_before_runs": [round(v, 2) for v in loads]}
     facts["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    facts["cpu"] = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in open("/proc/cpuinfo")
-            if ln.startswith("model name")
-        ),
-        "?",
-    )
+    with open("/proc/cpuinfo") as f:
+        facts["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if "model name" in ln), "?")
     facts["cores"] = len(os.sched_getaffinity(0))
     print(
-        f"\nCPU: {facts['cpu']} x {facts['cores']}; 1-min load before each run: {facts['load_before_runs']}"
+        f"\nCPU: {facts['cpu']} x {facts['cores']}; "
+        f"1-minute load average before each run: {facts['load_before_runs']}"
     )
     print(f"at the end: {facts['uptime']}")
     if args.json:
