@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import ggml_ref
@@ -449,3 +451,31 @@ def test_f32_export_loads_in_transformers(cli, tmp_path):
     assert set(loaded) == set(hf)
     for name, values in hf.items():
         assert np.array_equal(loaded[name], values), name
+
+
+IMPORTED = """
+import sys
+from loramerge.cli import cli
+try:
+    cli(sys.argv[1:])
+except SystemExit as exit:
+    assert exit.code == 0, exit.code
+print(sorted(m for m in ("torch", "numba") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize(
+    "gguf_type, imported", [("q8_0", []), ("bf16", []), ("q4_k_m", ["numba"]), ("q2_k", ["numba"])]
+)
+def test_numba_is_imported_only_when_a_k_quant_is_written(
+    wide_llama, tmp_path, gguf_type, imported
+):
+    """quant/ggml/ksearch.py (numba) loads for K-quants only; torch for none of these exports."""
+    out = tmp_path / "out.gguf"
+    args = ["quantize", str(wide_llama), "-o", str(out), "--to", "gguf", "--gguf-type", gguf_type]
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORTED, *args, "--quiet"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(imported)
+    assert out.is_file()

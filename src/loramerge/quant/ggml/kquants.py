@@ -32,10 +32,10 @@ def _positive_max(a: np.ndarray) -> np.ndarray:
 
 
 def _search():
-    """The numba-compiled searches (ksearch), imported only when a K-quant is written."""
-    from . import ksearch
+    """The numba-compiled searches (`compiled`), imported only when a K-quant is written."""
+    from . import compiled
 
-    return ksearch
+    return compiled
 
 
 def _requantize(

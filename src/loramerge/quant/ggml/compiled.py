@@ -1,10 +1,11 @@
-"""The K-quants' per-sub-block searches (make_qkx2/q3/qx_quants) compiled with numba.
+"""The quantizers' hot loops compiled with numba: the K-quants' searches, and Q8_0.
 
-Each kernel takes sub-blocks as the columns of a (sub-block length, count) float32 array and runs
-llama.cpp's loop for every column at once: the element loop is the outer one and the column
-loop the inner one, so each column's sums still accumulate left to right in float32 as in C
-while the compiler vectorizes across columns. Columns are taken a cache-sized tile at a time.
-No fastmath: LLVM then keeps C's rounding (no fused multiply-add, no reassociation).
+Each K-quant search (make_qkx2/q3/qx_quants) takes sub-blocks as the columns of a (sub-block
+length, count) float32 array and runs llama.cpp's loop for every column at once: the element
+loop is the outer one and the column loop the inner one, so each column's sums still accumulate
+left to right in float32 as in C while the compiler vectorizes across columns. Columns are taken
+a cache-sized tile at a time. No fastmath: LLVM then keeps C's rounding (no fused multiply-add,
+no reassociation).
 """
 
 from __future__ import annotations
@@ -270,3 +271,25 @@ def make_q3_quants(x, nmax):
             for c in range(m):
                 L[i, t0 + c] = 0 if amax[c] < GROUP_MAX_EPS else L[i, t0 + c] + nmax
     return scale, L
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def quantize_q8_0(x):
+    """quantize_row_q8_0_ref on blocks (rows of 32): (d, q) with q = roundf(x * (1 / d))."""
+    n, size = x.shape
+    d = np.empty(n, F32)
+    q = np.empty((n, size), np.int8)
+    for b in range(n):
+        amax = F32(0)
+        for j in range(size):
+            a = abs(x[b, j])
+            amax = amax if amax > a else a  # C's MAX(amax, fabsf(v))
+        d[b] = amax / F32(127)
+        inv = F32(1) / d[b] if d[b] != 0 else F32(0)
+        for j in range(size):
+            v = x[b, j] * inv
+            t = np.trunc(v)
+            if abs(v - t) >= F32(0.5):  # roundf: halves away from zero
+                t += np.copysign(F32(1), v)
+            q[b, j] = np.int8(t)
+    return d, q
