@@ -465,12 +465,11 @@ print(sorted(m for m in ("torch", "numba") if m in sys.modules))
 
 
 @pytest.mark.parametrize(
-    "gguf_type, imported", [("q8_0", []), ("bf16", []), ("q4_k_m", ["numba"]), ("q2_k", ["numba"])]
+    "gguf_type, imported",
+    [("bf16", []), ("f16", []), ("q8_0", ["numba"]), ("q4_k_m", ["numba"]), ("q2_k", ["numba"])],
 )
-def test_numba_is_imported_only_when_a_k_quant_is_written(
-    wide_llama, tmp_path, gguf_type, imported
-):
-    """quant/ggml/ksearch.py (numba) loads for K-quants only; torch for none of these exports."""
+def test_numba_is_imported_only_for_the_compiled_types(wide_llama, tmp_path, gguf_type, imported):
+    """quant/ggml/compiled.py (numba) loads for Q8_0 and the K-quants only; torch for none."""
     out = tmp_path / "out.gguf"
     args = ["quantize", str(wide_llama), "-o", str(out), "--to", "gguf", "--gguf-type", gguf_type]
     result = subprocess.run(
