@@ -34,18 +34,26 @@ def _bits(typingctx, v):
 
 
 @njit(inline="always")
-def nearest_int(v):
+def _nearest_int(v: np.float32) -> int:
     """ggml's nearest_int: the low mantissa bits of v + 1.5 * 2**23, as an integer."""
     return (_bits(v + MAGIC) & 0x7FFFFF) - 0x400000
 
 
 @njit(inline="always")
-def _clip(v, lo, hi):
+def _clip(v: int, lo: int, hi: int) -> int:
     return min(max(v, lo), hi)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad):
+def make_qkx2_quants(
+    x: np.ndarray,
+    w: np.ndarray,
+    nmax: int,
+    rmin: float,
+    rdelta: float,
+    nstep: int,
+    use_mad: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """make_qkx2_quants per column: (scale, the_min, L) for x ~ scale * L - the_min."""
     n, count = x.shape
     scale = np.zeros(count, F32)
@@ -91,7 +99,7 @@ def make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad):
             best[c] = 0
         for i in range(n):
             for c in range(m):
-                li = _clip(nearest_int(iscale[c] * (x[i, t0 + c] - mn[c])), 0, nmax)
+                li = _clip(_nearest_int(iscale[c] * (x[i, t0 + c] - mn[c])), 0, nmax)
                 L[i, t0 + c] = li
                 diff = scale[t0 + c] * F32(li) + mn[c] - x[i, t0 + c]
                 diff = abs(diff) if use_mad else diff * diff
@@ -105,7 +113,7 @@ def make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad):
                 sum_xl[c] = 0
             for i in range(n):
                 for c in range(m):
-                    li = _clip(nearest_int(iscale[c] * (x[i, t0 + c] - mn[c])), 0, nmax)
+                    li = _clip(_nearest_int(iscale[c] * (x[i, t0 + c] - mn[c])), 0, nmax)
                     laux[i, c] = li
                     wl = w[i, t0 + c] * F32(li)
                     sum_l[c] += wl
@@ -162,14 +170,14 @@ def _first_absmax(x, t0, m, mx, amax):
 
 @njit(inline="always")
 def _qx_sums(x, t0, m, nmax, iscale, lq, sumlx, suml2):
-    """One make_qx_quants pass over a tile: lq = clip(nearest_int(iscale * x)) and its sums."""
+    """One make_qx_quants pass over a tile: lq = clip(_nearest_int(iscale * x)) and its sums."""
     for c in range(m):
         sumlx[c] = 0
         suml2[c] = 0
     for i in range(x.shape[0]):
         for c in range(m):
             v = x[i, t0 + c]
-            li = _clip(nearest_int(iscale[c] * v), -nmax, nmax - 1)
+            li = _clip(_nearest_int(iscale[c] * v), -nmax, nmax - 1)
             lq[i, c] = li
             w = v * v
             sumlx[c] += w * v * F32(li)
@@ -177,7 +185,7 @@ def _qx_sums(x, t0, m, nmax, iscale, lq, sumlx, suml2):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def make_qx_quants(x, nmax):
+def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """make_qx_quants(rmse_type=1, no weights) per column: (scale, L + nmax)."""
     n, count = x.shape
     scale = np.zeros(count, F32)
@@ -230,7 +238,7 @@ def make_qx_quants(x, nmax):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def make_q3_quants(x, nmax):
+def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """make_q3_quants(do_rmse=true) per column: (scale, L + nmax), refined element by element."""
     n, count = x.shape
     scale = np.zeros(count, F32)
@@ -256,7 +264,7 @@ def make_q3_quants(x, nmax):
                     slx = sumlx[c] - w * v * F32(li)
                     if slx > 0:
                         sl2 = suml2[c] - w * F32(li) * F32(li)
-                        new = _clip(nearest_int(v * sl2 / slx), -nmax, nmax - 1)
+                        new = _clip(_nearest_int(v * sl2 / slx), -nmax, nmax - 1)
                         if new != li:
                             slx += w * v * F32(new)
                             sl2 += w * F32(new) * F32(new)
@@ -274,7 +282,7 @@ def make_q3_quants(x, nmax):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def quantize_q8_0(x):
+def quantize_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """quantize_row_q8_0_ref on blocks (rows of 32): (d, q) with q = roundf(x * (1 / d))."""
     n, size = x.shape
     d = np.empty(n, F32)

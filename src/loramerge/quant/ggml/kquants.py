@@ -1,9 +1,9 @@
 """ggml's K-quants (Q2_K to Q6_K): quantize_row_q*_K_ref without an importance matrix, as bytes.
 
 Each function takes blocks of 256 float32 values (rows of a (n, 256) array) and works on the
-sub-blocks as columns of a (sub-block length, count) array, so that every loop llama.cpp runs
-over the elements of a sub-block is one numpy operation over all sub-blocks at once, in the same
-order and float32 arithmetic as the C code (sums accumulate left to right).
+sub-blocks as columns of a (sub-block length, count) array, in the same order and float32
+arithmetic as the C code (sums accumulate left to right): the per-sub-block searches in compiled
+loops (`compiled`), the steps around them as numpy operations over all sub-blocks at once.
 """
 
 from __future__ import annotations
