@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import merge as fixture  # noqa: E402  (bench/merge.py: fixture builder and helpers)
+import runner  # noqa: E402  (bench/runner.py: measuring a child process)
 from extract import measure  # noqa: E402  (wall, CPU seconds and peak RSS of one command)
 
 CONVERTER = fixture.REPO / ".venv" / "ggml-ref-0.3.36" / "llama.cpp" / "convert_lora_to_gguf.py"
@@ -31,7 +32,12 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=fixture.DEFAULT_WORKDIR)
     p.add_argument("--layers", type=int, default=22)
     p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--out", type=Path, default=Path("/tmp/s3/bench"), help="where outputs go")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("/tmp/loramerge-bench/export-adapter"),
+        help="where outputs go",
+    )
     p.add_argument("--converter", type=Path, default=CONVERTER)
     p.add_argument("--json", type=Path, help="write results as JSON here")
     args = p.parse_args()
@@ -46,7 +52,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "export-adapter.log"
     runs: dict[str, list[dict]] = {tool: [] for tool in commands}
-    fixture.warm_cache(adapter)
+    runner.warm_cache(adapter)
     for _ in range(args.repeat):
         for tool, command in commands.items():
             out = args.out / f"{tool}.gguf"

@@ -13,31 +13,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import merge as fixture  # noqa: E402  (bench/merge.py: fixture builder and helpers)
+import runner  # noqa: E402  (bench/runner.py: measuring a child process)
 
 
 def measure(command: str, log: Path) -> dict:
     """Run a shell command; wall and CPU seconds, peak RSS (MiB), exit code."""
-    with open(log, "ab") as out:
-        start = time.perf_counter()
-        proc = subprocess.Popen(
-            ["sh", "-c", command], stdout=out, stderr=subprocess.STDOUT, env=fixture.child_env()
-        )
-        _, status, usage = os.wait4(proc.pid, 0)
+    run = runner.measure(["sh", "-c", command], log, runner.child_env())
     return {
-        "seconds": round(time.perf_counter() - start, 2),
-        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
-        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
-        "returncode": os.waitstatus_to_exitcode(status),
+        "seconds": round(run.seconds, 2),
+        "cpu_seconds": round(run.cpu_seconds, 2),
+        "peak_rss_mib": round(run.rss_kib / 1024, 1),
+        "returncode": run.returncode,
     }
 
 
@@ -52,7 +45,7 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="write results as JSON here")
     args = p.parse_args()
     margs, base, adapter = fixture.prepared_fixture(args.workdir, args.layers)
-    fixture.ensure_merged(margs, base, adapter, fixture.child_env())
+    fixture.ensure_merged(margs, base, adapter, runner.child_env())
     merged = fixture.merged_copy(base)
     q = shlex.quote
     commands = {
@@ -72,7 +65,7 @@ def main() -> None:
     for tool in order:
         out = where / f"extract-{tool}"
         shutil.rmtree(out, ignore_errors=True)
-        fixture.warm_cache(merged)
+        runner.warm_cache(merged)
         command = commands[tool].format(out=q(str(out)))
         load = os.getloadavg()[0]
         run = {"tool": tool, "command": command, **measure(command, log)}

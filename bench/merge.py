@@ -1,10 +1,8 @@
 #!/usr/bin/env python
 """Benchmark loramerge against a durable copy and a PEFT merge on a TinyLlama-shaped checkpoint.
 
-The orchestrator itself imports neither torch nor numpy: ru_maxrss of a child
-includes the RSS of the process that spawned it (the kernel carries the old
-address space's high-water mark across exec), so the parent must stay small.
-Building and verifying the fixtures run in child processes of this same file.
+The orchestrator itself imports neither torch nor numpy (see bench/runner.py, which measures
+every child). Building and verifying the fixtures run in child processes of this same file.
 """
 
 from __future__ import annotations
@@ -19,13 +17,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from runner import REPO, Run, child_env, measure, settle, warm_cache
+
 DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "loramerge-bench"
 BUILD_VERSION = 1  # bump when the fixture layout or values change
 
@@ -289,15 +287,6 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 @dataclass
-class Run:
-    """One measured process: wall seconds, peak RSS and exit status."""
-
-    seconds: float
-    rss_kib: int
-    returncode: int
-
-
-@dataclass
 class Row:
     """Median results of one tool at one size, plus the individual runs."""
 
@@ -312,53 +301,9 @@ class Row:
     runs: list[Run] = field(default_factory=list)
 
 
-def measure(argv: list[str], log: Path, env: dict[str, str] | None = None) -> Run:
-    """Run argv as a child; return wall time and ru_maxrss from os.wait4 (KiB on Linux)."""
-    with open(log, "ab") as out:
-        start = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return Run(seconds, usage.ru_maxrss, proc.returncode)
-
-
-def child_env() -> dict[str, str]:
-    """Environment for tool runs: repo's src/ on PYTHONPATH so an uninstalled loramerge imports."""
-    env = dict(os.environ)
-    src = REPO / "src"
-    if src.is_dir():
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(src), env.get("PYTHONPATH")) if p)
-    return env
-
-
 def tree_bytes(path: Path) -> int:
     """Total size of the regular files under path."""
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def warm_cache(path: Path) -> None:
-    """Read every file once so all tools start from a warm page cache."""
-    buf = bytearray(1 << 20)  # small buffer: this process's RSS is every child's ru_maxrss floor
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            with open(p, "rb", buffering=0) as f:
-                while f.readinto(buf):
-                    pass
-
-
-def settle(out: Path, seconds: float) -> None:
-    """Remove an output dir, flush dirty pages and wait, untimed, so runs do not disturb each other.
-
-    The wait matters on VMs that hand freed memory back to the host (virtio-balloon free page
-    reporting, about 2 s after it is freed): memory touched again after that is slow to fault
-    in, so a run that starts right after the previous output was deleted, and finishes within
-    2 s, gets faster page cache than one that starts later or runs longer. Waiting puts every
-    run in the same (slower) state.
-    """
-    shutil.rmtree(out, ignore_errors=True)
-    subprocess.run(["sync"], check=True)
-    time.sleep(seconds)
 
 
 def loramerge_available(cmd: list[str], env: dict[str, str]) -> tuple[bool, str]:

@@ -15,6 +15,7 @@ from importlib.metadata import version
 
 import ggml_ref
 import gguf
+import ml_dtypes
 import numpy as np
 import pytest
 from conftest import ADAPTERS, FIXTURES
@@ -184,3 +185,15 @@ def test_chunks_and_shapes(llama_cpp, monkeypatch):
         assert ggml.dequantize(got, t).shape == x.shape
     with pytest.raises(ValueError, match="whole number"):
         ggml.quantize(np.zeros((2, 100), np.float32), T.Q4_K)
+
+
+def test_bfloat16_input_to_bf16_keeps_its_bits(llama_cpp):
+    """BF16 from bfloat16 values (the fast path, no float32 widening) equals llama.cpp's
+    ggml_fp32_to_bf16 of the widened values, NaNs (quieted) and infinities included."""
+    rng = np.random.default_rng(3)
+    bits = rng.integers(0, 2**16, (64, ROW), dtype=np.uint16)
+    bits[0, :6] = [0x7F80, 0xFF80, 0x7F81, 0xFFC1, 0x0001, 0x8000]  # inf, -inf, sNaN, qNaN, ...
+    x = bits.view(ml_dtypes.bfloat16)
+    expected = llama_cpp.quantize(x.astype(np.float32), T.BF16)
+    assert np.array_equal(ggml.quantize(x, T.BF16), expected.reshape(64, -1))
+    assert not np.array_equal(expected.view(np.uint16), bits)  # the NaNs did change

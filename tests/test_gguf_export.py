@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import ggml_ref
@@ -459,3 +461,30 @@ def test_f32_export_loads_in_transformers(cli, tmp_path):
     assert set(loaded) == set(hf)
     for name, values in hf.items():
         assert np.array_equal(loaded[name], values), name
+
+
+IMPORTED = """
+import sys
+from loramerge.cli import cli
+try:
+    cli(sys.argv[1:])
+except SystemExit as exit:
+    assert exit.code == 0, exit.code
+print(sorted(m for m in ("torch", "numba") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize(
+    "gguf_type, imported",
+    [("bf16", []), ("f16", []), ("q8_0", ["numba"]), ("q4_k_m", ["numba"]), ("q2_k", ["numba"])],
+)
+def test_numba_is_imported_only_for_the_compiled_types(wide_llama, tmp_path, gguf_type, imported):
+    """quant/ggml/compiled.py (numba) loads for Q8_0 and the K-quants only; torch for none."""
+    out = tmp_path / "out.gguf"
+    args = ["quantize", str(wide_llama), "-o", str(out), "--to", "gguf", "--gguf-type", gguf_type]
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORTED, *args, "--quiet"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(imported)
+    assert out.is_file()

@@ -141,8 +141,10 @@ class GGUFFile:
 
     def _store(self, name: str, values: np.ndarray) -> None:
         tensor = self._tensors[name]
-        data = ggml.quantize(values, tensor.qtype)
-        _pwrite_all(self._fd, memoryview(data.reshape(-1)), self._data_start + tensor.offset)
+        at = self._data_start + tensor.offset
+        for piece in ggml.iter_quantize(values, tensor.qtype):  # no whole-tensor copy held
+            _pwrite_all(self._fd, memoryview(piece), at)
+            at += piece.size
         self._written.add(name)
 
     def finish(self) -> None:

@@ -64,17 +64,28 @@ def quantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
 def iter_quantize(data: np.ndarray, qtype: GGMLQuantizationType) -> Iterator[np.ndarray]:
     """quantize's bytes in order, a bounded chunk at a time (flat uint8 arrays), for streaming.
 
-    Only one chunk is widened to float32 at a time, whatever the input's float dtype.
+    Only one chunk is widened to float32 at a time, whatever the input's float dtype; BF16 from
+    bfloat16 keeps the input's bits.
     """
     row_bytes(qtype, data.shape[-1])
     size, type_size = GGML_QUANT_SIZES[qtype]
     blocks = np.ascontiguousarray(data).reshape(-1, size)
     step = max(1, CHUNK // size)
     encode = _CODECS[qtype][0] if qtype != T.F32 else None
+    same = qtype == T.BF16 and blocks.dtype.name == "bfloat16"
     with np.errstate(all="ignore"):
         for at in range(0, blocks.shape[0], step):
+            if same:
+                yield _quiet_nans(blocks[at : at + step].view(np.uint16)).reshape(-1).view(np.uint8)
+                continue
             x = blocks[at : at + step].astype(np.float32)
             yield (encode(x) if encode else x).reshape(-1).view(np.uint8)
+
+
+def _quiet_nans(bits: np.ndarray) -> np.ndarray:
+    """BF16 bits as llama.cpp writes them from their float32 widening: unchanged, NaNs quiet."""
+    nan = (bits & 0x7FFF) > 0x7F80
+    return np.where(nan, bits | 64, bits) if nan.any() else bits
 
 
 def dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:

@@ -14,12 +14,6 @@ def nearest_int(v: np.ndarray) -> np.ndarray:
     return (bits & 0x7FFFFF) - 0x400000
 
 
-def roundf(v: np.ndarray) -> np.ndarray:
-    """C's roundf (half away from zero), exact for every float32."""
-    t = np.trunc(v)
-    return t + np.where(np.abs(v - t) >= F32(0.5), np.sign(v), F32(0))
-
-
 def fp16(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """GGML_FP32_TO_FP16 (nearest even): the half's bits and its value back as float32."""
     h = v.astype(np.float16)

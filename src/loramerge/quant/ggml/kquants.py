@@ -1,9 +1,9 @@
 """ggml's K-quants (Q2_K to Q6_K): quantize_row_q*_K_ref without an importance matrix, as bytes.
 
 Each function takes blocks of 256 float32 values (rows of a (n, 256) array) and works on the
-sub-blocks as columns of a (sub-block length, count) array, so that every loop llama.cpp runs
-over the elements of a sub-block is one numpy operation over all sub-blocks at once, in the same
-order and float32 arithmetic as the C code (sums accumulate left to right).
+sub-blocks as columns of a (sub-block length, count) array, in the same order and float32
+arithmetic as the C code (sums accumulate left to right): the per-sub-block searches in compiled
+loops (`compiled`), the steps around them as numpy operations over all sub-blocks at once.
 """
 
 from __future__ import annotations
@@ -31,121 +31,11 @@ def _positive_max(a: np.ndarray) -> np.ndarray:
     return np.where(m > 0, m, F32(0))
 
 
-def make_qkx2_quants(
-    x: np.ndarray,
-    w: np.ndarray,
-    nmax: int,
-    rmin: float,
-    rdelta: float,
-    nstep: int,
-    use_mad: bool,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """make_qkx2_quants per column: (scale, the_min, L) for x ~ scale * L - the_min."""
+def _search():
+    """The numba-compiled searches (`compiled`), imported only when a K-quant is written."""
+    from . import compiled
 
-    def error(scale: np.ndarray, lf: np.ndarray, mn: np.ndarray) -> np.ndarray:
-        diff = lf * scale
-        diff += mn
-        diff -= x
-        if use_mad:
-            np.abs(diff, out=diff)
-        else:
-            diff *= diff
-        diff *= w
-        return seqsum(diff)
-
-    mn0 = x.min(axis=0)
-    mn0 = np.where(mn0 > 0, F32(0), mn0)
-    mx = x.max(axis=0)
-    sum_w = seqsum(w, from_zero=False)
-    sum_x = seqsum(w * x, from_zero=False)
-    flat = mx == mn0
-    iscale = F32(nmax) / (mx - mn0)
-    scale = F32(1) / iscale
-    mn = mn0.copy()
-    L = np.clip(nearest_int(iscale * (x - mn)), 0, nmax).astype(F32)
-    best = error(scale, L, mn)
-    for step in range(nstep + 1):
-        # C keeps moving `min` to the best fit so far, and the next grid point starts from it.
-        iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / (mx - mn)
-        lf = np.clip(nearest_int(iscale * (x - mn)), 0, nmax).astype(F32)
-        wl = w * lf
-        sum_l, sum_l2, sum_xl = seqsum(wl), seqsum(wl * lf), seqsum(wl * x)
-        det = sum_w * sum_l2 - sum_l * sum_l
-        this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
-        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
-        positive = this_min > 0
-        this_min[positive] = 0
-        this_scale[positive] = (sum_xl / sum_l2)[positive]
-        cur = error(this_scale, lf, this_min)
-        better = np.flatnonzero((det > 0) & (cur < best))
-        L[:, better] = lf[:, better]
-        best[better] = cur[better]
-        scale[better] = this_scale[better]
-        mn[better] = this_min[better]
-    return (
-        np.where(flat, F32(0), scale),
-        np.where(flat, -mn0, -mn),
-        np.where(flat, 0, L.astype(np.int32)),
-    )
-
-
-def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """make_q3_quants(do_rmse=true) per column: (scale, L + nmax), refined element by element."""
-    mx, amax = first_absmax(x)
-    L = np.clip(nearest_int(F32(-nmax) / mx * x), -nmax, nmax - 1)
-    w = x * x
-    wx = w * x
-    lf = L.astype(F32)
-    sumlx, suml2 = seqsum(wx * lf), seqsum(w * lf * lf)
-    # C stops after a pass that changes nothing; a further pass would change nothing either.
-    for _ in range(5):
-        for i in range(x.shape[0]):
-            li = L[i].astype(F32)
-            slx = sumlx - wx[i] * li
-            sl2 = suml2 - w[i] * li * li
-            new = np.clip(nearest_int((x[i] * sl2) / slx), -nmax, nmax - 1)
-            nf = new.astype(F32)
-            slx = slx + wx[i] * nf
-            sl2 = sl2 + w[i] * nf * nf
-            take = (
-                (sumlx - wx[i] * li > 0)
-                & (new != L[i])
-                & (sl2 > 0)
-                & (slx * slx * suml2 > sumlx * sumlx * sl2)
-            )
-            L[i] = np.where(take, new, L[i])
-            sumlx = np.where(take, slx, sumlx)
-            suml2 = np.where(take, sl2, suml2)
-    zero = amax < GROUP_MAX_EPS
-    scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
-    return np.where(zero, F32(0), scale), np.where(zero, 0, L + nmax)
-
-
-def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """make_qx_quants(rmse_type=1, no weights) per column: (scale, L + nmax)."""
-    mx, amax = first_absmax(x)
-    w = x * x
-    wx = w * x
-
-    def sums(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        lq = np.clip(nearest_int(iscale * x), -nmax, nmax - 1)
-        lf = lq.astype(F32)
-        return lq, seqsum(wx * lf), seqsum(w * lf * lf)
-
-    lq, sumlx, suml2 = sums(F32(-nmax) / mx)
-    L = lq + nmax
-    scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
-    best = scale * sumlx
-    for step in range(-9, 10):
-        if step == 0:
-            continue
-        lq, sumlx, suml2 = sums((-(F32(nmax) + F32(0.1) * F32(step))) / mx)
-        better = np.flatnonzero((suml2 > 0) & (sumlx * sumlx > best * suml2))
-        L[:, better] = lq[:, better] + nmax
-        scale[better] = sumlx[better] / suml2[better]
-        best[better] = scale[better] * sumlx[better]
-    zero = amax < GROUP_MAX_EPS
-    return np.where(zero, F32(0), scale), np.where(zero, 0, L)
+    return compiled
 
 
 def _requantize(
@@ -177,7 +67,9 @@ def _scale_min_k(
     """The Q4_K/Q5_K front half: sub-block fits, 6-bit scales and mins, fp16 super-scales, L."""
     xc = _columns(x, 32)
     av_x = np.sqrt(seqsum(xc * xc) / F32(32))
-    scales, mins, L = make_qkx2_quants(xc, av_x + np.abs(xc), nmax, rmin, 0.1, nstep, False)
+    scales, mins, L = _search().make_qkx2_quants(
+        xc, av_x + np.abs(xc), nmax, rmin, 0.1, nstep, False
+    )
     scales, mins = scales.reshape(-1, 8), mins.reshape(-1, 8)
     max_scale, max_min = _positive_max(scales), _positive_max(mins)
     inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0))
@@ -213,7 +105,7 @@ def quantize_q5_k(x: np.ndarray) -> np.ndarray:
 def quantize_q2_k(x: np.ndarray) -> np.ndarray:
     """quantize_row_q2_K_ref: 16 sub-blocks of 16, 2-bit quants with 4-bit scales and mins."""
     xc = _columns(x, 16)
-    scales, mins, L = make_qkx2_quants(xc, np.abs(xc), 3, -0.5, 0.1, 15, True)
+    scales, mins, L = _search().make_qkx2_quants(xc, np.abs(xc), 3, -0.5, 0.1, 15, True)
     scales, mins = scales.reshape(-1, 16), mins.reshape(-1, 16)
     max_scale, max_min = _positive_max(scales), _positive_max(mins)
     iscale = F32(15) / max_scale[:, None]
@@ -231,7 +123,7 @@ def quantize_q2_k(x: np.ndarray) -> np.ndarray:
 def quantize_q3_k(x: np.ndarray) -> np.ndarray:
     """quantize_row_q3_K_ref: 16 sub-blocks of 16, 3-bit quants with 6-bit signed scales."""
     xc = _columns(x, 16)
-    scales, L = make_q3_quants(xc, 4)
+    scales, L = _search().make_q3_quants(xc, 4)
     scales = scales.reshape(-1, 16)
     max_scale, _ = first_absmax(scales.T)
     iscale = F32(-32) / max_scale
@@ -259,7 +151,7 @@ def quantize_q3_k(x: np.ndarray) -> np.ndarray:
 def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     """quantize_row_q6_K_ref: 16 sub-blocks of 16, 6-bit quants with 8-bit signed scales."""
     xc = _columns(x, 16)
-    scales, L = make_qx_quants(xc, 32)
+    scales, L = _search().make_qx_quants(xc, 32)
     scales = scales.reshape(-1, 16)
     max_scale, max_abs = first_absmax(scales.T)
     iscale = F32(-128) / max_scale

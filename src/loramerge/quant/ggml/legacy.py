@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import F32, fp16, half_at, roundf, u8
+from .common import F32, fp16, half_at, u8
 
 
 def _inverse(d: np.ndarray) -> np.ndarray:
@@ -45,10 +45,11 @@ def quantize_bf16(x: np.ndarray) -> np.ndarray:
 
 
 def quantize_q8_0(x: np.ndarray) -> np.ndarray:
-    """quantize_row_q8_0_ref: d = absmax / 127, q = roundf(x / d)."""
-    d = np.abs(x).max(axis=1, keepdims=True) / F32(127)
-    q = roundf(x * _inverse(d)).astype(np.int8)
-    return u8(fp16(d)[0], q)
+    """quantize_row_q8_0_ref: d = absmax / 127, q = roundf(x / d) (numba-compiled)."""
+    from .compiled import quantize_q8_0
+
+    d, q = quantize_q8_0(x)
+    return u8(fp16(d[:, None])[0], q)
 
 
 def quantize_q4_0(x: np.ndarray) -> np.ndarray:
