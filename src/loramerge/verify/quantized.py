@@ -55,8 +55,14 @@ def open_quantized(candidate: Path, allow_pickle: bool) -> GGUFCandidate | NF4Ca
     return None
 
 
+def ulp_of(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`compare.ulp` for a float64 CPU torch tensor and a torch dtype."""
+    spacing = ulp(magnitude.numpy(), dtypes.to_numpy(dtypes.from_torch(dtype)))
+    return torch.from_numpy(spacing)
+
+
 def _float_bound(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda expected: 0.5 * ulp(expected, dtype)
+    return lambda expected: 0.5 * ulp_of(expected, dtype)
 
 
 class GGUFCandidate:
@@ -194,7 +200,7 @@ class NF4Candidate:
             true_absmax = padded.reshape(blocks, blocksize).amax(1).repeat_interleave(blocksize)
             true_absmax = true_absmax[:numel]
             format_bound = half_gap * true_absmax + (true_absmax - stored).abs()
-            return (format_bound + 0.5 * ulp(flat, dtype)).reshape(shape)
+            return (format_bound + 0.5 * ulp_of(flat, dtype)).reshape(shape)
 
         return values.reshape(shape), bound, "nf4"
 
