@@ -34,12 +34,15 @@ _WINDOW = 4
 
 
 def ulp(magnitude: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Spacing of `dtype` numbers at each |magnitude| (float64), from the exponent bits."""
+    """Spacing of `dtype` numbers at each |magnitude| (float64), from the exponent bits; inf
+    where the magnitude is not finite."""
     mantissa, emin = _FORMAT[np.dtype(dtype)]
-    exponent = (np.abs(np.asarray(magnitude, np.float64)).view(np.int64) >> 52) - 1023
-    np.maximum(exponent, emin, out=exponent)  # subnormals (and zero) share the smallest spacing
+    biased = np.abs(np.asarray(magnitude, np.float64)).view(np.int64) >> 52
+    exponent = np.maximum(biased - 1023, emin)  # subnormals (and zero) share the smallest spacing
     exponent -= mantissa
-    return np.ldexp(1.0, exponent.astype(np.int32))
+    spacing = np.ldexp(1.0, exponent.astype(np.int32))
+    spacing[biased == 2047] = np.inf
+    return spacing
 
 
 def round_once(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -190,7 +193,9 @@ class Distance:
                 self.max_ulp_at_value = max(self.max_ulp_at_value, float(at_value.max()))
             rounded = round_once(want, got.dtype)
         view = _UINT[got.dtype.itemsize]
-        self.exact += int(np.count_nonzero(got.view(view) == rounded.view(view)))
+        same = got.view(view) == rounded.view(view)
+        same |= np.isnan(value) & np.isnan(want)  # NaN from NaN, whatever its payload
+        self.exact += int(np.count_nonzero(same))
         self.squared_error += float(np.dot(error, error))
 
     @property
