@@ -12,27 +12,23 @@ import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
 from threadpoolctl import threadpool_limits
 
-from loramerge import dtypes
+from loramerge import dtypes, nf4_layout
 from loramerge.adapter import Adapter, load_adapter
 from loramerge.compare import Distance
-from loramerge.delta import Term, add_bias, merged_blocks
 from loramerge.plan import TensorPlan, as_matrix, build_plan
 from loramerge.sink.hf_folder import read_provenance
 from loramerge.source.checkpoint import Checkpoint, open_weights
 from loramerge.source.model_folder import read_config
 from loramerge.source.safetensors_file import read_exact
-from loramerge.transform import tensor_inputs
-from loramerge.verify.quantized import NF4Candidate, open_quantized, ulp_of
+from loramerge.verify.expected import by_numpy, expected_blocks
 
-_CPU = torch.device("cpu")
 _PIECE_BYTES = 8 << 20  # a tensor no adapter touches is compared this much at a time
 
 
@@ -209,7 +205,8 @@ def verify_weights(
                 tol=report.tolerance_ulp,
                 through=via,
             )
-            with _single_threaded_math(), ThreadPoolExecutor(_workers()) as pool:
+            torch_too = any(t.modified and not by_numpy(t, base_ck) for t in plan.tensors)
+            with _single_threaded_math(torch_too), ThreadPoolExecutor(_workers()) as pool:
                 for tensor, result in zip(plan.tensors, pool.map(check, plan.tensors), strict=True):
                     report.tensors.append(result)
                     if progress:
@@ -221,22 +218,47 @@ def verify_weights(
     return report
 
 
+def open_quantized(candidate: Path, allow_pickle: bool):
+    """A reader for a GGUF file or an NF4 checkpoint (torch, loaded only then); None for
+    anything else."""
+    candidate = Path(candidate)
+    if candidate.is_file() and candidate.suffix == ".gguf":
+        from loramerge.verify.quantized import GGUFCandidate
+
+        return GGUFCandidate(candidate)
+    if candidate.exists() and candidate.suffix != ".gguf":
+        checkpoint = open_weights(
+            candidate, stem="model", allow_pickle=allow_pickle, dequantize=False
+        )
+        if any(name.endswith(nf4_layout.STATE) for name in checkpoint.tensors):
+            from loramerge.verify.quantized import NF4Candidate
+
+            return NF4Candidate(checkpoint)
+        checkpoint.close()
+    return None
+
+
 def _workers() -> int:
     """Tensors checked at once: one per core (numpy, torch and reads release the GIL)."""
     return max(1, min(4, os.cpu_count() or 1))
 
 
 @contextmanager
-def _single_threaded_math() -> Iterator[None]:
-    """BLAS and torch each on one thread while the tensors run in parallel (no oversubscription:
-    on a busy machine, torch's spinning intra-op threads cost more than they give)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(limits=1, user_api="blas"):
+def _single_threaded_math(torch_too: bool) -> Iterator[None]:
+    """BLAS (and torch, when some tensor needs it) on one thread while the tensors run in
+    parallel: on a busy machine, spinning intra-op threads cost more than they give."""
+    with threadpool_limits(limits=1, user_api="blas"):
+        if not torch_too:
             yield
-    finally:
-        torch.set_num_threads(previous)
+            return
+        import torch
+
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
 
 
 def _at_hand(through: list[Path], report: VerifyReport) -> list[Path]:
@@ -258,6 +280,8 @@ def _extras(names: list[str]) -> list[TensorCheck]:
 
 def _check_all_quantized(report, reader, base_ck, config, adapters, weights, progress) -> None:
     """The weight check of a GGUF or NF4 candidate: each tensor against its format's bound."""
+    from loramerge.verify.quantized import NF4Candidate
+
     opened = [load_adapter(a) for a in adapters]
     try:
         plan = build_plan(base_ck, config, opened, weights, None)
@@ -288,14 +312,18 @@ def _check_all_quantized(report, reader, base_ck, config, adapters, weights, pro
 
 def _check_quantized(plan, base, reader, adapters, tol: float) -> TensorCheck:
     """|dequantized - expected| <= format bound + tol ulps of the source dtype, elementwise."""
+    import torch
+
+    from loramerge.verify.quantized import ulp_of
+
     values, bound, kind = reader.read(plan.name, tuple(plan.shape))
     values = as_matrix(values, plan)
-    start, _, blocks = _expected_blocks(plan, base, adapters)
+    start, blocks, _ = expected_blocks(plan, base, adapters, False)
     expected = as_matrix(torch.empty(tuple(plan.shape), dtype=torch.float64), plan)
     for r0, r1, block in blocks:
-        expected[r0:r1] = block
+        expected[r0:r1] = torch.from_numpy(block)
     source = dtypes.to_torch(base.tensors[plan.source].dtype)
-    scale = torch.maximum(start.to(torch.float64).abs(), expected.abs())
+    scale = torch.maximum(torch.from_numpy(start.astype(np.float64)).abs(), expected.abs())
     allowed = bound(expected) + tol * ulp_of(scale, source)
     error = (values - expected).abs()
     finite = bool(torch.isfinite(values).all())
@@ -349,16 +377,15 @@ def _check(
         ok = exact or (bool(through) and distance.max_ulp <= tol and not distance.nonfinite)
         note = "" if ok else "differs from the base tensor no adapter touches"
         return _result(plan.name, "untouched", info.dtype, distance, ok, note)
-    start, terms, blocks = _expected_blocks(plan, base, adapters)
-    allowances = _float32_allowance(start, terms) if got.dtype.itemsize >= 4 else None
+    start, blocks, allowances = expected_blocks(plan, base, adapters, got.dtype.itemsize >= 4)
     width = math.prod(plan.shape) // max(start.shape[0], 1)  # elements per row of the matrix
     for r0, r1, block in blocks:
         at, count = r0 * width, (r1 - r0) * width
-        allowance = None if allowances is None else next(allowances)[2].numpy()
+        allowance = None if allowances is None else next(allowances)[2]
         distance.add(
             got.read(at, count),
-            block.numpy(),
-            [dtypes.as_numpy(start[r0:r1]), *(p.read(at, count) for p in passed)],
+            block,
+            [start[r0:r1], *(p.read(at, count) for p in passed)],
             allowance,
         )
     within = distance.max_ulp_judged <= tol and distance.nonfinite == 0
@@ -409,36 +436,6 @@ class _Flat:
         offset = self._raw.offset + at * self.dtype.itemsize
         read_exact(self._raw.fd, memoryview(out.view(np.uint8)), offset, self._info.path)
         return out
-
-
-def _expected_blocks(plan: TensorPlan, base: Checkpoint, adapters: list[Adapter]):
-    """(W0, LoRA terms, blocks of (r0, r1, expected rows in float64)): what a tensor should hold."""
-    start, terms, biases = tensor_inputs(plan, base, adapters, _CPU, torch.float64)
-    if terms:
-        return start, terms, merged_blocks(start, terms, torch.float64)
-    if biases:
-        expected = add_bias(start, biases, compute_dtype=torch.float64, out_dtype=torch.float64)
-    else:
-        expected = start.to(torch.float64)
-    return start, terms, iter([(0, expected.shape[0], expected)])
-
-
-def _float32_allowance(start: torch.Tensor, terms: list[Term]):
-    """Blocks (aligned with the expected ones) of the float32 arithmetic error bound, or None.
-
-    A merge stored in float32 keeps the error of its float32 sum, which no rounding hides:
-    |error| <= gamma_n * M, M = |W0| + sum |c| * |B| @ |A|, n = sum (r + 2) + 1 (the standard
-    bound for the rank-r dot products and the accumulation; Higham, ch. 3). Plain LoRA only:
-    DoRA and convolutions are held to the ulp tolerance alone.
-    """
-    if not terms or any(t.magnitude is not None or t.kind == "conv" for t in terms):
-        return None
-    n = sum(t.a.shape[0] + 2 for t in terms) + 1
-    u = 2.0**-24
-    gamma = n * u / (1 - n * u)
-    absolute = [replace(t, a=t.a.abs(), b=t.b.abs(), coef=abs(t.coef)) for t in terms]
-    magnitude = merged_blocks(start.to(torch.float64).abs(), absolute, torch.float64)
-    return ((r0, r1, gamma * block) for r0, r1, block in magnitude)
 
 
 def _result(name, kind, dtype, distance: Distance, passed: bool, note: str) -> TensorCheck:
