@@ -8,12 +8,14 @@ a float sum whose order differs, so it must agree within its summation bound, N 
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from conftest import ADAPTERS, GPT2, LLAMA
+from conftest import ADAPTERS, GPT2, LLAMA, ROOT
 from float64_oracle import Float64Distance
 
 from loramerge import dtypes
@@ -234,3 +236,36 @@ def test_unmerge_drift_and_rebase_checks_get_the_float64_pass_figures(tmp_path, 
     both = [ADAPTERS / "llama-lora", ADAPTERS / "llama-lora-b"]
     fast, full = _both(monkeypatch, merged, LLAMA, both)
     _assert_same_reports(fast, full)
+
+
+IMPORTS_TORCH = """
+import sys
+from loramerge.cli import cli
+try:
+    cli(sys.argv[1:])
+except SystemExit as exit:
+    assert exit.code == 0, exit.code
+print("torch" in sys.modules)
+"""
+
+
+def _imports_torch(*args) -> bool:
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORTS_TORCH, *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()[-1] == "True"
+
+
+@pytest.mark.parametrize("adapter, uses_torch", [("llama-lora", False), ("llama-dora", True)])
+def test_checks_of_plain_lora_never_import_torch(tmp_path, adapter, uses_torch):
+    """merge --verify, verify and unmerge's drift report compute plain LoRA with numpy."""
+    merged, lora = tmp_path / "merged", ADAPTERS / adapter
+    assert _imports_torch("merge", LLAMA, lora, "-o", merged, "--verify", "-q") == uses_torch
+    assert _imports_torch("verify", merged, "--base", LLAMA, "--adapter", lora, "-q") == uses_torch
+    unmerged = tmp_path / "unmerged"
+    assert _imports_torch("unmerge", merged, lora, "-o", unmerged, "-q") == uses_torch
+    assert (unmerged / "loramerge.json").is_file()
