@@ -14,6 +14,7 @@ gives the argument). numpy only: no torch.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -134,20 +135,21 @@ class Distance:
         """
         shift = 23 - _FORMAT[got.dtype][0]
         half = 1 << (shift - 1)
+        wide, error, steps, far = _scratch(got.size)
         with np.errstate(all="ignore"):
-            wide = got.astype(np.float32)
-            error = np.subtract(wide, want)  # the float64 error, exactly as a float64 pass has it
+            np.copyto(wide, got)
+            np.subtract(wide, want, out=error)  # the float64 error, as a float64 pass has it
             low, high = error.min(initial=0.0), error.max(initial=0.0)
             if not (np.isfinite(low) and np.isfinite(high)):
                 self._settle(got, want, scale)  # non-finite values: the whole chunk in float64
                 return
-            steps = want.astype(np.float32).view(np.int32)
-            steps -= wide.view(np.int32)
-            steps += half - _WINDOW  # |steps| <= half - window  <=>  0 <= steps + c <= 2c
-            decided = steps.view(np.uint32) <= 2 * (half - _WINDOW)
+            np.copyto(steps.view(np.float32), want, casting="unsafe")  # rounded to nearest
+            np.subtract(steps, wide.view(np.int32), out=steps)
+            np.add(steps, half - _WINDOW, out=steps)  # |d| <= c  <=>  0 <= d + c <= 2c
+            np.greater(steps.view(np.uint32), 2 * (half - _WINDOW), out=far)
         self.squared_error += float(np.dot(error, error))
         self.max_abs = max(self.max_abs, -float(low), float(high))
-        undecided = np.flatnonzero(~decided)
+        undecided = np.flatnonzero(far)
         measured = Distance()
         measured._settle(got[undecided], want[undecided], [s[undecided] for s in scale])
         decided_exact = got.size - undecided.size
@@ -157,7 +159,7 @@ class Distance:
             max(self.max_ulp_at_value, measured.max_ulp_at_value),
         )
         if reached < bound:
-            rest = np.flatnonzero(decided)  # a decided element may hold a maximum: measure them
+            rest = np.flatnonzero(~far)  # a decided element may hold a maximum: measure them
             measured._settle(got[rest], want[rest], [s[rest] for s in scale])
             decided_exact = 0
         self.elements += got.size
@@ -209,5 +211,17 @@ class Distance:
         return (self.squared_error / self.elements) ** 0.5 if self.elements else 0.0
 
 
+def _scratch(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """This thread's buffers for `_add_fast` (float32, float64, int32, bool), n long: reused,
+    so no chunk pays for fresh pages."""
+    buffers = getattr(_local, "buffers", None)
+    if buffers is None or buffers[0].size < n:
+        buffers = _local.buffers = tuple(
+            np.empty(_CHUNK, t) for t in (np.float32, np.float64, np.int32, np.bool_)
+        )
+    return tuple(b[:n] for b in buffers)
+
+
+_local = threading.local()
 _FAST = frozenset({np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16)})
 _UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}

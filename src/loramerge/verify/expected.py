@@ -85,7 +85,7 @@ def _blocks(w0: np.ndarray, factors: list[_Factor], magnitude: bool = False) -> 
     """W0 + the factors' terms (|W0| + ... with `magnitude`), in cache-sized row blocks."""
     rows, cols = w0.shape
     step = max(1, BLOCK_ELEMENTS // max(cols, 1))
-    scratch = np.empty(step * cols, np.float64)
+    scratch, delta = np.empty(step * cols, np.float64), np.empty(step * cols, np.float64)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         acc = scratch[: (r1 - r0) * cols].reshape(r1 - r0, cols)
@@ -93,19 +93,23 @@ def _blocks(w0: np.ndarray, factors: list[_Factor], magnitude: bool = False) -> 
         if magnitude:
             np.abs(acc, out=acc)
         with np.errstate(all="ignore"):  # NaN and overflow as IEEE says (--allow-nonfinite)
-            _add_terms(acc, r0, r1, factors)
+            _add_terms(acc, delta, r0, r1, factors)
         yield r0, r1, acc
 
 
-def _add_terms(acc: np.ndarray, r0: int, r1: int, factors: list[_Factor]) -> None:
-    """Rows r0:r1 of W (in `acc`) += each factor's share of them."""
+def _add_terms(
+    acc: np.ndarray, delta: np.ndarray, r0: int, r1: int, factors: list[_Factor]
+) -> None:
+    """Rows r0:r1 of W (in `acc`) += each factor's share of them (`delta`: scratch)."""
     for a, b, transposed, at in factors:
         height = a.shape[1] if transposed else b.shape[0]
         lo, hi = max(r0, at), min(r1, at + height)
         if lo >= hi:
             continue
         band, d0, d1 = acc[lo - r0 : hi - r0], lo - at, hi - at
+        term = delta[: band.size].reshape(band.shape)
         if transposed:  # rows d0:d1 of (B@A)^T are A[:, d0:d1]^T @ B^T
-            band += a[:, d0:d1].T @ b.T
+            np.matmul(a[:, d0:d1].T, b.T, out=term)
         else:
-            band += b[d0:d1] @ a
+            np.matmul(b[d0:d1], a, out=term)
+        band += term

@@ -423,16 +423,19 @@ class _Flat:
         self._info = checkpoint.tensors[name]
         self._raw = checkpoint.raw(name)
         self._whole: np.ndarray | None = None
+        self._buffer: np.ndarray | None = None
         self.dtype = dtypes.to_numpy(self._info.dtype)
         self.size = math.prod(self._info.shape)
 
     def read(self, at: int, count: int) -> np.ndarray:
-        """Elements at .. at + count of the flattened tensor."""
+        """Elements at .. at + count of the flattened tensor (valid until the next read)."""
         if self._raw is None:
             if self._whole is None:
                 self._whole = self._checkpoint.read(self._name).reshape(-1)
             return self._whole[at : at + count]
-        out = np.empty(count, self.dtype)
+        if self._buffer is None or self._buffer.size < count:
+            self._buffer = np.empty(count, self.dtype)
+        out = self._buffer[:count]
         offset = self._raw.offset + at * self.dtype.itemsize
         read_exact(self._raw.fd, memoryview(out.view(np.uint8)), offset, self._info.path)
         return out
