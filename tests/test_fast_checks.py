@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import ADAPTERS, GPT2, LLAMA, ROOT
 from float64_oracle import Float64Distance
+from test_numpy_route import IMPORTS_TORCH
 
 from loramerge import dtypes
 from loramerge.compare import Distance
@@ -236,17 +237,6 @@ def test_unmerge_drift_and_rebase_checks_get_the_float64_pass_figures(tmp_path, 
     both = [ADAPTERS / "llama-lora", ADAPTERS / "llama-lora-b"]
     fast, full = _both(monkeypatch, merged, LLAMA, both)
     _assert_same_reports(fast, full)
-
-
-IMPORTS_TORCH = """
-import sys
-from loramerge.cli import cli
-try:
-    cli(sys.argv[1:])
-except SystemExit as exit:
-    assert exit.code == 0, exit.code
-print("torch" in sys.modules)
-"""
 
 
 def _imports_torch(*args) -> bool:
