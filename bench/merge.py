@@ -322,6 +322,7 @@ def tool_commands(args: argparse.Namespace, base: Path, adapter: Path, out: Path
     bnb_script.write_text(BNB_NF4_SCRIPT.lstrip())
     lm = args.loramerge_cmd
     sync = " && sync" if args.sync_all else ""
+    merged = merged_copy(args, base)
     return {
         "copy": f"cp -r {q(base)} {q(out)} && sync",
         # the same integrity record loramerge keeps: every output file's sha256
@@ -329,22 +330,30 @@ def tool_commands(args: argparse.Namespace, base: Path, adapter: Path, out: Path
         "> /dev/null",
         "loramerge": f"{args.loramerge_cmd} merge {q(base)} {q(adapter)} -o {q(out)} --quiet{sync}",
         "peft": f"{q(sys.executable)} {q(peft_script)} {q(base)} {q(adapter)} {q(out)}{sync}",
-        "verify": f"{args.loramerge_cmd} verify {q(merged_copy(base))} --base {q(base)} "
-        f"--adapter {q(adapter)} --quiet",
+        "verify": f"{lm} verify {q(merged)} --base {q(base)} --adapter {q(adapter)} --quiet",
+        "merge-verify": f"{lm} merge {q(base)} {q(adapter)} -o {q(out)} --verify --quiet{sync}",
+        # the record names the base, so the drift report runs
+        "unmerge": f"{lm} unmerge {q(merged)} {q(adapter)} -o {q(out)} --quiet{sync}",
+        "rebase-base": f"{lm} rebase {q(merged)} --remove {q(adapter)} --add {q(adapter)} "
+        f"--base {q(base)} -o {q(out)} --quiet{sync}",
         "bnb-nf4": f"{q(sys.executable)} {q(bnb_script)} {q(base)} {q(out)}{sync}",
         "quantize-nf4": f"{lm} quantize {q(base)} -o {q(out)} --to nf4 --quiet{sync}",
         "merge-nf4": f"{lm} merge {q(base)} {q(adapter)} -o {q(out)} --to nf4 --quiet{sync}",
     }
 
 
-def merged_copy(base: Path) -> Path:
-    """Where the verify row's candidate (a loramerge merge of this size) is kept."""
-    return base.parent / "merged"
+def merged_copy(args: argparse.Namespace, base: Path) -> Path:
+    """Where the candidate of the check rows (a loramerge merge of this size) is kept."""
+    return args.outdir / f"{base.parent.name}-merged"
+
+
+# The rows that read that candidate.
+NEED_MERGED = ("verify", "unmerge", "rebase-base")
 
 
 def ensure_merged(args: argparse.Namespace, base: Path, adapter: Path, env: dict[str, str]) -> None:
-    """Merge once, untimed, so `verify` has a candidate to check."""
-    target = merged_copy(base)
+    """Merge once, untimed, so the check rows have a candidate."""
+    target = merged_copy(args, base)
     if not (target / "loramerge.json").is_file():
         shutil.rmtree(target, ignore_errors=True)
         cmd = f"{args.loramerge_cmd} merge {shlex.quote(str(base))} {shlex.quote(str(adapter))}"
@@ -356,20 +365,20 @@ def ensure_merged(args: argparse.Namespace, base: Path, adapter: Path, env: dict
 def bench_size(args: argparse.Namespace, layers: int, lm_ok: tuple[bool, str]) -> list[Row]:
     """Measure every selected tool at one size, interleaving repeats."""
     root = args.workdir / f"L{layers}"
-    base, adapter, out = root / "base", root / "adapter", args.workdir / "out"
-    log = args.workdir / "logs" / f"L{layers}.log"
+    base, adapter, out = root / "base", root / "adapter", args.outdir / "out"
+    log = args.outdir / "logs" / f"L{layers}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text("")
     env = child_env()
     cmds = tool_commands(args, base, adapter, out)
     base_bytes = tree_bytes(base)
     rows = {t: Row(t, layers, base_bytes, cmds[t]) for t in args.tools}
-    for tool in ("loramerge", "verify"):
+    for tool in ("loramerge", *NEED_MERGED, "merge-verify"):
         if tool in rows and not lm_ok[0]:
             rows[tool].note = f"skipped: `{args.loramerge_cmd} --version` failed ({lm_ok[1]})"
     warm_cache(base)
     warm_cache(adapter)
-    if "verify" in rows and lm_ok[0]:
+    if any(t in rows for t in NEED_MERGED) and lm_ok[0]:
         ensure_merged(args, base, adapter, env)
     for tool, row in rows.items():  # untimed warm-up: first touches of fresh VM memory are slow
         if args.warmup and not row.note.startswith("skipped"):
@@ -547,6 +556,10 @@ def print_table(rows: list[Row]) -> None:
         for num, den in (
             ("loramerge", "copy"),
             ("loramerge", "copy+sha256"),
+            ("verify", "loramerge"),
+            ("merge-verify", "loramerge"),
+            ("unmerge", "loramerge"),
+            ("rebase-base", "loramerge"),
             ("peft", "loramerge"),
             ("bnb-nf4", "quantize-nf4"),
             ("merge-nf4", "quantize-nf4"),
@@ -569,6 +582,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"where fixtures and outputs live; fixtures are reused (default {DEFAULT_WORKDIR})",
     )
     p.add_argument(
+        "--outdir",
+        type=Path,
+        help="where outputs, logs and the check rows' merged candidate go (default: --workdir)",
+    )
+    p.add_argument(
         "--layers", type=int, nargs="+", default=[11, 22], help="model sizes (default: 11 22)"
     )
     p.add_argument(
@@ -584,6 +602,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "loramerge",
             "peft",
             "verify",
+            "merge-verify",
+            "unmerge",
+            "rebase-base",
             "bnb-nf4",
             "quantize-nf4",
             "merge-nf4",
@@ -617,6 +638,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--child", choices=["build", "verify"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.workdir = args.workdir.resolve()
+    args.outdir = (args.outdir or args.workdir).resolve()
     return args
 
 
@@ -627,6 +649,7 @@ def main(argv: list[str] | None = None) -> None:
         run_child(args)
         return
     args.workdir.mkdir(parents=True, exist_ok=True)
+    args.outdir.mkdir(parents=True, exist_ok=True)
     facts = machine_facts()
     print("machine: " + ", ".join(f"{k}={v}" for k, v in facts.items()))
     fixtures = {layers: ensure_fixture(args, layers) for layers in args.layers}
@@ -637,7 +660,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[Row] = []
     for layers in args.layers:
         rows += bench_size(args, layers, lm_ok)
-    spawn_floor = measure(["true"], args.workdir / "logs" / "floor.log").rss_kib / 1024
+    spawn_floor = measure(["true"], args.outdir / "logs" / "floor.log").rss_kib / 1024
     for row in rows:
         if row.rss_mib is not None and row.rss_mib <= spawn_floor + 1:
             row.note = (

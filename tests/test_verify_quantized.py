@@ -149,7 +149,7 @@ def to_nf4(folder, out, functional) -> dict:
 
 def test_nf4_checkpoint_dequantizes_like_bitsandbytes_and_passes(cli, tmp_path, merged):
     functional = pytest.importorskip("bitsandbytes.functional")
-    from loramerge.verify.quantized import open_quantized
+    from loramerge.verify.weights import open_quantized
 
     originals = to_nf4(merged, tmp_path / "nf4", functional)
     reader = open_quantized(tmp_path / "nf4", allow_pickle=False)

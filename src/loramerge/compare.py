@@ -5,26 +5,64 @@ passed through, max(|W0|, |expected|): a sum cannot be more exact than the round
 inputs, and near a cancellation (expected ~ 0 while |W0| is not) an ulp at the tiny result would
 call correct float arithmetic wrong. The ulp at the value itself and the share of elements that
 are exactly the correctly rounded value are reported too.
+
+The figures are those of an elementwise float64 pass, but most elements of a bfloat16 or float16
+candidate are decided from the float32 rounding of the expected value, in integer steps of its
+bits; only the elements that cannot be decided that way are settled in float64 (docs/verify.md
+gives the argument). numpy only: no torch.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
+import ml_dtypes
+import numpy as np
 
-from loramerge.delta import round_once
+# dtype -> (mantissa bits, smallest normal exponent)
+_FORMAT = {
+    np.dtype(ml_dtypes.bfloat16): (7, -126),
+    np.dtype(np.float16): (10, -14),
+    np.dtype(np.float32): (23, -126),
+    np.dtype(np.float64): (52, -1022),
+}
+_CHUNK = 1 << 18  # elements per step: every temporary stays a few MiB whatever the tensor
+# float32 steps kept clear of a rounding boundary: the float64 value is within one step of its
+# float32 rounding, so two steps decide (and a few more spare the fallback in `_add_fast`)
+_WINDOW = 4
 
-_MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23, torch.float64: 52}
-_INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-_CHUNK = 1 << 20
+
+def ulp(magnitude: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Spacing of `dtype` numbers at each |magnitude| (float64), from the exponent bits; inf
+    where the magnitude is not finite."""
+    mantissa, emin = _FORMAT[np.dtype(dtype)]
+    biased = np.abs(np.asarray(magnitude, np.float64)).view(np.int64) >> 52
+    exponent = np.maximum(biased - 1023, emin)  # subnormals (and zero) share the smallest spacing
+    exponent -= mantissa
+    spacing = np.ldexp(1.0, exponent.astype(np.int32))
+    spacing[biased == 2047] = np.inf
+    return spacing
 
 
-def ulp(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Spacing of `dtype` numbers at each |magnitude| (float64), subnormals included."""
-    tiny = torch.finfo(dtype).tiny
-    exponent = torch.floor(torch.log2(magnitude.abs().clamp(min=tiny)))
-    return torch.exp2(exponent - _MANTISSA_BITS[dtype])
+def round_once(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """float64 `x` rounded once to `dtype` (bfloat16 and float16 through float32 rounded to odd).
+
+    A cast through float32 would round twice; truncating to float32 and setting the last bit
+    when anything was cut makes the second rounding the only one (float32 keeps at least two
+    more bits than either 16-bit format).
+    """
+    dtype = np.dtype(dtype)
+    if dtype.itemsize != 2:
+        return x.astype(dtype)
+    with np.errstate(all="ignore"):
+        single = x.astype(np.float32)
+        back = single.astype(np.float64)
+        bits = single.view(np.int32)
+        bits -= np.abs(back) > np.abs(x)  # one step toward zero: truncation
+        bits |= back != x  # sticky bit: the value was inexact
+    return single.astype(dtype)
 
 
 @dataclass
@@ -40,58 +78,127 @@ class Distance:
     # ulps left after taking off each element's allowance for float32 arithmetic (see `add`)
     max_ulp_judged: float = 0.0
     squared_error: float = 0.0
-    squared_expected: float = 0.0
 
     def add(
         self,
-        candidate: torch.Tensor,
-        expected: torch.Tensor,
-        start: torch.Tensor | None = None,
-        allowance: torch.Tensor | None = None,
+        candidate: np.ndarray,
+        expected: np.ndarray,
+        start: Sequence[np.ndarray] = (),
+        allowance: np.ndarray | None = None,
     ) -> None:
-        """Fold in a tensor or block; `start` is its W0 (None: the expected value alone).
+        """Fold in a tensor or block against `expected` (read as float64); the magnitudes of the
+        `start` arrays (W0, every model the candidate was computed from) join the ulp scale.
 
         `allowance`: per element, an absolute error the arithmetic may make before the final
         rounding (float32 sums stored in float32); `max_ulp_judged` counts only what exceeds it.
-        Works through flat chunks so the float64 temporaries stay small whatever the size.
+        Works through flat chunks so the temporaries stay small whatever the size.
         """
-        given = [t for t in (start, allowance) if t is not None]
-        flat = [t.reshape(-1) for t in (candidate, expected, *given)]
-        for i in range(0, candidate.numel(), _CHUNK):
-            chunk = iter([t[i : i + _CHUNK] for t in flat])
-            got, want = next(chunk), next(chunk)
-            self._add(
-                got,
-                want,
-                next(chunk) if start is not None else None,
-                next(chunk) if allowance is not None else None,
-            )
+        flat = [np.asarray(t).reshape(-1) for t in (candidate, expected, *start)]
+        allow = None if allowance is None else np.asarray(allowance).reshape(-1)
+        fast = allow is None and candidate.dtype in _FAST
+        for i in range(0, flat[0].size, _CHUNK):
+            got, want, *scale = (t[i : i + _CHUNK] for t in flat)
+            want = want.astype(np.float64, copy=False)
+            if fast:
+                self._add_fast(got, want, scale)
+            else:
+                self._settle(got, want, scale, None if allow is None else allow[i : i + _CHUNK])
 
     def add_identical(self, elements: int) -> None:
         """Fold in elements already known to be bit-identical to the expected ones."""
         self.elements += elements
         self.exact += elements
 
-    def _add(self, candidate, expected, start, allowance) -> None:
-        expected = expected.to(torch.float64)
-        got = candidate.to(torch.float64)
-        finite = torch.isfinite(got) | ~torch.isfinite(expected)
-        self.nonfinite += int((~finite).sum())
-        error = (got - expected).abs().nan_to_num(nan=0.0, posinf=0.0)
-        scale = expected.abs() if start is None else torch.maximum(expected.abs(), start.abs())
-        self.elements += candidate.numel()
-        if candidate.numel():  # empty tensors add nothing
-            self.max_abs = max(self.max_abs, float(error.max()))
-            spacing = ulp(scale, candidate.dtype)
-            self.max_ulp = max(self.max_ulp, float((error / spacing).max()))
-            beyond = error if allowance is None else (error - allowance).clamp(min=0)
-            self.max_ulp_judged = max(self.max_ulp_judged, float((beyond / spacing).max()))
-            at_value = error / ulp(expected, candidate.dtype)
-            self.max_ulp_at_value = max(self.max_ulp_at_value, float(at_value.max()))
-        rounded = round_once(expected, candidate.dtype)
-        self.exact += int(_same_bits(candidate, rounded).sum())
-        self.squared_error += float((error**2).sum())
-        self.squared_expected += float((expected.nan_to_num(nan=0.0) ** 2).sum())
+    def add_stored(
+        self, candidate: np.ndarray, expected: np.ndarray, start: Sequence[np.ndarray] = ()
+    ) -> None:
+        """Fold in a block whose expected value is stored in the candidate's own dtype (a tensor
+        no adapter touches): equal bits count as exact; only the others are measured."""
+        flat = [np.asarray(t).reshape(-1) for t in (candidate, expected, *start)]
+        view = _UINT[candidate.dtype.itemsize]
+        for i in range(0, flat[0].size, _CHUNK):
+            got, want, *scale = (t[i : i + _CHUNK] for t in flat)
+            differ = np.flatnonzero(got.view(view) != want.view(view))
+            self.add_identical(got.size - differ.size)
+            if differ.size:
+                self._settle(
+                    got[differ], want[differ].astype(np.float64), [s[differ] for s in scale]
+                )
+
+    def _add_fast(self, got: np.ndarray, want: np.ndarray, scale: list[np.ndarray]) -> None:
+        """A bfloat16 or float16 chunk: decide in float32 steps, settle the rest in float64.
+
+        The float64 error of every element is exact (max_abs and the squared error need no
+        deciding). An element whose float32-rounded expected value lies within `half - _WINDOW`
+        steps of the candidate is correctly rounded, and its ulp error is at most
+        (half - _WINDOW + 1) / 2**shift, below that of any settled element closer to a boundary.
+        """
+        shift = 23 - _FORMAT[got.dtype][0]
+        half = 1 << (shift - 1)
+        wide, error, steps, far = _scratch(got.size)
+        with np.errstate(all="ignore"):
+            np.copyto(wide, got)
+            np.subtract(wide, want, out=error)  # the float64 error, as a float64 pass has it
+            low, high = error.min(initial=0.0), error.max(initial=0.0)
+            if not (np.isfinite(low) and np.isfinite(high)):
+                self._settle(got, want, scale)  # non-finite values: the whole chunk in float64
+                return
+            np.copyto(steps.view(np.float32), want, casting="unsafe")  # rounded to nearest
+            np.subtract(steps, wide.view(np.int32), out=steps)
+            np.add(steps, half - _WINDOW, out=steps)  # |d| <= c  <=>  0 <= d + c <= 2c
+            np.greater(steps.view(np.uint32), 2 * (half - _WINDOW), out=far)
+        self.squared_error += float(np.dot(error, error))
+        self.max_abs = max(self.max_abs, -float(low), float(high))
+        undecided = np.flatnonzero(far)
+        measured = Distance()
+        measured._settle(got[undecided], want[undecided], [s[undecided] for s in scale])
+        decided_exact = got.size - undecided.size
+        bound = (half - _WINDOW + 1) / (1 << shift)  # the decided elements' largest ulp error
+        reached = min(
+            max(self.max_ulp, measured.max_ulp),
+            max(self.max_ulp_at_value, measured.max_ulp_at_value),
+        )
+        if reached < bound:
+            rest = np.flatnonzero(~far)  # a decided element may hold a maximum: measure them
+            measured._settle(got[rest], want[rest], [s[rest] for s in scale])
+            decided_exact = 0
+        self.elements += got.size
+        self.exact += measured.exact + decided_exact
+        self.max_ulp = max(self.max_ulp, measured.max_ulp)
+        self.max_ulp_judged = max(self.max_ulp_judged, measured.max_ulp_judged)
+        self.max_ulp_at_value = max(self.max_ulp_at_value, measured.max_ulp_at_value)
+
+    def _settle(
+        self,
+        got: np.ndarray,
+        want: np.ndarray,
+        scale: list[np.ndarray],
+        allowance: np.ndarray | None = None,
+    ) -> None:
+        """The float64 pass over a chunk (or the gathered elements float32 could not decide)."""
+        with np.errstate(all="ignore"):
+            value = got.astype(np.float64)
+            self.nonfinite += int(np.count_nonzero(~np.isfinite(value) & np.isfinite(want)))
+            error = np.abs(value - want)
+            np.nan_to_num(error, copy=False, nan=0.0, posinf=0.0)
+            magnitude = np.abs(want)
+            for other in scale:
+                np.maximum(magnitude, np.abs(other.astype(np.float64)), out=magnitude)
+            self.elements += got.size
+            if got.size:
+                spacing = ulp(magnitude, got.dtype)
+                self.max_abs = max(self.max_abs, float(error.max()))
+                self.max_ulp = max(self.max_ulp, float((error / spacing).max()))
+                beyond = error if allowance is None else np.maximum(error - allowance, 0.0)
+                self.max_ulp_judged = max(self.max_ulp_judged, float((beyond / spacing).max()))
+                at_value = error / ulp(want, got.dtype)
+                self.max_ulp_at_value = max(self.max_ulp_at_value, float(at_value.max()))
+            rounded = round_once(want, got.dtype)
+        view = _UINT[got.dtype.itemsize]
+        same = got.view(view) == rounded.view(view)
+        same |= np.isnan(value) & np.isnan(want)  # NaN from NaN, whatever its payload
+        self.exact += int(np.count_nonzero(same))
+        self.squared_error += float(np.dot(error, error))
 
     @property
     def exact_share(self) -> float:
@@ -104,6 +211,17 @@ class Distance:
         return (self.squared_error / self.elements) ** 0.5 if self.elements else 0.0
 
 
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    view = _INT_VIEW[a.element_size()]
-    return a.contiguous().view(view) == b.contiguous().view(view)
+def _scratch(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """This thread's buffers for `_add_fast` (float32, float64, int32, bool), n long: reused,
+    so no chunk pays for fresh pages."""
+    buffers = getattr(_local, "buffers", None)
+    if buffers is None or buffers[0].size < n:
+        buffers = _local.buffers = tuple(
+            np.empty(_CHUNK, t) for t in (np.float32, np.float64, np.int32, np.bool_)
+        )
+    return tuple(b[:n] for b in buffers)
+
+
+_local = threading.local()
+_FAST = frozenset({np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16)})
+_UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}

@@ -153,7 +153,8 @@ def _skipped(reason: str) -> dict:
 
 
 def _is_nf4(candidate: Path) -> bool:
-    from loramerge.verify.quantized import NF4Candidate, open_quantized
+    from loramerge.verify.quantized import NF4Candidate
+    from loramerge.verify.weights import open_quantized
 
     reader = open_quantized(candidate, allow_pickle=False)
     if reader is None:

@@ -26,37 +26,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loramerge import dtypes
+from loramerge import dtypes, nf4_layout
 from loramerge.compare import ulp
 from loramerge.errors import LoramergeError
 from loramerge.jsonfile import parse_json
-from loramerge.source.checkpoint import Checkpoint, open_weights
+from loramerge.source.checkpoint import Checkpoint
 
 # (dequantized float64 values in the Hugging Face layout, bound(expected) -> per-element bound)
 Dequantized = tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], str]
-_NF4_STATE = ".quant_state.bitsandbytes__nf4"
-_NF4_PARTS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", _NF4_STATE)
 _FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _BLOCK_BOUND = {"Q8_0": (34, 0.5625), "Q4_0": (18, 1.0625)}  # bytes per 32-block, bound / |d|
 
 
-def open_quantized(candidate: Path, allow_pickle: bool) -> GGUFCandidate | NF4Candidate | None:
-    """A reader for a GGUF file or an NF4 checkpoint; None for anything else."""
-    candidate = Path(candidate)
-    if candidate.is_file() and candidate.suffix == ".gguf":
-        return GGUFCandidate(candidate)
-    if candidate.exists() and candidate.suffix != ".gguf":
-        checkpoint = open_weights(
-            candidate, stem="model", allow_pickle=allow_pickle, dequantize=False
-        )
-        if any(name.endswith(_NF4_STATE) for name in checkpoint.tensors):
-            return NF4Candidate(checkpoint)
-        checkpoint.close()
-    return None
+def ulp_of(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`compare.ulp` for a float64 CPU torch tensor and a torch dtype."""
+    spacing = ulp(magnitude.numpy(), dtypes.to_numpy(dtypes.from_torch(dtype)))
+    return torch.from_numpy(spacing)
 
 
 def _float_bound(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda expected: 0.5 * ulp(expected, dtype)
+    return lambda expected: 0.5 * ulp_of(expected, dtype)
 
 
 class GGUFCandidate:
@@ -158,7 +147,7 @@ class NF4Candidate:
 
     def quantized(self, hf_name: str) -> bool:
         """Whether this tensor is stored as NF4."""
-        return hf_name + _NF4_STATE in self.tensors
+        return hf_name + nf4_layout.STATE in self.tensors
 
     def read(self, hf_name: str, shape: tuple[int, ...]) -> Dequantized:
         """Dequantize as bitsandbytes does: code table[nibble] * block absmax, high nibble first."""
@@ -166,7 +155,9 @@ class NF4Candidate:
         def read(name: str) -> torch.Tensor:
             return dtypes.as_torch(self.checkpoint.read(name))
 
-        state = parse_json(bytes(read(hf_name + _NF4_STATE).numpy()), f"{self.path}: {hf_name}")
+        state = parse_json(
+            bytes(read(hf_name + nf4_layout.STATE).numpy()), f"{self.path}: {hf_name}"
+        )
         if not isinstance(state, dict) or state.get("quant_type") != "nf4":
             raise LoramergeError(f"{self.path}: {hf_name} is not NF4-quantized")
         numel, blocksize = int(np.prod(shape)), int(state["blocksize"])
@@ -194,13 +185,13 @@ class NF4Candidate:
             true_absmax = padded.reshape(blocks, blocksize).amax(1).repeat_interleave(blocksize)
             true_absmax = true_absmax[:numel]
             format_bound = half_gap * true_absmax + (true_absmax - stored).abs()
-            return (format_bound + 0.5 * ulp(flat, dtype)).reshape(shape)
+            return (format_bound + 0.5 * ulp_of(flat, dtype)).reshape(shape)
 
         return values.reshape(shape), bound, "nf4"
 
     def extra(self, located: set[str]) -> list[str]:
         """Stored tensors that are neither planned nor NF4 bookkeeping."""
-        parts = tuple(_NF4_PARTS)
+        parts = tuple(nf4_layout.PARTS)
         return sorted(n for n in self.tensors if n not in located and not n.endswith(parts))
 
     def close(self) -> None:

@@ -8,26 +8,29 @@ the candidate changed their dtype, exactly the base rounded once).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field, replace
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
-import torch
+import numpy as np
+from threadpoolctl import threadpool_limits
 
-from loramerge import dtypes
+from loramerge import dtypes, nf4_layout
 from loramerge.adapter import Adapter, load_adapter
-from loramerge.compare import Distance, ulp
-from loramerge.delta import Term, add_bias, merged_blocks
+from loramerge.compare import Distance
 from loramerge.plan import TensorPlan, as_matrix, build_plan
 from loramerge.sink.hf_folder import read_provenance
 from loramerge.source import nf4 as nf4_source
 from loramerge.source.checkpoint import Checkpoint, open_weights
 from loramerge.source.model_folder import read_config
-from loramerge.transform import tensor_inputs
-from loramerge.verify.quantized import NF4Candidate, open_quantized
+from loramerge.source.safetensors_file import read_exact
+from loramerge.verify.expected import by_numpy, expected_blocks
 
-_CPU = torch.device("cpu")
+_PIECE_BYTES = 8 << 20  # a tensor no adapter touches is compared this much at a time
 
 
 @dataclass
@@ -199,12 +202,20 @@ def verify_weights(
             opened = [load_adapter(a, allow_pickle=allow_pickle) for a in adapters]
             plan = build_plan(base_ck, config, opened, weights, None)
             planned = {t.name for t in plan.tensors}
-            for tensor in plan.tensors:
-                report.tensors.append(
-                    _check(tensor, base_ck, cand_ck, opened, report.tolerance_ulp, via)
-                )
-                if progress:
-                    progress(tensor.nbytes, plan.nbytes)
+            check = partial(
+                _check,
+                base=base_ck,
+                candidate=cand_ck,
+                adapters=opened,
+                tol=report.tolerance_ulp,
+                through=via,
+            )
+            torch_too = any(t.modified and not by_numpy(t, base_ck) for t in plan.tensors)
+            with _single_threaded_math(torch_too), ThreadPoolExecutor(_workers()) as pool:
+                for tensor, result in zip(plan.tensors, pool.map(check, plan.tensors), strict=True):
+                    report.tensors.append(result)
+                    if progress:
+                        progress(tensor.nbytes, plan.nbytes)
             report.tensors += _extras(sorted(set(cand_ck.tensors) - planned))
         finally:
             for adapter in opened:
@@ -218,6 +229,49 @@ def _open_base(base: Path, allow_pickle: bool, qlora: dict | None):
     if qlora is None:
         return checkpoint
     return nf4_source.qlora_base(checkpoint, qlora["blocksize"], qlora["double_quant"])
+
+
+def open_quantized(candidate: Path, allow_pickle: bool):
+    """A reader for a GGUF file or an NF4 checkpoint (torch, loaded only then); None for
+    anything else."""
+    candidate = Path(candidate)
+    if candidate.is_file() and candidate.suffix == ".gguf":
+        from loramerge.verify.quantized import GGUFCandidate
+
+        return GGUFCandidate(candidate)
+    if candidate.exists() and candidate.suffix != ".gguf":
+        checkpoint = open_weights(
+            candidate, stem="model", allow_pickle=allow_pickle, dequantize=False
+        )
+        if any(name.endswith(nf4_layout.STATE) for name in checkpoint.tensors):
+            from loramerge.verify.quantized import NF4Candidate
+
+            return NF4Candidate(checkpoint)
+        checkpoint.close()
+    return None
+
+
+def _workers() -> int:
+    """Tensors checked at once: one per core (numpy, torch and reads release the GIL)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+@contextmanager
+def _single_threaded_math(torch_too: bool) -> Iterator[None]:
+    """BLAS (and torch, when some tensor needs it) on one thread while the tensors run in
+    parallel: on a busy machine, spinning intra-op threads cost more than they give."""
+    with threadpool_limits(limits=1, user_api="blas"):
+        if not torch_too:
+            yield
+            return
+        import torch
+
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
 
 
 def _at_hand(through: list[Path], report: VerifyReport) -> list[Path]:
@@ -239,6 +293,8 @@ def _extras(names: list[str]) -> list[TensorCheck]:
 
 def _check_all_quantized(report, reader, base_ck, config, adapters, weights, progress) -> None:
     """The weight check of a GGUF or NF4 candidate: each tensor against its format's bound."""
+    from loramerge.verify.quantized import NF4Candidate
+
     opened = [load_adapter(a) for a in adapters]
     try:
         plan = build_plan(base_ck, config, opened, weights, None)
@@ -269,15 +325,19 @@ def _check_all_quantized(report, reader, base_ck, config, adapters, weights, pro
 
 def _check_quantized(plan, base, reader, adapters, tol: float) -> TensorCheck:
     """|dequantized - expected| <= format bound + tol ulps of the source dtype, elementwise."""
+    import torch
+
+    from loramerge.verify.quantized import ulp_of
+
     values, bound, kind = reader.read(plan.name, tuple(plan.shape))
     values = as_matrix(values, plan)
-    start, _, blocks = _expected_blocks(plan, base, adapters)
+    start, blocks, _ = expected_blocks(plan, base, adapters, False)
     expected = as_matrix(torch.empty(tuple(plan.shape), dtype=torch.float64), plan)
     for r0, r1, block in blocks:
-        expected[r0:r1] = block
+        expected[r0:r1] = torch.from_numpy(block)
     source = dtypes.to_torch(base.tensors[plan.source].dtype)
-    scale = _larger(start, expected.abs())
-    allowed = bound(expected) + tol * ulp(scale, source)
+    scale = torch.maximum(torch.from_numpy(start.astype(np.float64)).abs(), expected.abs())
+    allowed = bound(expected) + tol * ulp_of(scale, source)
     error = (values - expected).abs()
     finite = bool(torch.isfinite(values).all())
     ratio = float((error / allowed).max()) if error.numel() else 0.0
@@ -309,37 +369,38 @@ def _check(
     tol: float,
     through: list[Checkpoint],
 ) -> TensorCheck:
-    """Measure one candidate tensor against its expected value."""
+    """Measure one candidate tensor against its expected value, a block of rows at a time."""
     info = candidate.tensors.get(plan.name)
     if info is None:
         return TensorCheck(plan.name, "missing", passed=False, note="missing from candidate")
     if tuple(info.shape) != tuple(plan.shape):
         note = f"shape {list(info.shape)}, expected {list(plan.shape)}"
         return TensorCheck(plan.name, "shape", info.dtype, passed=False, note=note)
-    got = as_matrix(_tensor(candidate, plan.name), plan)
-    passed = None
-    for model in through:
-        if plan.name in model.tensors and tuple(model.tensors[plan.name].shape) == plan.shape:
-            value = as_matrix(_tensor(model, plan.name).to(torch.float64).abs(), plan)
-            passed = value if passed is None else passed.maximum(value)
+    got = _Flat(candidate, plan.name)
+    passed = [
+        _Flat(m, plan.name)
+        for m in through
+        if plan.name in m.tensors and tuple(m.tensors[plan.name].shape) == plan.shape
+    ]
     distance = Distance()
     if not plan.modified:
-        stored = _tensor(base, plan.source)
-        if got.dtype == stored.dtype and torch.equal(_bytes(got), _bytes(stored)):
-            distance.add_identical(got.numel())
-        else:  # a changed dtype must still be the base rounded once
-            distance.add(got, stored, _larger(stored, passed))
+        _compare_stored(distance, got, _Flat(base, plan.source), passed)
         exact = distance.exact == distance.elements
         # Computed from another model (an unmerge): its rounding may remain, within tolerance.
         ok = exact or (bool(through) and distance.max_ulp <= tol and not distance.nonfinite)
         note = "" if ok else "differs from the base tensor no adapter touches"
         return _result(plan.name, "untouched", info.dtype, distance, ok, note)
-    start, terms, blocks = _expected_blocks(plan, base, adapters)
-    allowances = _float32_allowance(start, terms) if got.element_size() >= 4 else None
+    start, blocks, allowances = expected_blocks(plan, base, adapters, got.dtype.itemsize >= 4)
+    width = math.prod(plan.shape) // max(start.shape[0], 1)  # elements per row of the matrix
     for r0, r1, block in blocks:
-        scale = _larger(start[r0:r1], None if passed is None else passed[r0:r1])
+        at, count = r0 * width, (r1 - r0) * width
         allowance = None if allowances is None else next(allowances)[2]
-        distance.add(got[r0:r1], block, scale, allowance)
+        distance.add(
+            got.read(at, count),
+            block,
+            [start[r0:r1], *(p.read(at, count) for p in passed)],
+            allowance,
+        )
     within = distance.max_ulp_judged <= tol and distance.nonfinite == 0
     note = "" if within else f"{distance.max_ulp_judged:.3g} ulp"
     if distance.nonfinite:
@@ -347,52 +408,50 @@ def _check(
     return _result(plan.name, "merged", info.dtype, distance, within, note)
 
 
-def _expected_blocks(plan: TensorPlan, base: Checkpoint, adapters: list[Adapter]):
-    """(W0, LoRA terms, blocks of (r0, r1, expected rows in float64)): what a tensor should hold."""
-    start, terms, biases = tensor_inputs(plan, base, adapters, _CPU, torch.float64)
-    if terms:
-        return start, terms, merged_blocks(start, terms, torch.float64)
-    if biases:
-        expected = add_bias(start, biases, compute_dtype=torch.float64, out_dtype=torch.float64)
-    else:
-        expected = start.to(torch.float64)
-    return start, terms, iter([(0, expected.shape[0], expected)])
+def _compare_stored(distance: Distance, got: _Flat, stored: _Flat, passed: list[_Flat]) -> None:
+    """A tensor no adapter touches against the stored base, a piece at a time: equal bytes are
+    exact, and only the pieces that differ read the models the candidate passed through."""
+    step = _PIECE_BYTES // max(got.dtype.itemsize, stored.dtype.itemsize)
+    for at in range(0, got.size, step):
+        count = min(step, got.size - at)
+        mine, theirs = got.read(at, count), stored.read(at, count)
+        if mine.dtype == theirs.dtype and np.array_equal(
+            mine.view(np.uint8), theirs.view(np.uint8)
+        ):
+            distance.add_identical(count)
+            continue
+        scale = [p.read(at, count) for p in passed]
+        if mine.dtype == theirs.dtype:
+            distance.add_stored(mine, theirs, scale)
+        else:  # a changed dtype must still be the base rounded once
+            distance.add(mine, theirs, scale)
 
 
-def _float32_allowance(start: torch.Tensor, terms: list[Term]):
-    """Blocks (aligned with the expected ones) of the float32 arithmetic error bound, or None.
+class _Flat:
+    """One stored tensor, read a flat range of elements at a time (its raw bytes where they
+    are stored as such, else the whole tensor once)."""
 
-    A merge stored in float32 keeps the error of its float32 sum, which no rounding hides:
-    |error| <= gamma_n * M, M = |W0| + sum |c| * |B| @ |A|, n = sum (r + 2) + 1 (the standard
-    bound for the rank-r dot products and the accumulation; Higham, ch. 3). Plain LoRA only:
-    DoRA and convolutions are held to the ulp tolerance alone.
-    """
-    if not terms or any(t.magnitude is not None or t.kind == "conv" for t in terms):
-        return None
-    n = sum(t.a.shape[0] + 2 for t in terms) + 1
-    u = 2.0**-24
-    gamma = n * u / (1 - n * u)
-    absolute = [replace(t, a=t.a.abs(), b=t.b.abs(), coef=abs(t.coef)) for t in terms]
-    magnitude = merged_blocks(start.to(torch.float64).abs(), absolute, torch.float64)
-    return ((r0, r1, gamma * block) for r0, r1, block in magnitude)
+    def __init__(self, checkpoint: Checkpoint, name: str) -> None:
+        self._checkpoint, self._name = checkpoint, name
+        self._info = checkpoint.tensors[name]
+        self._raw = checkpoint.raw(name)
+        self._whole: np.ndarray | None = None
+        self._buffer: np.ndarray | None = None
+        self.dtype = dtypes.to_numpy(self._info.dtype)
+        self.size = math.prod(self._info.shape)
 
-
-def _larger(start: torch.Tensor, passed: torch.Tensor | None) -> torch.Tensor:
-    """Elementwise max(|W0|, |value passed through|), the ulp scale with `expected`."""
-    magnitude = start.to(torch.float64).abs()
-    return (
-        magnitude
-        if passed is None or passed.shape != magnitude.shape
-        else magnitude.maximum(passed)
-    )
-
-
-def _tensor(checkpoint: Checkpoint, name: str) -> torch.Tensor:
-    return dtypes.as_torch(checkpoint.read(name))
-
-
-def _bytes(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.contiguous().reshape(-1).view(torch.uint8)
+    def read(self, at: int, count: int) -> np.ndarray:
+        """Elements at .. at + count of the flattened tensor (valid until the next read)."""
+        if self._raw is None:
+            if self._whole is None:
+                self._whole = self._checkpoint.read(self._name).reshape(-1)
+            return self._whole[at : at + count]
+        if self._buffer is None or self._buffer.size < count:
+            self._buffer = np.empty(count, self.dtype)
+        out = self._buffer[:count]
+        offset = self._raw.offset + at * self.dtype.itemsize
+        read_exact(self._raw.fd, memoryview(out.view(np.uint8)), offset, self._info.path)
+        return out
 
 
 def _result(name, kind, dtype, distance: Distance, passed: bool, note: str) -> TensorCheck:

@@ -1,0 +1,261 @@
+"""The fast weight check (float32 decides, float64 settles) against the full float64 pass.
+
+Every figure must be the float64 pass's own: the element, exact and non-finite counts and the
+maxima (max abs, max ulp at the scale, judged, at the value) exactly; the squared error (RMSE) is
+a float sum whose order differs, so it must agree within its summation bound, N * 2^-52 relative.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from conftest import ADAPTERS, GPT2, LLAMA, ROOT
+from float64_oracle import Float64Distance
+from test_numpy_route import IMPORTS_TORCH
+
+from loramerge import dtypes
+from loramerge.compare import Distance
+from loramerge.delta import round_once
+from loramerge.merge import MergeOptions, merge
+from loramerge.swap import unmerge
+from loramerge.verify import weights as weight_check
+from loramerge.verify.weights import verify_weights
+
+BF16, F16 = np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16)
+EXACT_FIELDS = ("elements", "exact", "nonfinite", "max_abs", "max_ulp", "max_ulp_at_value")
+
+
+def _rounded(expected: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The correctly rounded values, by the torch rounding the merge uses."""
+    torch_dtype = dtypes.to_torch(dtypes.from_numpy(dtype))
+    return dtypes.as_numpy(round_once(torch.from_numpy(expected), torch_dtype))
+
+
+def _grid(dtype: np.dtype, values: np.ndarray) -> np.ndarray:
+    """`values` (float64) moved onto the grid of `dtype`, as float64."""
+    return _rounded(values, dtype).astype(np.float64)
+
+
+def _boundary_cases(dtype: np.dtype, rng: np.random.Generator) -> np.ndarray:
+    """Expected values on and around the rounding boundaries of `dtype`, plus the awkward ones."""
+    finfo = ml_dtypes.finfo(dtype)
+    below = _grid(dtype, rng.standard_normal(4000) * 0.05)
+    above = np.nextafter(below.astype(dtype), np.array(np.inf, dtype)).astype(np.float64)
+    middle = (below + above) / 2  # ties, exactly
+    single = middle.astype(np.float32)
+    cases = [
+        middle,
+        np.nextafter(single, np.float32(np.inf)).astype(np.float64),  # one float32 ulp either
+        np.nextafter(single, np.float32(-np.inf)).astype(np.float64),  # side of the midpoint
+        np.nextafter(middle, np.inf),  # one float64 ulp either side
+        np.nextafter(middle, -np.inf),
+        float(finfo.smallest_subnormal) * (rng.integers(0, 64, 500) + 0.5),  # subnormal ties
+        float(finfo.smallest_subnormal) * rng.uniform(-64, 64, 500),  # subnormals
+        2.0 ** rng.integers(-20, 4, 300) * (1 - 2.0**-53),  # a float64 ulp below a power of 2
+        2.0 ** rng.integers(-20, 4, 300) * (1 + 2.0**-24),  # a float32 ulp above one
+        np.array([0.0, -0.0, 1e-300, -1e-300, float(finfo.max), -float(finfo.max)]),
+        np.array([float(finfo.max) * (1 + 2.0**-9), 3.5e38, 1e39, 1e300]),  # overflow edges
+    ]
+    return np.concatenate(cases)
+
+
+def _candidates(expected: np.ndarray, dtype: np.dtype, rng: np.random.Generator) -> np.ndarray:
+    """Mostly the correct rounding; some one ulp off, a few far off."""
+    got = _rounded(expected, dtype)
+    bits = got.view(np.uint16)
+    off = rng.random(expected.size) < 0.05
+    bits[off] += rng.choice(np.array([1, 0xFFFF], np.uint16), int(off.sum()))  # +-1 ulp
+    far = rng.random(expected.size) < 0.002
+    got[far] = (expected[far] * 1.5).astype(dtype)
+    return got
+
+
+def _assert_same(fast, full) -> None:
+    for name in EXACT_FIELDS:
+        assert getattr(fast, name) == getattr(full, name), name
+    assert fast.max_ulp_judged == full.max_ulp_judged
+    bound = max(fast.elements, 1) * 2.0**-52 * full.squared_error
+    assert abs(fast.squared_error - full.squared_error) <= bound
+
+
+def _measure(distance, pieces) -> None:
+    for piece in pieces:
+        distance.add(*piece)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_boundary_cases_match_the_float64_pass(dtype, seed):
+    rng = np.random.default_rng(seed)
+    expected = _boundary_cases(dtype, rng)
+    expected = expected[rng.permutation(expected.size)]
+    got = _candidates(expected, dtype, rng)
+    start = rng.standard_normal(expected.size) * np.abs(expected).max()  # cancellations
+    start[rng.random(expected.size) < 0.5] = 0.0
+    fast, full = Distance(), Float64Distance()
+    pieces = [
+        (got[i : i + 3000], expected[i : i + 3000], [start[i : i + 3000]])
+        for i in range(0, got.size, 3000)
+    ]
+    _measure(fast, pieces)
+    _measure(full, pieces)
+    _assert_same(fast, full)
+    assert 0 < fast.exact < fast.elements
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bfloat16", "float16"])
+def test_nonfinite_values_match_the_float64_pass(dtype):
+    rng = np.random.default_rng(5)
+    expected = rng.standard_normal(4096) * 0.1
+    expected[:6] = [np.inf, -np.inf, np.nan, 1e39, 0.5, -0.25]
+    got = _rounded(expected, dtype)
+    got[4:6] = [np.inf, np.nan]  # finite expected, non-finite candidate
+    through = np.abs(expected)
+    through[7] = np.nan  # a NaN in a model the candidate passed through
+    for piece in ((got, expected, [through]), (got[6:], expected[6:], [through[6:]])):
+        fast, full = Distance(), Float64Distance()
+        fast.add(*piece)
+        full.add(*piece)
+        _assert_same(fast, full)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bfloat16", "float16"])
+def test_a_correct_large_merge_is_decided_without_float64_for_almost_every_element(
+    dtype, monkeypatch
+):
+    """A merge of realistic size: same figures, and at most 1% of elements settled in float64."""
+    rng = np.random.default_rng(3)
+    w0 = _grid(dtype, rng.standard_normal((1024, 1024)) * 0.02)
+    b, a = rng.standard_normal((1024, 16)) * 0.01, rng.standard_normal((16, 1024)) * 0.01
+    expected = w0 + 2.0 * (b @ a)
+    got = _rounded(expected, dtype)
+    got.view(np.uint16)[7, 9] += 1  # one element one ulp off, which must be seen
+    settled = []
+    settle = Distance._settle
+
+    def counting(self, candidate, *rest):
+        settled.append(candidate.size)
+        return settle(self, candidate, *rest)
+
+    monkeypatch.setattr(Distance, "_settle", counting)
+    fast, full = Distance(), Float64Distance()
+    piece = (got, expected, [w0.astype(dtype)])
+    fast.add(*piece)
+    full.add(*piece)
+    _assert_same(fast, full)
+    assert fast.exact == fast.elements - 1 and 0.5 < fast.max_ulp < 1.5
+    assert sum(settled) < 0.01 * got.size
+
+
+def test_float32_candidates_with_an_allowance_match_the_float64_pass():
+    rng = np.random.default_rng(4)
+    expected = rng.standard_normal(50000) * 0.1
+    got = expected.astype(np.float32)
+    got[::97] = np.nextafter(got[::97], np.float32(np.inf))
+    allowance = np.abs(expected) * 2.0**-24 * rng.uniform(0, 3, expected.size)
+    fast, full = Distance(), Float64Distance()
+    fast.add(got, expected, [expected * 2], allowance)
+    full.add(got, expected, [expected * 2], allowance)
+    _assert_same(fast, full)
+    assert fast.max_ulp_judged < fast.max_ulp
+
+
+def _merged(tmp_path, base, adapters, weights=(), **options):
+    out = tmp_path / "merged"
+    merge(base, [ADAPTERS / a for a in adapters], out, MergeOptions(weights=weights, **options))
+    return out
+
+
+def _both(monkeypatch, *args, **kwargs):
+    """The report of the fast check and the one of the full float64 pass."""
+    fast = verify_weights(*args, **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(weight_check, "Distance", Float64Distance)
+        full = verify_weights(*args, **kwargs)
+    return fast, full
+
+
+def _assert_same_reports(fast, full) -> None:
+    assert fast.passed == full.passed and fast.verdict() == full.verdict()
+    assert len(fast.tensors) == len(full.tensors)
+    for mine, theirs in zip(fast.tensors, full.tensors, strict=True):
+        for name in ("name", "kind", "elements", "exact_share", "max_abs", "max_ulp"):
+            assert getattr(mine, name) == getattr(theirs, name), (mine.name, name)
+        assert mine.max_ulp_at_value == theirs.max_ulp_at_value, mine.name
+        assert mine.max_ulp_judged == theirs.max_ulp_judged, mine.name
+        assert (mine.passed, mine.note) == (theirs.passed, theirs.note), mine.name
+        # RMSE: a float sum in another order, so the square within N * 2^-52 relative
+        assert math.isclose(mine.rmse, theirs.rmse, rel_tol=mine.elements * 2.0**-53, abs_tol=0)
+
+
+@pytest.mark.parametrize(
+    "base, adapters, weights, options",
+    [
+        (LLAMA, ["llama-lora"], (), {}),
+        (LLAMA, ["llama-embed"], (), {}),
+        (LLAMA, ["llama-dora", "llama-lora-b"], (1.0, -0.5), {}),
+        (LLAMA, ["llama-resized"], (), {"compute_dtype": "float64"}),
+        (LLAMA, ["llama-tokens"], (), {}),
+        (LLAMA, ["llama-rslora", "llama-patterns"], (0.7, 1.3), {}),
+        (LLAMA, ["llama-lora"], (), {"dtype": "float16"}),
+        (LLAMA, ["llama-lora"], (), {"dtype": "float32"}),
+        (GPT2, ["gpt2-lora"], (), {}),
+        (GPT2, ["gpt2-embed"], (), {"compute_dtype": "float64"}),
+    ],
+)
+def test_fixture_merges_get_the_float64_pass_figures(
+    tmp_path, monkeypatch, base, adapters, weights, options
+):
+    out = _merged(tmp_path, base, adapters, weights, **options)
+    paths = [ADAPTERS / a for a in adapters]
+    fast, full = _both(monkeypatch, out, base, paths, list(weights) or None)
+    _assert_same_reports(fast, full)
+    assert fast.passed
+    if {"llama-resized", "llama-tokens"} & set(adapters):
+        return  # replaced tensors and rows cannot be weighted
+    wrong = [w * 1.01 for w in weights or [1.0] * len(adapters)]
+    fast, full = _both(monkeypatch, out, base, paths, wrong)
+    _assert_same_reports(fast, full)
+    assert not fast.passed
+
+
+def test_unmerge_drift_and_rebase_checks_get_the_float64_pass_figures(tmp_path, monkeypatch):
+    """An unmerge's drift is measured with the merged model in the ulp scale (`through`)."""
+    merged = _merged(tmp_path, LLAMA, ["llama-lora", "llama-lora-b"])
+    out = tmp_path / "unmerged"
+    unmerge(merged, [ADAPTERS / "llama-lora-b"], out)
+    kept = [ADAPTERS / "llama-lora"]
+    fast, full = _both(monkeypatch, out, LLAMA, kept, through=[merged])
+    _assert_same_reports(fast, full)
+    assert any(t.exact_share < 1.0 for t in fast.tensors)  # the drift is really there
+    both = [ADAPTERS / "llama-lora", ADAPTERS / "llama-lora-b"]
+    fast, full = _both(monkeypatch, merged, LLAMA, both)
+    _assert_same_reports(fast, full)
+
+
+def _imports_torch(*args) -> bool:
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORTS_TORCH, *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()[-1] == "True"
+
+
+@pytest.mark.parametrize("adapter, uses_torch", [("llama-lora", False), ("llama-dora", True)])
+def test_checks_of_plain_lora_never_import_torch(tmp_path, adapter, uses_torch):
+    """merge --verify, verify and unmerge's drift report compute plain LoRA with numpy."""
+    merged, lora = tmp_path / "merged", ADAPTERS / adapter
+    assert _imports_torch("merge", LLAMA, lora, "-o", merged, "--verify", "-q") == uses_torch
+    assert _imports_torch("verify", merged, "--base", LLAMA, "--adapter", lora, "-q") == uses_torch
+    unmerged = tmp_path / "unmerged"
+    assert _imports_torch("unmerge", merged, lora, "-o", unmerged, "-q") == uses_torch
+    assert (unmerged / "loramerge.json").is_file()
