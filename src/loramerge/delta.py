@@ -13,7 +13,7 @@ ConvNd 1x1 a matmul of the squeezed kernels and k x k `conv(A^T, B)^T`.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,22 @@ class Term:
 def term_rows(term: Term) -> int:
     """Rows of W this term's dW covers."""
     return term.a.shape[1] if transposed(term) else term.b.shape[0]
+
+
+def window(term: Term, r0: int, r1: int) -> Term | None:
+    """The term on rows r0:r1 of W alone, its rows counted from r0; None if it covers none.
+
+    A DoRA term's magnitude and norm follow its rows (untransposed DoRA: one norm per row).
+    """
+    lo, hi = max(r0, term.at), min(r1, term.at + term_rows(term))
+    if lo >= hi:
+        return None
+    d0, d1 = lo - term.at, hi - term.at
+    if transposed(term):
+        return replace(term, a=term.a[:, d0:d1], at=lo - r0)
+    magnitude = None if term.magnitude is None else term.magnitude[d0:d1]
+    norm = None if term.norm is None else term.norm[d0:d1]
+    return replace(term, b=term.b[d0:d1], at=lo - r0, magnitude=magnitude, norm=norm)
 
 
 def transposed(term: Term) -> bool:

@@ -10,6 +10,7 @@ offset, so tensors may arrive in any order on any thread and none is held longer
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -19,7 +20,13 @@ import gguf
 import numpy as np
 
 from loramerge.errors import LoramergeError
-from loramerge.gguf_names import TensorNames, UnsupportedArchitecture, architecture, to_gguf_values
+from loramerge.gguf_names import (
+    TensorNames,
+    UnsupportedArchitecture,
+    architecture,
+    row_local,
+    to_gguf_values,
+)
 from loramerge.quant import ggml
 from loramerge.quant.ggml_types import GGUF_TYPES, ModelInfo, tensor_types
 from loramerge.sink.gguf_metadata import extra_tensors, write_hyperparameters, write_tokenizer
@@ -113,6 +120,9 @@ class GGUFFile:
         os.ftruncate(self._fd, self._data_start + offset)
         self.order = list(kept)
         self._written: set[str] = set()
+        self._filled: dict[str, int] = {}  # bytes of a tensor written so far
+        self._shapes = {name: shape for name, (_, shape) in kept.items()}
+        self._shapes.update({name: v.shape for name, v in extras.items()})
         for name, values in extras.items():
             self._store(name, values)
         self.files: list[str] = []
@@ -131,15 +141,29 @@ class GGUFFile:
         """Never called (nothing is copyable)."""
         raise AssertionError(f"GGUF output converts every tensor; {name} cannot be copied")
 
-    def write(self, name: str, values: np.ndarray) -> None:
-        """Convert one finished tensor as llama.cpp expects it and write its blocks in place."""
-        self._store(name, to_gguf_values(self._arch, name, values, self._config))
+    def granule(self, name: str) -> int:
+        """Whole rows when conversion keeps rows in place, else the whole tensor."""
+        shape = self._shapes[name]
+        whole = len(shape) < 2 or not row_local(self._arch, name, self._config)
+        return math.prod(shape) if whole else shape[-1]
 
-    def _store(self, name: str, values: np.ndarray) -> None:
+    def write(self, name: str, values: np.ndarray, start: int = 0) -> None:
+        """Convert a tensor, or its rows from flat element `start` on, as llama.cpp expects it
+        and write its blocks in place."""
+        cols = self._shapes[name][-1] if self._shapes[name] else 1
+        rows = np.ascontiguousarray(values).reshape(-1, cols)
+        if start == 0 and rows.size == math.prod(self._shapes[name]):
+            rows = to_gguf_values(self._arch, name, values, self._config)
+        self._store(name, rows, start // cols)
+
+    def _store(self, name: str, values: np.ndarray, row: int = 0) -> None:
         tensor = self._tensors[name]
-        data = ggml.quantize(values, tensor.qtype)
-        _pwrite_all(self._fd, memoryview(data.reshape(-1)), self._data_start + tensor.offset)
-        self._written.add(name)
+        data = ggml.quantize(values, tensor.qtype).reshape(-1)
+        at = row * (tensor.nbytes // max(1, math.prod(self._shapes[name][:-1])))
+        _pwrite_all(self._fd, memoryview(data), self._data_start + tensor.offset + at)
+        self._filled[name] = self._filled.get(name, 0) + len(data)
+        if self._filled[name] == tensor.nbytes:
+            self._written.add(name)
 
     def finish(self) -> None:
         """Check every tensor arrived and close the file (the atomic output fsyncs it)."""
