@@ -51,13 +51,21 @@ def factor(a: np.ndarray, b: np.ndarray, coef: float, transposed: bool, at: int 
     )
 
 
+def block_rows(cols: int) -> int:
+    """Rows per block of a matrix with `cols` columns. Blocks start at multiples of this from the
+    tensor's first row, whatever part of it is at hand, so the arithmetic (each BLAS call) is
+    the same however a tensor is split into parts."""
+    return max(1, BLOCK_ELEMENTS // max(cols, 1))
+
+
 def merge_rows(w0: np.ndarray, factors: list[Factor], out: np.ndarray, first: int = 0) -> None:
     """out = W0 + sum of the factors, rounded once to out's dtype; `out` may be `w0` itself.
 
-    `w0` holds rows `first` onwards of W (a part of a bigger tensor).
+    `w0` holds rows `first` onwards of W (a part of a bigger tensor; `first` a multiple of
+    `block_rows`).
     """
     rows, cols = w0.shape
-    step = max(1, BLOCK_ELEMENTS // max(cols, 1))
+    step = block_rows(cols)
     acc_buffer, delta_buffer = _scratch(step * cols)
     with np.errstate(all="ignore"):  # NaN and overflow merge as IEEE says (--allow-nonfinite)
         for r0 in range(0, rows, step):

@@ -184,10 +184,11 @@ def _raw(plan: TensorPlan, base: Checkpoint, writer: Sink) -> RawRange | None:
 
 
 def part_rows(rows: int, cols: int, itemsize: int, granule: int) -> int:
-    """Rows per part of a (rows, cols) tensor: about `chunk_bytes()` each, every part starting
-    at a multiple of the sink's granule."""
-    step = max(1, chunk_bytes() // max(1, cols * itemsize))
-    unit = granule // math.gcd(granule, cols) if cols else 1
+    """Rows per part of a (rows, cols) tensor: about `chunk_bytes()` each, a whole number of
+    merge blocks (`blocked.block_rows`, so the arithmetic is that of the whole tensor), every
+    part starting at a multiple of the sink's granule."""
+    unit = math.lcm(granule // math.gcd(granule, cols) if cols else 1, blocked.block_rows(cols))
+    step = chunk_bytes() // max(1, cols * itemsize)
     return min(max(unit, step // unit * unit), max(rows, 1))
 
 
@@ -228,8 +229,11 @@ def _write_tensor(
             route.norms_out,
             part_rows(rows, cols, itemsize, granule),
         )
+    numel = math.prod(plan.shape)
     for start, values in parts:
-        writer.write(plan.name, values, start)
+        writer.write(
+            plan.name, values.reshape(plan.shape) if values.size == numel else values, start
+        )
 
 
 def _merge_numpy(

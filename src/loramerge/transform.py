@@ -23,7 +23,7 @@ from loramerge.delta import (
     merge_weight,
     replace_rows,
     round_once,
-    transposed,
+    row_wise,
     window,
 )
 from loramerge.errors import LoramergeError
@@ -55,7 +55,7 @@ def produce(
     biases = bias_terms(plan, adapters)
     origin, key = weight_origin(plan, base, adapters)
     rows, cols = matrix_shape(plan, origin.tensors[key].shape)
-    if not splittable(origin, key, terms):
+    if origin.raw(key) is None or not row_wise(terms):  # computed or held whole, or not by rows
         part_rows = rows
     norms: dict[int, list[torch.Tensor]] = {}
     for r0 in range(0, max(rows, 1), max(part_rows, 1)):
@@ -77,19 +77,10 @@ def produce(
                 norms.setdefault(kept[index][0], []).append(norm.float().cpu())
         elif biases:
             weight = add_bias(weight, biases, compute_dtype=compute_dtype, out_dtype=out_dtype)
-        values = dtypes.as_numpy(round_once(weight, out_dtype).cpu())
-        yield r0 * cols, values.reshape(plan.shape) if r1 - r0 == rows else values
+        yield r0 * cols, dtypes.as_numpy(round_once(weight, out_dtype).cpu())
     for index, parts in norms.items():  # dict updates are atomic under the GIL
         norm = dtypes.as_numpy(torch.cat(parts))
         norms_out[(plan.lora[index].adapter, plan.name)] = norm
-
-
-def splittable(origin: Checkpoint, key: str, terms: list[Term]) -> bool:
-    """Whether the merge may go a few rows at a time: a stored tensor (not one computed or held
-    whole), no convolution, no DoRA whose norm runs over rows (transposed)."""
-    return origin.raw(key) is not None and all(
-        t.kind != "conv" and not (t.magnitude is not None and transposed(t)) for t in terms
-    )
 
 
 def weight_origin(
