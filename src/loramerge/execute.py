@@ -8,6 +8,7 @@ alone; the rest (CUDA, float64, DoRA, convolutions, float16, replacements, bias)
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import sys
@@ -125,6 +126,7 @@ def write_tensors(
     by_torch = any(route.by_torch(t, checkpoint) for t in plan.tensors)
     done = 0
     with (
+        _collector_paused(),
         threadpool_limits(limits=1, user_api="blas"),
         _torch_threads(1 if by_torch else None),
         ThreadPoolExecutor(workers, thread_name_prefix="loramerge") as pool,
@@ -160,6 +162,20 @@ def worker_count(tensor_sizes: list[int]) -> int:
     largest = max(tensor_sizes, default=0)
     by_memory = BUFFER_BUDGET // max(2 * largest, 1)
     return max(1, min(4, (os.cpu_count() or 1) + 2, by_memory))
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection while tensors stream: the loop makes no cycles, and each
+    pass would walk every object the imports left (frozen out of later passes too)."""
+    enabled = gc.isenabled()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @contextmanager
