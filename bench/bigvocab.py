@@ -17,6 +17,7 @@ import json
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,59 @@ def build(root: Path) -> None:
     ).save_pretrained(str(adapter))
 
 
+def check(root: Path, rows: int, seed: int) -> dict[str, Any]:
+    """The merge held against float64 on `rows` random rows of every modified tensor (all of the
+    small ones): max distance in bf16 ulps at max(|W0|, |exact|), and the share equal to the
+    correctly rounded exact value. Reads only those rows, so it runs in little memory."""
+    import numpy as np
+
+    from loramerge.source.checkpoint import open_weights
+
+    rng = np.random.default_rng(seed)
+    scale = ALPHA / RANK
+    with (
+        open_weights(root / "base", stem="model", allow_pickle=False) as base,
+        open_weights(root / "merged", stem="model", allow_pickle=False) as merged,
+        open_weights(root / "adapter", stem="adapter_model", allow_pickle=False) as adapter,
+    ):
+        factors = {n: adapter.read(n).astype(np.float64) for n in adapter.tensors}
+        worst, exact, total = 0.0, 0, 0
+        for name, (out_features, cols) in {
+            n: s for n, s, _ in base_tensors() if len(s) == 2
+        }.items():
+            module = "base_model.model." + name.removesuffix(".weight")
+            if name.endswith("embed_tokens.weight"):  # delta rows from A's columns: (B @ A)^T
+                a, b = factors[module + ".lora_embedding_A"], factors[module + ".lora_embedding_B"]
+                a, b = b.T, a.T  # row i of the delta is A[:, i]^T @ B^T
+            else:
+                a, b = factors[module + ".lora_A.weight"], factors[module + ".lora_B.weight"]
+            picked = np.sort(rng.choice(out_features, min(rows, out_features), replace=False))
+            buffer = np.empty(cols * 4, np.uint8)
+            for i in picked:
+                w0 = base.read_part(name, i * cols, (i + 1) * cols, buffer).astype(np.float64)
+                ours = merged.read_part(name, i * cols, (i + 1) * cols, buffer).astype(np.float64)
+                want = w0 + scale * (b[i] @ a)
+                rounded = _to_bf16(want).astype(np.float64)
+                magnitude = np.maximum(np.abs(w0), np.abs(want))
+                ulp = np.exp2(np.floor(np.log2(np.maximum(magnitude, 2.0**-126))) - 7)
+                worst = max(worst, float((np.abs(ours - want) / ulp).max()))
+                exact += int((ours == rounded).sum())
+                total += cols
+    return {"max_ulp": round(worst, 4), "correctly_rounded_share": exact / total, "elements": total}
+
+
+def _to_bf16(x):
+    """float64 -> bfloat16 rounded once: to float32 "to odd" first (as `delta.round_once`)."""
+    import ml_dtypes
+    import numpy as np
+
+    single = x.astype(np.float32)
+    back = single.astype(np.float64)
+    bits = single.view(np.uint32) - (np.abs(back) > np.abs(x)).astype(np.uint32)
+    bits |= (back != x).astype(np.uint32)
+    return bits.view(np.float32).astype(ml_dtypes.bfloat16)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Build (once), then measure copy, merge, verify and unmerge, one process each."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -146,11 +200,18 @@ def main(argv: list[str] | None = None) -> None:
         help="address-space limit per command (ulimit -v), so a command that would hold the "
         "whole embedding in float64 fails instead of crowding the machine (default 8)",
     )
+    p.add_argument(
+        "--check-rows", type=int, default=2048, help="rows per tensor held against float64"
+    )
     p.add_argument("--child-build", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--child-check", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     root = args.workdir / "bigvocab"
     if args.child_build:
         build(root)
+        return
+    if args.child_check:
+        print(json.dumps(check(root, args.check_rows, 0)))
         return
     if not (root / "adapter" / "adapter_config.json").is_file():
         shutil.rmtree(root, ignore_errors=True)
@@ -162,26 +223,26 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"build failed, see {args.workdir / 'bigvocab-build.log'}")
         print(f"built in {run.seconds:.0f} s, base {tree_bytes(root / 'base') / 2**30:.2f} GiB")
     q = lambda path: shlex.quote(str(path))  # noqa: E731
-    base, adapter, merged, undone = (
-        root / "base",
-        root / "adapter",
-        root / "merged",
-        root / "undone",
-    )
-    copy = root / "copy"
+    base, adapter, copy, hidden = root / "base", root / "adapter", root / "copy", root / "hidden"
+    merged, undone = root / "merged", root / "undone"
     lm = args.loramerge_cmd
     steps = {
         "copy": f"cp -r {q(base)} {q(copy)} && sync",
         "merge": f"{lm} merge {q(base)} {q(adapter)} -o {q(merged)} --quiet",
         "verify": f"{lm} verify {q(merged)} --base {q(base)} --adapter {q(adapter)} --json",
         "unmerge": f"{lm} unmerge {q(merged)} {q(adapter)} -o {q(undone)} --quiet",
+        # the subtraction alone: with the recorded base out of reach there is no drift report
+        "unmerge, no drift report": f"mv {q(base)} {q(hidden)} && {lm} unmerge {q(merged)} "
+        f"{q(adapter)} -o {q(undone)} --quiet; rc=$?; mv {q(hidden)} {q(base)}; exit $rc",
     }
     env = child_env()
     log = args.workdir / "bigvocab.log"
     log.write_text("")
+    shutil.rmtree(merged, ignore_errors=True)
     warm_cache(base)
     results = {}
     for name, command in steps.items():
+        shutil.rmtree(undone, ignore_errors=True)
         settle(copy, 2.0)
         with open(log, "a") as f:
             f.write(f"\n=== {name}: {command}\n")
@@ -193,9 +254,26 @@ def main(argv: list[str] | None = None) -> None:
             "exit": run.returncode,
         }
         print(
-            f"{name:8} {run.seconds:8.1f} s {run.rss_kib / 1024:8.0f} MiB exit {run.returncode}",
+            f"{name:24} {run.seconds:8.1f} s {run.rss_kib / 1024:8.0f} MiB exit {run.returncode}",
             flush=True,
         )
+    checked = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--workdir",
+            str(args.workdir),
+            "--child-check",
+            "--check-rows",
+            str(args.check_rows),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    results["merge_vs_float64"] = json.loads(checked.stdout)
+    print("merge vs float64 on sampled rows:", results["merge_vs_float64"], flush=True)
     results["load"] = os.getloadavg()
     if args.json:
         write_json(args.json, results)
