@@ -120,3 +120,21 @@ def test_unmerge_in_small_parts_gives_the_same_bytes(tmp_path, monkeypatch, case
         unmerge(merged, [ADAPTERS / a for a in adapters], out, base=base)
         outputs[chunk] = _weights(out)
     assert outputs["1"] == outputs[""]
+
+
+@pytest.mark.parametrize("case", ["mixtral-fused", "qwen3-moe", "gpt-oss"])
+def test_stacked_experts_in_small_parts(tmp_path, monkeypatch, case):
+    """Part-ed expert terms (stored 3-D stacks, one expert's rows each) across part boundaries:
+    the same bytes as whole tensors, and PEFT's float64 merge within the float32 bound."""
+    from test_transformers5_names import _check_weights
+    from transformers5_models import build
+
+    base, adapter = build(case, tmp_path, 0)
+    outputs = {}
+    for chunk in ("", "1", "3000"):
+        monkeypatch.setenv("LORAMERGE_CHUNK_BYTES", chunk)
+        out = tmp_path / f"out-{chunk or 'whole'}"
+        merge(base, [adapter], out, MergeOptions())
+        outputs[chunk] = _weights(out)
+    assert outputs["1"] == outputs[""] == outputs["3000"]
+    print(f"\n{case}: {_check_weights(tmp_path / 'out-1', base, [adapter], [1.0], 'float32')}")
