@@ -138,3 +138,21 @@ def test_stacked_experts_in_small_parts(tmp_path, monkeypatch, case):
         outputs[chunk] = _weights(out)
     assert outputs["1"] == outputs[""] == outputs["3000"]
     print(f"\n{case}: {_check_weights(tmp_path / 'out-1', base, [adapter], [1.0], 'float32')}")
+
+
+@pytest.mark.parametrize("cols", [1, 48, 64, 100, 2048, 8192])
+@pytest.mark.parametrize("granule", [1, 64, 256, 4096])
+@pytest.mark.parametrize("chunk", ["1", "3000", str(32 << 20)])
+def test_part_rows_fall_on_blocks_and_granules(monkeypatch, cols, granule, chunk):
+    """Every part starts at a multiple of the sink's granule and of the merge block, and is no
+    bigger than the chunk size unless one such unit is."""
+    from loramerge.execute import part_rows
+
+    monkeypatch.setenv("LORAMERGE_CHUNK_BYTES", chunk)
+    monkeypatch.setattr(blocked, "BLOCK_ELEMENTS", 1 << 18)
+    rows = 100_000
+    step = part_rows(rows, cols, 2, granule)
+    assert step * cols % granule == 0 or step == rows
+    assert step % blocked.block_rows(cols) == 0 or step == rows
+    unit = np.lcm(granule // np.gcd(granule, cols), blocked.block_rows(cols))
+    assert step * cols * 2 <= max(int(chunk), unit * cols * 2)
