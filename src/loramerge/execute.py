@@ -117,9 +117,9 @@ def write_tensors(
 ) -> int:
     """Produce every tensor on a few threads (numpy, torch and file I/O release the GIL).
 
-    Each thread owns one tensor at a time and writes it to its own byte range, in the writer's
-    order so each shard's hash keeps pace; BLAS and torch thread pools are held to one thread
-    meanwhile (no oversubscription).
+    Each thread owns one tensor at a time and writes it, part by part, to its own byte range, in
+    the writer's order so each shard's hash keeps pace; BLAS and torch thread pools are held to
+    one thread meanwhile (no oversubscription).
     """
     computed = [t for t in plan.tensors if _raw(t, checkpoint, writer) is None]
     workers = worker_count([min(t.nbytes, chunk_bytes()) for t in computed])
@@ -259,7 +259,6 @@ def _merge_numpy(
     each merged in place in the read buffer if it can."""
     out_dtype = dtypes.to_numpy(plan.dtype)
     rows, cols = matrix_shape(plan, plan.shape)
-    numel = math.prod(plan.shape)
     step = part_rows(rows, cols, out_dtype.itemsize, granule)
     if base.raw(plan.source) is None:  # computed or held whole: one part
         step = max(rows, 1)
@@ -272,7 +271,7 @@ def _merge_numpy(
     in_itemsize = dtypes.itemsize(base.tensors[plan.source].dtype)
     for r0 in range(0, max(rows, 1), step):
         r1 = min(rows, r0 + step)
-        start, stop = r0 * cols, min(r1 * cols, numel)
+        start, stop = r0 * cols, r1 * cols
         # in place, then written with no staging copy
         phase = (writer.position(plan.name) + start * out_dtype.itemsize) % ALIGN
         buffer = read_buffer((stop - start) * in_itemsize, phase)

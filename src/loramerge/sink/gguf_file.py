@@ -4,7 +4,8 @@ Every tensor's GGUF name, type and byte size follow from its shape, so gguf's `G
 writes the header, the metadata (hyperparameters, tokenizer, `loramerge.provenance`) and the
 tensor infos up front; each finished tensor is then converted as convert_hf_to_gguf.py does
 (`gguf_names`), quantized (`quant.ggml`, llama.cpp's reference blocks) and written at its own
-offset, so tensors may arrive in any order on any thread and none is held longer than that.
+offset (a few whole rows at a time where the conversion keeps rows in place), so tensors may
+arrive in any order on any thread and none is held longer than that.
 """
 
 from __future__ import annotations

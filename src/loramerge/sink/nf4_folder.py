@@ -166,6 +166,7 @@ class NF4Folder:
         with self._lock:
             del self._absmax[name]
         shape, double_quant = self._shapes[name], self.options.double_quant
+        # (the codes are written already: only the state's scales and header are used)
         state = nf4.with_absmax(packed, absmax, shape, values.dtype.name, blocksize, double_quant)
         self._writer.write(name + ".absmax", state.absmax)
         self._writer.write(name + ".quant_map", nf4.CODE)
