@@ -12,6 +12,7 @@ import torch
 from conftest import ADAPTERS, GPT2, LLAMA
 from reference import float32_bound, float64_bound, load_base, reference_merge, ulp_error
 
+from loramerge import blocked
 from loramerge.errors import LoramergeError
 from loramerge.execute import resolve_device
 from loramerge.merge import MergeOptions, merge
@@ -128,3 +129,18 @@ def test_quantize_to_nf4_on_cuda_writes_the_cpu_bytes(tmp_path):
     assert shards
     for shard in shards:
         assert (tmp_path / "cpu" / shard).read_bytes() == (tmp_path / "cuda" / shard).read_bytes()
+
+
+@cuda
+@pytest.mark.parametrize("base, adapters, weights", CASES, ids=lambda v: str(v)[-20:])
+def test_cuda_in_row_parts_is_within_the_bound(tmp_path, monkeypatch, base, adapters, weights):
+    """Parts of one row each (`LORAMERGE_CHUNK_BYTES`, blocks of one row): every part goes to
+    the GPU on its own."""
+    monkeypatch.setenv("LORAMERGE_CHUNK_BYTES", "1")
+    monkeypatch.setattr(blocked, "BLOCK_ELEMENTS", 1)
+    paths = [ADAPTERS / a for a in adapters]
+    merge(base, paths, tmp_path / "out", MergeOptions(weights, device="cuda"))
+    ours = load_base(tmp_path / "out")
+    for name, exp in reference_merge(base, paths, list(weights)).items():
+        err = ulp_error(ours[name], exp.value)
+        assert (err <= float32_bound(exp, ours[name].dtype)).all(), name

@@ -1,3 +1,3 @@
-from loramerge.cli import main
+from loramerge.cli import run
 
-main()
+run()

@@ -51,10 +51,21 @@ def factor(a: np.ndarray, b: np.ndarray, coef: float, transposed: bool, at: int 
     )
 
 
-def merge_rows(w0: np.ndarray, factors: list[Factor], out: np.ndarray) -> None:
-    """out = W0 + sum of the factors, rounded once to out's dtype; `out` may be `w0` itself."""
+def block_rows(cols: int) -> int:
+    """Rows per block of a matrix with `cols` columns. Blocks start at multiples of this from the
+    tensor's first row, whatever part of it is at hand, so the arithmetic (each BLAS call) is
+    the same however a tensor is split into parts."""
+    return max(1, BLOCK_ELEMENTS // max(cols, 1))
+
+
+def merge_rows(w0: np.ndarray, factors: list[Factor], out: np.ndarray, first: int = 0) -> None:
+    """out = W0 + sum of the factors, rounded once to out's dtype; `out` may be `w0` itself.
+
+    `w0` holds rows `first` onwards of W (a part of a bigger tensor; `first` a multiple of
+    `block_rows`).
+    """
     rows, cols = w0.shape
-    step = max(1, BLOCK_ELEMENTS // max(cols, 1))
+    step = block_rows(cols)
     acc_buffer, delta_buffer = _scratch(step * cols)
     with np.errstate(all="ignore"):  # NaN and overflow merge as IEEE says (--allow-nonfinite)
         for r0 in range(0, rows, step):
@@ -63,7 +74,8 @@ def merge_rows(w0: np.ndarray, factors: list[Factor], out: np.ndarray) -> None:
             delta = delta_buffer[: (r1 - r0) * cols].reshape(r1 - r0, cols)
             np.copyto(acc, w0[r0:r1])  # bfloat16 -> float32 is exact
             for f in factors:
-                lo, hi = max(r0, f.at), min(r1, f.at + f.rows)  # rows of W this block and dW share
+                # rows of W this block and dW share
+                lo, hi = max(first + r0, f.at), min(first + r1, f.at + f.rows)
                 if lo >= hi:
                     continue
                 d, d0, d1 = delta[: hi - lo], lo - f.at, hi - f.at
@@ -71,7 +83,7 @@ def merge_rows(w0: np.ndarray, factors: list[Factor], out: np.ndarray) -> None:
                     np.matmul(f.a[:, d0:d1].T, f.b.T, out=d)
                 else:
                     np.matmul(f.b[d0:d1], f.a, out=d)
-                acc[lo - r0 : hi - r0] += d
+                acc[lo - first - r0 : hi - first - r0] += d
             np.copyto(out[r0:r1], acc, casting="unsafe")  # the one rounding, to nearest even
 
 

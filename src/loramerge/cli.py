@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import signal
@@ -748,6 +749,15 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - last resort: one line, not a traceback
         message = f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for details)"
         _fail(message, state["debug"])
+
+
+def run() -> None:
+    """The process's entry point: `main`, then exit without a last collector pass over every
+    object the command left (the process ends; the OS takes its memory back)."""
+    try:
+        main()
+    finally:
+        gc.freeze()
 
 
 def _fail(message: str, debug: bool) -> None:

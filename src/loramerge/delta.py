@@ -13,12 +13,12 @@ ConvNd 1x1 a matmul of the squeezed kernels and k x k `conv(A^T, B)^T`.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from loramerge.blocked import BLOCK_ELEMENTS
+from loramerge.blocked import block_rows
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,22 @@ class Term:
 def term_rows(term: Term) -> int:
     """Rows of W this term's dW covers."""
     return term.a.shape[1] if transposed(term) else term.b.shape[0]
+
+
+def window(term: Term, r0: int, r1: int) -> Term | None:
+    """The term on rows r0:r1 of W alone, its rows counted from r0; None if it covers none.
+
+    A DoRA term's magnitude and norm follow its rows (untransposed DoRA: one norm per row).
+    """
+    lo, hi = max(r0, term.at), min(r1, term.at + term_rows(term))
+    if lo >= hi:
+        return None
+    d0, d1 = lo - term.at, hi - term.at
+    if transposed(term):
+        return replace(term, a=term.a[:, d0:d1], at=lo - r0)
+    magnitude = None if term.magnitude is None else term.magnitude[d0:d1]
+    norm = None if term.norm is None else term.norm[d0:d1]
+    return replace(term, b=term.b[d0:d1], at=lo - r0, magnitude=magnitude, norm=norm)
 
 
 def transposed(term: Term) -> bool:
@@ -97,14 +113,18 @@ def merged_blocks(
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield (r0, r1, rows r0:r1 of the unrounded merge) block by block.
 
-    Plain LoRA on a matrix goes in cache-sized row blocks (a yielded block is overwritten by the
-    next one); DoRA and convolutions need whole tensors and come as one block.
+    A matrix goes in cache-sized row blocks (`block_rows`; a yielded block may be overwritten by
+    the next one), DoRA too when its norms are per row; convolutions and DoRA with norms over
+    rows (transposed) need whole tensors and come as one block.
     """
-    if w0.dim() != 2 or any(t.kind == "conv" or t.magnitude is not None for t in terms):
+    if w0.dim() != 2 or not row_wise(terms):
         yield 0, w0.shape[0], _merge_whole(w0, terms, compute_dtype, norms)
         return
     rows, cols = w0.shape
-    step = max(1, BLOCK_ELEMENTS // max(cols, 1))
+    step = block_rows(cols)
+    if any(t.magnitude is not None for t in terms):
+        yield from _dora_blocks(w0, terms, compute_dtype, step, norms)
+        return
     scratch = torch.empty(step * cols, dtype=compute_dtype, device=w0.device)
     # the coefficient goes into B (r values per row), as in `blocked`, the numpy twin of this loop
     factors = [(t.a.to(compute_dtype), t.b.to(compute_dtype) * t.coef, t) for t in terms]
@@ -122,6 +142,32 @@ def merged_blocks(
             else:
                 band.addmm_(b[d0:d1], a)
         yield r0, r1, acc
+
+
+def row_wise(terms: list[Term]) -> bool:
+    """Whether each row of the merge depends on that row of W0 alone: no convolution, no DoRA
+    whose norm runs over rows (transposed)."""
+    return all(t.kind != "conv" and not (t.magnitude is not None and transposed(t)) for t in terms)
+
+
+def _dora_blocks(
+    w0: torch.Tensor,
+    terms: list[Term],
+    compute_dtype: torch.dtype,
+    step: int,
+    norms: dict[int, torch.Tensor] | None,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """DoRA (norms per output row) and the plain terms beside it, `step` rows at a time."""
+    found: dict[int, list[torch.Tensor]] = {}
+    for r0 in range(0, w0.shape[0], step):
+        r1 = min(w0.shape[0], r0 + step)
+        kept = [(i, t) for i, t in enumerate(window(t, r0, r1) for t in terms) if t]
+        block: dict[int, torch.Tensor] = {}
+        yield r0, r1, _merge_whole(w0[r0:r1], [t for _, t in kept], compute_dtype, block)
+        for index, norm in block.items():
+            found.setdefault(kept[index][0], []).append(norm)
+    if norms is not None:
+        norms.update({index: torch.cat(parts) for index, parts in found.items()})
 
 
 def _merge_whole(

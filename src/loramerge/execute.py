@@ -8,6 +8,8 @@ alone; the rest (CUDA, float64, DoRA, convolutions, float16, replacements, bias)
 
 from __future__ import annotations
 
+import gc
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -24,7 +26,7 @@ from loramerge import blocked, dtypes
 from loramerge.adapter import Adapter
 from loramerge.errors import LoramergeError
 from loramerge.nf4_layout import StoredNF4
-from loramerge.plan import Plan, TensorPlan, as_matrix
+from loramerge.plan import Plan, TensorPlan, matrix_shape
 from loramerge.sink.direct_io import ALIGN
 from loramerge.sink.formats import Sink
 from loramerge.source.checkpoint import Checkpoint, RawRange, read_buffer
@@ -117,15 +119,16 @@ def write_tensors(
 ) -> int:
     """Produce every tensor on a few threads (numpy, torch and file I/O release the GIL).
 
-    Each thread owns one tensor at a time and writes it to its own byte range, in the writer's
-    order so each shard's hash keeps pace; BLAS and torch thread pools are held to one thread
-    meanwhile (no oversubscription).
+    Each thread owns one tensor at a time and writes it, part by part, to its own byte range, in
+    the writer's order so each shard's hash keeps pace; BLAS and torch thread pools are held to
+    one thread meanwhile (no oversubscription).
     """
     computed = [t for t in plan.tensors if _raw(t, checkpoint, writer) is None]
-    workers = worker_count([t.nbytes for t in computed])
+    workers = worker_count([min(t.nbytes, chunk_bytes()) for t in computed])
     by_torch = any(route.by_torch(t, checkpoint) for t in plan.tensors)
     done = 0
     with (
+        _collector_paused(),
         threadpool_limits(limits=1, user_api="blas"),
         _torch_threads(1 if by_torch else None),
         ThreadPoolExecutor(workers, thread_name_prefix="loramerge") as pool,
@@ -148,9 +151,11 @@ def write_tensors(
     return done
 
 
-# Buffers the workers may hold at once: each holds its tensor, and may leave a copy of it with
-# the hasher when it finishes ahead of an earlier tensor.
+# Buffers the workers may hold at once: each holds its tensor's part, and may leave a copy of it
+# with the hasher when it finishes ahead of an earlier tensor.
 BUFFER_BUDGET = 2 << 30
+# Bytes of a tensor read, merged and written at a time: memory stays flat whatever its size.
+CHUNK_BYTES = 32 << 20
 
 
 def worker_count(tensor_sizes: list[int]) -> int:
@@ -159,6 +164,20 @@ def worker_count(tensor_sizes: list[int]) -> int:
     largest = max(tensor_sizes, default=0)
     by_memory = BUFFER_BUDGET // max(2 * largest, 1)
     return max(1, min(4, (os.cpu_count() or 1) + 2, by_memory))
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection while tensors stream: the loop makes no cycles, and each
+    pass would walk every object the imports left (frozen out of later passes too)."""
+    enabled = gc.isenabled()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @contextmanager
@@ -189,6 +208,21 @@ def _raw(plan: TensorPlan, base: Checkpoint, writer: Sink) -> RawRange | None:
     return _copied(plan, base) if writer.copyable(plan.name) else None
 
 
+def part_rows(rows: int, cols: int, itemsize: int, granule: int) -> int:
+    """Rows per part of a (rows, cols) tensor: about `chunk_bytes()` each, a whole number of
+    merge blocks (`blocked.block_rows`, so the arithmetic is that of the whole tensor), every
+    part starting at a multiple of the sink's granule."""
+    unit = math.lcm(granule // math.gcd(granule, cols) if cols else 1, blocked.block_rows(cols))
+    step = chunk_bytes() // max(1, cols * itemsize)
+    return min(max(unit, step // unit * unit), max(rows, 1))
+
+
+def chunk_bytes() -> int:
+    """Bytes a tensor is read, merged and written in at a time (`LORAMERGE_CHUNK_BYTES`)."""
+    value = os.environ.get("LORAMERGE_CHUNK_BYTES", "")
+    return int(value) if value.isdigit() and int(value) > 0 else CHUNK_BYTES
+
+
 def _write_tensor(
     writer: Sink,
     base: Checkpoint,
@@ -196,7 +230,8 @@ def _write_tensor(
     route: Route,
     plan: TensorPlan,
 ) -> None:
-    """Produce one output tensor and hand it to the writer (raw bytes when untouched)."""
+    """Produce one output tensor and hand it to the writer part by part (raw bytes when
+    untouched)."""
     raw = _raw(plan, base, writer)
     if raw is not None:
         writer.copy(plan.name, raw.fd, raw.offset, raw.nbytes)
@@ -204,34 +239,60 @@ def _write_tensor(
     stored = _stored(plan, base)
     if stored is not None and writer.copy_stored(plan.name, stored):
         return
+    itemsize = dtypes.itemsize(plan.dtype)
+    granule = writer.granule(plan.name)
     if route.by_numpy(plan, base.tensors[plan.source].dtype):
-        weight = _merge_numpy(writer, plan, base, adapters)
+        parts = _merge_numpy(writer, plan, base, adapters, granule)
     else:
         from loramerge import transform  # torch; imported (once) only when some tensor needs it
 
-        weight = transform.produce(
-            plan, base, adapters, route.device, route.compute, route.norms_in, route.norms_out
+        rows, cols = matrix_shape(plan, plan.shape)
+        parts = transform.produce(
+            plan,
+            base,
+            adapters,
+            route.device,
+            route.compute,
+            route.norms_in,
+            route.norms_out,
+            part_rows(rows, cols, itemsize, granule),
         )
-    writer.write(plan.name, weight)
+    numel = math.prod(plan.shape)
+    for start, values in parts:
+        writer.write(
+            plan.name, values.reshape(plan.shape) if values.size == numel else values, start
+        )
 
 
 def _merge_numpy(
-    writer: Sink, plan: TensorPlan, base: Checkpoint, adapters: list[Adapter]
-) -> np.ndarray:
-    """Plain LoRA on a bf16/f32 matrix with `blocked`, in place in the read buffer if it can."""
-    phase = writer.position(plan.name) % ALIGN  # in place, then written with no staging copy
-    w0 = base.read(plan.source, read_buffer(base.tensors[plan.source].nbytes, phase))
+    writer: Sink, plan: TensorPlan, base: Checkpoint, adapters: list[Adapter], granule: int
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Plain LoRA on a bf16/f32 matrix with `blocked`, as (flat start, values) parts of rows,
+    each merged in place in the read buffer if it can."""
     out_dtype = dtypes.to_numpy(plan.dtype)
-    if not plan.lora:  # a pickled tensor as it is, or a bare dtype change (one rounding)
-        with np.errstate(all="ignore"):
-            return w0.astype(out_dtype, copy=False)
-    w0 = as_matrix(w0, plan)
-    out = w0 if w0.dtype == out_dtype else np.empty(w0.shape, dtype=out_dtype)
+    rows, cols = matrix_shape(plan, plan.shape)
+    step = part_rows(rows, cols, out_dtype.itemsize, granule)
+    if base.raw(plan.source) is None:  # computed or held whole: one part
+        step = max(rows, 1)
     factors = []
     for t in plan.lora:
         read = adapters[t.adapter].weights.read
         a, b = t.factors(read(t.module.a_key), read(t.module.b_key))
         at = t.part.at if t.part else 0
         factors.append(blocked.factor(a, b, t.coef, t.module.transposed, at))
-    blocked.merge_rows(w0, factors, out)
-    return out.reshape(plan.shape)
+    in_itemsize = dtypes.itemsize(base.tensors[plan.source].dtype)
+    for r0 in range(0, max(rows, 1), step):
+        r1 = min(rows, r0 + step)
+        start, stop = r0 * cols, r1 * cols
+        # in place, then written with no staging copy
+        phase = (writer.position(plan.name) + start * out_dtype.itemsize) % ALIGN
+        buffer = read_buffer((stop - start) * in_itemsize, phase)
+        w0 = base.read_part(plan.source, start, stop, buffer)
+        if not plan.lora:  # a pickled tensor as it is, or a bare dtype change (one rounding)
+            with np.errstate(all="ignore"):
+                yield start, w0.astype(out_dtype, copy=False)
+            continue
+        w0 = w0.reshape(r1 - r0, cols)
+        out = w0 if w0.dtype == out_dtype else np.empty(w0.shape, dtype=out_dtype)
+        blocked.merge_rows(w0, factors, out, first=r0)
+        yield start, out

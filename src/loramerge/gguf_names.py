@@ -112,6 +112,13 @@ def gemma_norm(w: np.ndarray) -> np.ndarray:
     return w.astype(np.float32) + np.float32(1)
 
 
+def row_local(arch: Architecture, hf_name: str, config: dict) -> bool:
+    """Whether `to_gguf_values` leaves this tensor's rows as they are (so rows convert alone)."""
+    if arch.norm_offset and hf_name.endswith("norm.weight"):
+        return False
+    return not (arch.permute_qk and qk_heads(hf_name, config))
+
+
 def to_gguf_values(arch: Architecture, hf_name: str, w: np.ndarray, config: dict) -> np.ndarray:
     """A tensor's values as convert_hf_to_gguf.py hands them on (before the type conversion)."""
     if arch.norm_offset and hf_name.endswith("norm.weight"):

@@ -149,6 +149,16 @@ def as_matrix(weight: Array, plan: TensorPlan) -> Array:
     return weight
 
 
+def matrix_shape(plan: TensorPlan, shape: tuple[int, ...]) -> tuple[int, int]:
+    """(rows, columns) of a tensor of `shape` seen as the matrix its parts split by rows: stacked
+    experts one under another (`as_matrix`), else the first axis by the rest."""
+    if len(shape) < 2:
+        return 1, math.prod(shape)
+    if len(shape) == 3 and any(t.part for t in plan.lora):
+        return shape[0] * shape[1], shape[2]
+    return shape[0], math.prod(shape[1:])
+
+
 def build_plan(
     base: Checkpoint,
     config: dict | None,

@@ -223,16 +223,24 @@ def quantize(
 ) -> NF4:
     """NF4 of a float tensor, byte for byte what bitsandbytes.functional.quantize_4bit writes
     on the CPU; `threads` splits the work (numpy releases the GIL)."""
+    flat = np.ascontiguousarray(values).reshape(-1)
+    packed = np.empty(-(-flat.size // 2), dtype=np.uint8)
+    absmax = np.empty(-(-flat.size // blocksize), dtype=np.float32)
+    quantize_codes(flat, blocksize, packed, absmax, threads)
+    shape, dtype = tuple(values.shape), values.dtype.name
+    return assemble(packed, absmax, shape, dtype, blocksize, double_quant)
+
+
+def quantize_codes(
+    flat: np.ndarray, blocksize: int, packed: np.ndarray, absmax: np.ndarray, threads: int = 1
+) -> None:
+    """The first level of `quantize` for flat values (a run of whole blocks but for the last):
+    their packed codes into `packed` and each block's absmax into `absmax` (float32)."""
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, not {blocksize}")
-    dtype = values.dtype.name
-    if dtype not in ("bfloat16", "float16", "float32"):
-        raise ValueError(f"NF4 quantizes bfloat16, float16 or float32, not {values.dtype}")
-    flat = np.ascontiguousarray(values).reshape(-1)
+    if flat.dtype.name not in ("bfloat16", "float16", "float32"):
+        raise ValueError(f"NF4 quantizes bfloat16, float16 or float32, not {flat.dtype}")
     n = flat.size
-    blocks = -(-n // blocksize)
-    packed = np.empty(-(-n // 2), dtype=np.uint8)
-    absmax = np.empty(blocks, dtype=np.float32)
     full = (n // blocksize) * blocksize
     starts = range(0, full, _CHUNK)
     _run(
@@ -242,7 +250,6 @@ def quantize(
     )
     if full < n:
         _quantize_tail(flat, full, blocksize, packed, absmax)
-    return assemble(packed, absmax, tuple(values.shape), dtype, blocksize, double_quant)
 
 
 def assemble(
@@ -253,11 +260,12 @@ def assemble(
     blocksize: int,
     double_quant: bool,
 ) -> NF4:
-    """The NF4 state of packed codes and float32 block absmax, the absmax double-quantized
-    (offset: their mean, summed in torch's CPU order) if asked."""
+    """The NF4 state of a tensor from its packed codes and float32 block absmax, the absmax
+    double-quantized (offset: their mean, summed in torch's CPU order) if asked."""
+    blocks = absmax.size
     if not double_quant:
         return NF4(packed.reshape(-1, 1), absmax, shape, dtype, blocksize)
-    offset = np.float32(torch_sum(absmax) / np.float32(absmax.size))
+    offset = np.float32(torch_sum(absmax) / np.float32(blocks))
     codes, nested = quantize_blockwise(absmax - offset, DYNAMIC_MAP, NESTED_BLOCKSIZE)
     return NF4(packed.reshape(-1, 1), codes, shape, dtype, blocksize, nested, float(offset))
 

@@ -19,6 +19,7 @@ codes and absmax agree bit for bit.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from loramerge.quant import nf4
@@ -30,10 +31,17 @@ _ZERO_CODE = 7  # the code of 0.0, which pads an odd element count
 
 def quantize(values: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> nf4.NF4:
     """NF4 of a float tensor on its own device; the same bytes as `nf4.quantize` of it."""
+    packed, absmax = quantize_codes(values, blocksize)
+    dtype = str(values.dtype).removeprefix("torch.")
+    return nf4.assemble(packed, absmax, tuple(values.shape), dtype, blocksize, double_quant)
+
+
+def quantize_codes(values: torch.Tensor, blocksize: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """The first level of `quantize` (whole blocks but for the last): packed codes and float32
+    block absmax, on the CPU; the same bytes as `nf4.quantize_codes` of it."""
     if blocksize not in nf4.BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {nf4.BLOCKSIZES}, not {blocksize}")
-    dtype = str(values.dtype).removeprefix("torch.")
-    if dtype not in ("bfloat16", "float16", "float32"):
+    if values.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"NF4 quantizes bfloat16, float16 or float32, not {values.dtype}")
     flat = values.reshape(-1).float()
     n = flat.numel()
@@ -52,11 +60,4 @@ def quantize(values: torch.Tensor, blocksize: int = 64, double_quant: bool = Tru
     if n % 2:
         codes[n] = _ZERO_CODE
     packed = (codes[0::2] << 4) | codes[1::2]
-    return nf4.assemble(
-        packed.cpu().numpy(),
-        absmax.cpu().numpy(),
-        tuple(values.shape),
-        dtype,
-        blocksize,
-        double_quant,
-    )
+    return packed.cpu().numpy(), absmax.cpu().numpy()

@@ -1,11 +1,12 @@
 """The output formats, one table: `--to NAME` picks the sink every command writes through.
 
-A sink receives each finished tensor by name (`write`), or the raw bytes of an unchanged one
-when it can take them (`copyable`, `copy`; an untouched NF4 weight's stored parts:
-`copy_stored`), in its `order`; `finish` completes the files. The
-atomic folder (or file), the record and the progress bar around it are the same for every
-format. A new format is one more entry here and its own module. A single-file format (GGUF) is
-built as one file instead of a folder and keeps the record inside it.
+A sink receives each finished tensor by name (`write`), whole or in parts that start at flat
+element offsets in order (each a multiple of its `granule` elements but the last), or the raw
+bytes of an unchanged one when it can take them (`copyable`, `copy`; an untouched NF4 weight's
+stored parts: `copy_stored`), in its `order`; `finish` completes the files. The atomic folder
+(or file), the record and the progress bar around it are the same for every format. A new
+format is one more entry here and its own module. A single-file format (GGUF) is built as one
+file instead of a folder and keeps the record inside it.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ class Sink(Protocol):
 
     def copyable(self, name: str) -> bool: ...
     def position(self, name: str) -> int: ...
+    def granule(self, name: str) -> int: ...  # a part of a tensor is a multiple of this many
     def copy(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None: ...
     def copy_stored(self, name: str, stored: StoredNF4) -> bool: ...
-    def write(self, name: str, values: np.ndarray) -> None: ...
+    def write(self, name: str, values: np.ndarray, start: int = 0) -> None: ...
     def finish(self) -> None: ...
     def cancel(self) -> None: ...
     def abort(self) -> None: ...

@@ -4,12 +4,14 @@ Every tensor's GGUF name, type and byte size follow from its shape, so gguf's `G
 writes the header, the metadata (hyperparameters, tokenizer, `loramerge.provenance`) and the
 tensor infos up front; each finished tensor is then converted as convert_hf_to_gguf.py does
 (`gguf_names`), quantized (`quant.ggml`, llama.cpp's reference blocks) and written at its own
-offset, so tensors may arrive in any order on any thread and none is held longer than that.
+offset (a few whole rows at a time where the conversion keeps rows in place), so tensors may
+arrive in any order on any thread and none is held longer than that.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -19,7 +21,13 @@ import gguf
 import numpy as np
 
 from loramerge.errors import LoramergeError
-from loramerge.gguf_names import TensorNames, UnsupportedArchitecture, architecture, to_gguf_values
+from loramerge.gguf_names import (
+    TensorNames,
+    UnsupportedArchitecture,
+    architecture,
+    row_local,
+    to_gguf_values,
+)
 from loramerge.quant import ggml
 from loramerge.quant.ggml_types import GGUF_TYPES, ModelInfo, tensor_types
 from loramerge.sink.gguf_metadata import extra_tensors, write_hyperparameters, write_tokenizer
@@ -113,6 +121,9 @@ class GGUFFile:
         os.ftruncate(self._fd, self._data_start + offset)
         self.order = list(kept)
         self._written: set[str] = set()
+        self._filled: dict[str, int] = {}  # bytes of a tensor written so far
+        self._shapes = {name: shape for name, (_, shape) in kept.items()}
+        self._shapes.update({name: v.shape for name, v in extras.items()})
         for name, values in extras.items():
             self._store(name, values)
         self.files: list[str] = []
@@ -135,17 +146,33 @@ class GGUFFile:
         """Never called (nothing is copyable)."""
         raise AssertionError(f"GGUF output converts every tensor; {name} cannot be copied")
 
-    def write(self, name: str, values: np.ndarray) -> None:
-        """Convert one finished tensor as llama.cpp expects it and write its blocks in place."""
-        self._store(name, to_gguf_values(self._arch, name, values, self._config))
+    def granule(self, name: str) -> int:
+        """Whole rows when conversion keeps rows in place, else the whole tensor."""
+        shape = self._shapes[name]
+        whole = len(shape) < 2 or not row_local(self._arch, name, self._config)
+        return math.prod(shape) if whole else shape[-1]
 
-    def _store(self, name: str, values: np.ndarray) -> None:
+    def write(self, name: str, values: np.ndarray, start: int = 0) -> None:
+        """Convert a tensor, or its rows from flat element `start` on, as llama.cpp expects it
+        and write its blocks in place."""
+        cols = self._shapes[name][-1] if self._shapes[name] else 1
+        rows = np.ascontiguousarray(values).reshape(-1, cols)
+        if start == 0 and rows.size == math.prod(self._shapes[name]):
+            rows = to_gguf_values(self._arch, name, values, self._config)
+        self._store(name, rows, start // cols)
+
+    def _store(self, name: str, values: np.ndarray, row: int = 0) -> None:
         tensor = self._tensors[name]
-        at = self._data_start + tensor.offset
+        row_bytes = tensor.nbytes // max(1, math.prod(self._shapes[name][:-1]))
+        at = self._data_start + tensor.offset + row * row_bytes
+        filled = self._filled.get(name, 0)
         for piece in ggml.iter_quantize(values, tensor.qtype):  # no whole-tensor copy held
             _pwrite_all(self._fd, memoryview(piece), at)
             at += piece.size
-        self._written.add(name)
+            filled += piece.size
+        self._filled[name] = filled
+        if filled == tensor.nbytes:
+            self._written.add(name)
 
     def finish(self) -> None:
         """Check every tensor arrived and close the file (the atomic output fsyncs it)."""

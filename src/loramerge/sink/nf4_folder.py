@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,14 +77,16 @@ def _parts(entry: Entry, options: NF4Options) -> list[Entry]:
     return parts
 
 
-def quantize(values: np.ndarray, options: NF4Options) -> nf4.NF4:
-    """NF4 of one weight: numpy on the CPU, torch on a GPU (the same bytes)."""
+def quantize_codes(flat: np.ndarray, options: NF4Options, packed, absmax) -> None:
+    """NF4 codes and block absmax of flat values (whole blocks but for the last) into `packed`
+    and `absmax`: numpy on the CPU, torch on a GPU (the same bytes)."""
     if options.device == "cpu":
-        return nf4.quantize(values, options.blocksize, options.double_quant)
+        nf4.quantize_codes(flat, options.blocksize, packed, absmax)
+        return
     from loramerge.quant import nf4_torch  # torch, only for a GPU
 
-    on_device = dtypes.as_torch(values).to(options.device)
-    return nf4_torch.quantize(on_device, options.blocksize, options.double_quant)
+    on_device = dtypes.as_torch(flat).to(options.device)
+    packed[:], absmax[:] = nf4_torch.quantize_codes(on_device, options.blocksize)
 
 
 def _holds(where: tuple[int, int, int], table: np.ndarray) -> bool:
@@ -121,6 +124,10 @@ class NF4Folder:
             folder, stored, max_shard_bytes, {"format": "pt"}, late, hash_from_file=True
         )
         owner = {p.name: e.name for e in entries for p in _parts(e, options)}
+        self._shapes = {e.name: e.shape for e in entries if e.name in self._quantized}
+        self._numel = {name: math.prod(shape) for name, shape in self._shapes.items()}
+        self._absmax: dict[str, np.ndarray] = {}  # block scales of weights still arriving
+        self._lock = threading.Lock()
         self.order = list(dict.fromkeys(owner.get(n, n) for n in self._writer.order))
         self.config_updates = {"quantization_config": quantization_config(options)}
         self.description = {
@@ -183,13 +190,33 @@ class NF4Folder:
             )
         )
 
-    def write(self, name: str, values: np.ndarray) -> None:
-        """Store one finished tensor: quantized to NF4 when it is a Linear weight."""
+    def granule(self, name: str) -> int:
+        """A quantized weight comes in whole blocks; any other tensor in any parts."""
+        return self.options.blocksize if name in self._quantized else 1
+
+    def write(self, name: str, values: np.ndarray, start: int = 0) -> None:
+        """Store a tensor or its part from flat element `start` on: NF4 codes for a Linear
+        weight as they arrive, its block scales once its last part is in."""
         if name not in self._quantized:
-            self._writer.write(name, values)
+            self._writer.write(name, values, start)
             return
-        state = quantize(values, self.options)
-        self._writer.write(name, state.packed)
+        flat = np.ascontiguousarray(values).reshape(-1)
+        blocksize = self.options.blocksize
+        with self._lock:
+            if name not in self._absmax:
+                self._absmax[name] = np.empty(-(-self._numel[name] // blocksize), np.float32)
+            absmax = self._absmax[name]
+        packed = np.empty(-(-flat.size // 2), np.uint8)
+        first, blocks = start // blocksize, -(-flat.size // blocksize)
+        quantize_codes(flat, self.options, packed, absmax[first : first + blocks])
+        self._writer.write(name, packed, start // 2)
+        if start + flat.size < self._numel[name]:
+            return
+        with self._lock:
+            del self._absmax[name]
+        shape, double_quant = self._shapes[name], self.options.double_quant
+        # (the codes are written already: only the state's scales and header are used)
+        state = nf4.assemble(packed, absmax, shape, values.dtype.name, blocksize, double_quant)
         self._writer.write(name + ".absmax", state.absmax)
         self._writer.write(name + ".quant_map", nf4.CODE)
         if state.double_quant:

@@ -28,6 +28,7 @@ _CHUNK = 64 << 20
 _COPY_CHUNK = 16 << 20  # untouched tensors pass through memory in pieces this size
 _HASH_CHUNK = 4 << 20  # small reads stay in cache and keep the hasher's memory low
 _SPARES = 4  # buffers kept for copies of bytes written ahead of a gap
+_HOLD_BYTES = 64 << 20  # at most this much is copied ahead of a gap; later writers wait
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class SafetensorsWriter:
             if name != "__metadata__"
         }
         self._pending = set(self._ranges)
+        self._filled: dict[str, int] = {}  # bytes of a tensor written so far
         self._lock = threading.Lock()
         self._file: PositionalFile | None = None
         self._hasher: _PrefixHasher | None = None
@@ -113,10 +115,11 @@ class SafetensorsWriter:
         """File offset where tensor `name`'s bytes go."""
         return self._ranges[name][0]
 
-    def write(self, name: str, data) -> None:
-        """Write the bytes of tensor `name` to its place; the caller may then reuse `data`."""
+    def write(self, name: str, data, start: int = 0) -> None:
+        """Write bytes of tensor `name` (all, or its bytes from `start` on) to their place; the
+        caller may then reuse `data`. The pieces of one tensor come in order."""
         view = memoryview(data).cast("B")
-        position = self._claim(name, len(view))
+        position = self._claim(name, len(view), start)
         with self._io_errors():
             self._file.write(view, position)
         self._hashed(position, view)
@@ -204,14 +207,19 @@ class SafetensorsWriter:
             reason = exc.strerror or str(exc)
             raise LoramergeError(f"cannot write {self.path}: {reason}") from exc
 
-    def _claim(self, name: str, nbytes: int) -> int:
-        """Mark `name` written once, check its size, and return its file offset."""
+    def _claim(self, name: str, nbytes: int, start: int = 0) -> int:
+        """Mark bytes [start, start + nbytes) of `name` written (each once, in order) and return
+        their file offset; the tensor is done when its last byte is in."""
         with self._lock:
             position, expected = self._ranges[name]
-            if name not in self._pending or nbytes != expected:
-                raise RuntimeError(f"{self.path}: {name} written twice or with {nbytes} bytes")
-            self._pending.remove(name)
-        return position
+            if name not in self._pending or start != self._filled.get(name, 0):
+                raise RuntimeError(f"{self.path}: {name} written twice or out of order")
+            if start + nbytes > expected or (nbytes == 0 and expected):
+                raise RuntimeError(f"{self.path}: {name} written with {start + nbytes} bytes")
+            self._filled[name] = start + nbytes
+            if start + nbytes == expected:
+                self._pending.remove(name)
+        return position + start
 
 
 class _PrefixHasher:
@@ -231,6 +239,7 @@ class _PrefixHasher:
         # start -> (end, bytes or None to read them back, private copy's buffer or None)
         self._done: dict[int, tuple[int, memoryview | None, bytearray | None]] = {}
         self._spares: list[bytearray] = []  # buffers of hashed private copies, for reuse
+        self._held = 0  # bytes in private copies not yet hashed
         self._digest = hashlib.sha256()
         self._buffer = memoryview(bytearray(_HASH_CHUNK))  # reused: no fresh pages per chunk
         self._error: OSError | None = None
@@ -250,6 +259,14 @@ class _PrefixHasher:
             return False
         with self._cond:  # (the frontier only grows: a stale answer just copies needlessly)
             wait = data is not None and start == self._frontier
+            if data is not None and not wait and self._held + end - start > _HOLD_BYTES:
+                # enough is held already: wait until the bytes before these are in (their
+                # writers started earlier and never wait on later bytes), then hash in place
+                while self._frontier < start and not self._stopped and self._error is None:
+                    self._cond.wait()
+                if self._frontier < start:
+                    raise LoramergeError("writing was cancelled")
+                wait = True
         owned = None
         if data is not None and not wait:
             owned, data = self._copy(data)
@@ -266,6 +283,7 @@ class _PrefixHasher:
             buffer = next((b for b in self._spares if len(b) >= len(data)), None)
             if buffer is not None:
                 self._spares.remove(buffer)
+            self._held += len(data)
         buffer = buffer if buffer is not None else bytearray(len(data))
         view = memoryview(buffer)[: len(data)]
         view[:] = data
@@ -318,6 +336,8 @@ class _PrefixHasher:
                 return
             with self._cond:
                 self._next = end
+                if owned is not None:
+                    self._held -= len(data)
                 if owned is not None and len(self._spares) < _SPARES:
                     self._spares.append(owned)  # memory stays flat: copies reuse a few buffers
                 self._cond.notify_all()

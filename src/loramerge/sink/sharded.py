@@ -71,15 +71,22 @@ class ShardedWriter:
         """File offset of tensor `name`'s bytes in its shard."""
         return self._owner[name].position(name)
 
-    def write(self, name: str, data) -> None:
-        """Write one tensor (an array, or its bytes) to its place (thread-safe, any order)."""
+    def granule(self, name: str) -> int:
+        """Any number of elements may be written at a time."""
+        return 1
+
+    def write(self, name: str, data, start: int = 0) -> None:
+        """Write one tensor (an array, or its bytes) to its place (thread-safe, any order), or
+        the part of it from flat element `start` on (the parts of a tensor in order)."""
+        offset = 0
         if isinstance(data, np.ndarray):
+            offset = start * data.itemsize
             data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
         if name in self._late:
             with self._late_lock:
                 self._late[name] = bytes(data)
             return
-        self._owner[name].write(name, data)
+        self._owner[name].write(name, data, offset)
 
     def copy_stored(self, name: str, stored) -> bool:
         """Never takes stored NF4 parts (a plain safetensors folder stores weights dequantized)."""

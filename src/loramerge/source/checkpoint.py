@@ -71,6 +71,10 @@ class Checkpoint:
         """Read one tensor into CPU memory (into a view of the uint8 buffer `into`, if given)."""
         return self._owner[name].read(name, into)
 
+    def read_part(self, name: str, start: int, stop: int, into: np.ndarray) -> np.ndarray:
+        """Elements [start, stop) of the flattened tensor, in a view of the uint8 buffer `into`."""
+        return self._owner[name].read_part(name, start, stop, into)
+
     def raw(self, name: str) -> RawRange | None:
         """Byte range of a tensor stored as raw bytes in a file, or None (pickle)."""
         owner = self._owner[name]

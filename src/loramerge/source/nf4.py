@@ -64,6 +64,15 @@ class DerivedCheckpoint:
         np.copyto(view, values)
         return view
 
+    def read_part(self, name: str, start: int, stop: int, into: np.ndarray) -> np.ndarray:
+        """Elements [start, stop) of the flattened tensor (a computed one is computed whole)."""
+        if name not in self._derived:
+            return self._inner.read_part(name, start, stop, into)
+        part = self.read(name).reshape(-1)[start:stop]
+        view = into[: part.nbytes].view(part.dtype)
+        np.copyto(view, part)
+        return view
+
     def raw(self, name: str) -> RawRange | None:
         """Stored bytes of a tensor that is not computed."""
         return None if name in self._derived else self._inner.raw(name)

@@ -42,6 +42,13 @@ class PickleFile:
         np.copyto(view, array)
         return view
 
+    def read_part(self, name: str, start: int, stop: int, into: np.ndarray) -> np.ndarray:
+        """Elements [start, stop) of the flattened tensor, copied into a view of `into`."""
+        part = self._arrays[name].reshape(-1)[start:stop]
+        view = into[: part.nbytes].view(part.dtype)
+        np.copyto(view, part)
+        return view
+
     def close(self) -> None:
         """Drop the tensors (and with them the file's mapping)."""
         self._arrays = {}

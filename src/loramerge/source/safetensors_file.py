@@ -72,6 +72,15 @@ class SafetensorsFile:
             read_exact(self._fd, memoryview(raw), info.offset, self.path)
         return raw.view(dtypes.to_numpy(info.dtype)).reshape(info.shape)
 
+    def read_part(self, name: str, start: int, stop: int, into: np.ndarray) -> np.ndarray:
+        """Elements [start, stop) of the flattened tensor, read into a view of `into` (uint8)."""
+        info = self.tensors[name]
+        dtype = dtypes.to_numpy(info.dtype)
+        raw = into[: (stop - start) * dtype.itemsize]
+        if raw.size:
+            read_exact(self._fd, memoryview(raw), info.offset + start * dtype.itemsize, self.path)
+        return raw.view(dtype)
+
     def close(self) -> None:
         """Release the file descriptor."""
         if self._fd >= 0:

@@ -1,0 +1,136 @@
+#!/usr/bin/env python
+"""CPU-seconds of one `loramerge merge`, split by stage, measured per thread.
+
+Sampling profilers attribute wall-clock samples, which on a loaded machine counts threads that
+wait for a core as busy. This runs the merge in process with each stage's function wrapped in
+`time.thread_time()` (the calling thread's user + system CPU), so the split holds under load:
+
+    python bench/cpu_split.py BASE ADAPTER OUT
+
+Stages: start-up (imports), planning and checks, reading parts, the merge arithmetic (float32
+widening, rank-r update, rounding: `blocked.merge_rows`, itself split into numpy's `copyto`
+conversions and `matmul`), writing (direct writes, copies held for the hash), raw copies of
+untouched tensors, sha256 (the hasher threads), finishing (fsync, record, rename).
+"""
+
+from __future__ import annotations
+
+import importlib
+import resource
+import sys
+import threading
+import time
+from collections import defaultdict
+from functools import wraps
+
+start_cpu = time.process_time()
+import numpy as np  # noqa: E402
+
+from loramerge import blocked, execute  # noqa: E402
+from loramerge.cli import main  # noqa: E402
+from loramerge.sink import safetensors_writer  # noqa: E402
+from loramerge.source import checkpoint  # noqa: E402
+
+cpu: dict[str, float] = defaultdict(float)
+lock = threading.Lock()
+local = threading.local()
+
+
+def timed(stage: str, function):
+    """`function`, its callers' thread CPU added to `stage` (nested calls counted once)."""
+
+    @wraps(function)
+    def wrapper(*args, **kwargs):
+        if getattr(local, "inside", False):
+            return function(*args, **kwargs)
+        local.inside = True
+        before = time.thread_time()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            spent = time.thread_time() - before
+            local.inside = False
+            with lock:
+                cpu[stage] += spent
+
+    return wrapper
+
+
+def inner(stage: str, function):
+    """A numpy function called inside the merge arithmetic, split out of it."""
+
+    @wraps(function)
+    def wrapper(*args, **kwargs):
+        before = time.thread_time()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            with lock:
+                cpu[stage] += time.thread_time() - before
+
+    return wrapper
+
+
+def run() -> None:
+    """Patch, run the CLI, print the table."""
+    cpu["start-up (imports)"] = time.process_time() - start_cpu
+    blocked.np = _NumpyView()
+    blocked.merge_rows = timed("merge arithmetic", blocked.merge_rows)
+    execute.blocked = blocked
+    checkpoint.Checkpoint.read_part = timed("reading parts", checkpoint.Checkpoint.read_part)
+    writer = safetensors_writer.SafetensorsWriter
+    writer.write = timed("writing parts (direct I/O, held copies)", writer.write)
+    writer.copy = timed("raw copies of untouched tensors", writer.copy)
+    hasher = safetensors_writer._PrefixHasher
+    hasher._run = timed("sha256 (hasher threads)", hasher._run)
+    original = execute.write_tensors
+    main_before = {}
+
+    def write_tensors(*args, **kwargs):
+        main_before["cpu"] = time.thread_time()
+        cpu["planning and checks"] = time.process_time() - start_cpu - cpu["start-up (imports)"]
+        try:
+            return original(*args, **kwargs)
+        finally:
+            main_before["after"] = time.thread_time()
+
+    execute.write_tensors = write_tensors
+    importlib.import_module("loramerge.merge").write_tensors = write_tensors
+    base, adapter, out = sys.argv[1:4]
+    sys.argv = ["loramerge", "merge", base, adapter, "-o", out, "--quiet"]
+    wall = time.perf_counter()
+    try:
+        main()
+    except SystemExit as exc:
+        if exc.code:
+            raise
+    wall = time.perf_counter() - wall
+    cpu["finishing (fsync, record, rename)"] = time.thread_time() - main_before["after"]
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    total = usage.ru_utime + usage.ru_stime
+    inside = cpu["  of which: conversions (copyto)"] + cpu["  of which: rank-r update (matmul)"]
+    cpu["  of which: accumulate and loop"] = cpu["merge arithmetic"] - inside
+    order = ["start-up (imports)", "planning and checks", "reading parts", "merge arithmetic"]
+    order += [k for k in cpu if k.startswith("  ")] + [k for k in cpu if k not in order]
+    print("| stage | CPU-s | share |\n|---|---|---|")
+    for stage in dict.fromkeys(order):
+        seconds = cpu[stage]
+        print(f"| {stage} | {seconds:.2f} | {seconds / total:.0%} |")
+    counted = sum(v for k, v in cpu.items() if not k.startswith("  "))
+    print(f"| other (threads' bookkeeping, hash waits' wake-ups) | {total - counted:.2f} | |")
+    print(f"| **total** (user {usage.ru_utime:.2f} + system {usage.ru_stime:.2f}) | {total:.2f} |")
+    print(f"wall {wall:.2f} s from the command's start")
+
+
+class _NumpyView:
+    """numpy as `blocked` sees it, with copyto and matmul timed."""
+
+    copyto = staticmethod(inner("  of which: conversions (copyto)", np.copyto))
+    matmul = staticmethod(inner("  of which: rank-r update (matmul)", np.matmul))
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+
+if __name__ == "__main__":
+    run()
