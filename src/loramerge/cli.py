@@ -107,17 +107,16 @@ def _merge_options(func):
             "--to",
             "to",
             type=click.Choice(list(FORMATS)),
-            default="safetensors",
-            show_default=True,
-            help="Output format (nf4: bitsandbytes 4-bit, as transformers saves it; gguf: "
-            "one llama.cpp file).",
+            default=None,
+            help="Output format (default: safetensors, or gguf for a .gguf base; nf4: "
+            "bitsandbytes 4-bit, as transformers saves it; gguf: one llama.cpp file).",
         ),
         click.option(
             "--gguf-type",
             type=click.Choice(list(GGUF_TYPES)),
-            default="f16",
-            show_default=True,
-            help="--to gguf: llama.cpp file type (q4_k_m, q5_k_m, q6_k: llama.cpp's mixtures).",
+            default=None,
+            help="--to gguf: llama.cpp file type (q4_k_m, q5_k_m, q6_k: llama.cpp's mixtures; "
+            "default f16, or each tensor's own type for a .gguf base).",
         ),
         click.option(
             "--qlora-base",

@@ -58,12 +58,50 @@ def architecture(config: dict) -> Architecture:
     )
 
 
+def hf_architecture(gguf_arch: str) -> tuple[str, Architecture]:
+    """The first Hugging Face class converted to this GGUF architecture, and its conversion."""
+    for name, arch in ARCHITECTURES.items():
+        if arch.name == gguf_arch:
+            return name, arch
+    supported = ", ".join(sorted({a.name for a in ARCHITECTURES.values()}))
+    raise UnsupportedArchitecture(
+        f"GGUF architecture {gguf_arch!r} cannot be read back (supported: {supported})"
+    )
+
+
+# The reverse map picks, among the names gguf's table lists for a GGUF tensor, the first that
+# matches the first of these (a prefix when it ends in a dot, else the whole name): the Hugging
+# Face layout of every supported architecture.
+_HF_PREFIXES = ("model.layers.", "lm_head", "model.")
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name.startswith(pattern) if pattern.endswith(".") else name == pattern
+
+
 class TensorNames:
-    """HF tensor name -> GGUF tensor name for one model (gguf's TensorNameMap)."""
+    """HF tensor name <-> GGUF tensor name for one model (gguf's TensorNameMap)."""
 
     def __init__(self, arch: Architecture, n_layer: int) -> None:
         self.arch = arch
         self._map = gguf.get_tensor_name_map(arch.arch, n_layer)
+        candidates: dict[str, list[str]] = {}
+        for hf_base, (_, gguf_base) in self._map.mapping.items():
+            candidates.setdefault(gguf_base, []).append(hf_base)
+        self._reverse: dict[str, str] = {}
+        for gguf_base, names in candidates.items():
+            for prefix in _HF_PREFIXES:
+                chosen = next((n for n in names if _matches(n, prefix)), None)
+                if chosen is not None:
+                    self._reverse[gguf_base] = chosen
+                    break
+
+    def hf_name(self, gguf_name: str) -> str | None:
+        """The Hugging Face name of a GGUF tensor, or None when the map has none."""
+        base, dot, suffix = gguf_name.rpartition(".")
+        if suffix not in ("weight", "bias") or base not in self._reverse:
+            return None
+        return f"{self._reverse[base]}{dot}{suffix}"
 
     def gguf_name(self, hf_name: str) -> str | None:
         """The GGUF name, or None for a tensor the converter drops; KeyError if it has none."""
@@ -110,6 +148,14 @@ def gemma_norm(w: np.ndarray) -> np.ndarray:
     if w.dtype == np.float16:
         return (w + np.float16(1)).astype(np.float32)
     return w.astype(np.float32) + np.float32(1)
+
+
+def from_gguf_values(arch: Architecture, hf_name: str, w: np.ndarray, config: dict) -> np.ndarray:
+    """The inverse of to_gguf_values on float32 values: q/k rows un-permuted, Gemma norms - 1."""
+    if arch.norm_offset and hf_name.endswith("norm.weight"):
+        return w - np.float32(1)
+    heads = qk_heads(hf_name, config) if arch.permute_qk else None
+    return unpermute_qk(w, heads) if heads else w
 
 
 def to_gguf_values(arch: Architecture, hf_name: str, w: np.ndarray, config: dict) -> np.ndarray:

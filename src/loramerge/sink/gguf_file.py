@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gguf
@@ -32,10 +32,11 @@ PROVENANCE_KEY = "loramerge.provenance"
 class GGUFInfo:
     """What a GGUF file holds besides the tensors: its type, tokenizer, name and record."""
 
-    gguf_type: str
+    gguf_type: str | None  # None: f16, or for a GGUF base each tensor's own type
     tokenizer: Path | None  # the folder holding tokenizer.json / tokenizer.model
     name: str  # general.name
     record: dict  # the provenance record, stored as JSON under PROVENANCE_KEY
+    base: object | None = None  # a GGUF base (sink.gguf_rewrite.GGUFBase): rewrite it
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class GGUFFile:
     """The GGUF sink: `path` is the (temporary) file to fill."""
 
     def __init__(self, path: Path, entries: list[Entry], config: dict | None, info: GGUFInfo):
+        if info.gguf_type is None:
+            info = replace(info, gguf_type="f16")
         if info.gguf_type not in GGUF_TYPES:
             raise LoramergeError(
                 f"unknown --gguf-type {info.gguf_type!r}; choose from {', '.join(GGUF_TYPES)}"
@@ -138,7 +141,7 @@ class GGUFFile:
     def _store(self, name: str, values: np.ndarray) -> None:
         tensor = self._tensors[name]
         data = ggml.quantize(values, tensor.qtype)
-        _pwrite_all(self._fd, memoryview(data.reshape(-1)), self._data_start + tensor.offset)
+        pwrite_all(self._fd, memoryview(data.reshape(-1)), self._data_start + tensor.offset)
         self._written.add(name)
 
     def finish(self) -> None:
@@ -158,7 +161,7 @@ class GGUFFile:
             self._fd = -1
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     """os.pwrite until every byte is written."""
     while data:
         done = os.pwrite(fd, data, offset)

@@ -1,0 +1,207 @@
+"""A GGUF file as a source: its metadata, tensor infos, raw blocks, and dequantized tensors.
+
+The header is parsed by `gguf_format` (checked against the file's size) from a read-only memory
+map that is closed afterwards; tensor data is read with `pread`, so a 2 GB file costs one tensor's
+memory at a time. `GGUFModel` speaks GGUF names and layout; `GGUFWeights` is the same file as a
+checkpoint in the Hugging Face names and layout (float32, q/k rows un-permuted, Gemma norms
+minus one), through the same name map the GGUF sink writes with.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+
+from loramerge.errors import LoramergeError
+from loramerge.gguf_format import GGUFFormatError, Header, TensorRecord, parse_header
+from loramerge.gguf_names import (
+    TensorNames,
+    UnsupportedArchitecture,
+    from_gguf_values,
+    hf_architecture,
+)
+from loramerge.quant import ggml
+from loramerge.source.safetensors_file import TensorInfo, read_exact
+
+PROVENANCE_KEY = "loramerge.provenance"
+
+
+class GGUFModel:
+    """One open GGUF file: header parsed and checked, tensors read one at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except OSError as exc:
+            raise LoramergeError(f"cannot open {self.path}: {exc.strerror}") from exc
+        try:
+            self.header = _read_header(self.path, self._fd)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self.tensors: dict[str, TensorRecord] = self.header.tensors
+
+    @property
+    def fd(self) -> int:
+        """The open file descriptor (for raw byte copies)."""
+        return self._fd
+
+    def value(self, key: str, default: object = None) -> object:
+        """A metadata value by key, or `default`."""
+        field = self.header.fields.get(key)
+        return default if field is None else field.value
+
+    @property
+    def architecture(self) -> str | None:
+        """`general.architecture`."""
+        arch = self.value("general.architecture")
+        return arch if isinstance(arch, str) else None
+
+    def provenance(self) -> dict | None:
+        """The loramerge record stored in the file, or None."""
+        text = self.value(PROVENANCE_KEY)
+        if not isinstance(text, str):
+            return None
+        try:
+            record = json.loads(text)
+        except ValueError:
+            raise LoramergeError(f"{self.path}: {PROVENANCE_KEY} is not JSON") from None
+        return record if isinstance(record, dict) else None
+
+    def offset(self, name: str) -> int:
+        """Absolute file offset of a tensor's blocks."""
+        return self.header.data_start + self.tensors[name].offset
+
+    def read_blocks(self, name: str) -> np.ndarray:
+        """A tensor's stored bytes, shaped (*rows, bytes per row)."""
+        record = self.tensors[name]
+        raw = np.empty(record.nbytes, dtype=np.uint8)
+        read_exact(self._fd, memoryview(raw), self.offset(name), self.path)
+        rows = record.shape[:-1]
+        return raw.reshape(*rows, record.nbytes // max(1, int(np.prod(rows, dtype=np.int64))))
+
+    def dequantize(self, name: str) -> np.ndarray:
+        """A tensor as float32 in GGUF layout (llama.cpp's dequantization)."""
+        record = self.tensors[name]
+        if record.qtype not in ggml.SUPPORTED:
+            raise LoramergeError(f"{self.path}: {name} is {record.qtype.name}, not readable here")
+        return ggml.dequantize(self.read_blocks(name), record.qtype).reshape(record.shape)
+
+    def close(self) -> None:
+        """Release the file descriptor."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> GGUFModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _read_header(path: Path, fd: int) -> Header:
+    size = os.fstat(fd).st_size
+    if size == 0:
+        raise LoramergeError(f"{path}: empty file, not GGUF")
+    try:
+        with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mapped:
+            view = memoryview(mapped)
+            try:
+                return parse_header(view, size)
+            finally:
+                view.release()
+    except GGUFFormatError as exc:
+        raise LoramergeError(f"{path}: {exc}") from None
+
+
+class GGUFWeights:
+    """A GGUF model file read as a checkpoint: Hugging Face names and layout, float32 values.
+
+    Tensors the name map does not know keep their GGUF names (and are only ever copied).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.model = model = GGUFModel(path)
+        self.path = model.path
+        try:
+            self.config = _config(model)
+            _, self.arch = hf_architecture(model.architecture or "")
+        except (UnsupportedArchitecture, LoramergeError) as exc:
+            model.close()
+            raise LoramergeError(f"{self.path}: {exc}") from None
+        names = TensorNames(self.arch, self.config["num_hidden_layers"])
+        self.gguf_names: dict[str, str] = {}  # HF name -> GGUF name
+        self.tensors: dict[str, TensorInfo] = {}
+        for gname, record in model.tensors.items():
+            hf = names.hf_name(gname) or gname
+            if hf in self.tensors:
+                model.close()
+                raise LoramergeError(f"{self.path}: two tensors read back as {hf}")
+            self.gguf_names[hf] = gname
+            nbytes = int(np.prod(record.shape, dtype=np.int64)) * 4
+            self.tensors[hf] = TensorInfo(hf, self.path, "F32", record.shape, 0, nbytes)
+
+    @property
+    def fd(self) -> int:
+        """The open file descriptor."""
+        return self.model.fd
+
+    def read(self, name: str, into: np.ndarray | None = None) -> np.ndarray:
+        """One tensor dequantized to float32 in the HF layout (into a view of `into`, if given)."""
+        values = from_gguf_values(
+            self.arch, name, self.model.dequantize(self.gguf_names[name]), self.config
+        )
+        if into is None:
+            return np.ascontiguousarray(values, dtype=np.float32)
+        out = into[: values.size * 4].view(np.float32).reshape(values.shape)
+        out[...] = values
+        return out
+
+    def raw(self, name: str) -> tuple[int, int]:
+        """(offset, nbytes) of a tensor's stored blocks."""
+        gname = self.gguf_names[name]
+        return self.model.offset(gname), self.model.tensors[gname].nbytes
+
+    def close(self) -> None:
+        """Close the file."""
+        self.model.close()
+
+
+def _config(model: GGUFModel) -> dict:
+    """The config.json facts the plan and the GGUF conversion need, from the metadata."""
+    arch = model.architecture
+    if arch is None:
+        raise LoramergeError("GGUF metadata has no general.architecture")
+    hf_class, _ = hf_architecture(arch)
+
+    def number(key: str, default: object = LoramergeError) -> int:
+        value = model.value(f"{arch}.{key}", default)
+        if value is LoramergeError or not isinstance(value, int) or value <= 0:
+            raise LoramergeError(f"GGUF metadata has no usable {arch}.{key} ({value!r})")
+        return value
+
+    heads = number("attention.head_count")
+    embedding = model.tensors.get("token_embd.weight")
+    config = {
+        "architectures": [hf_class],
+        "num_hidden_layers": number("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": number("attention.head_count_kv", heads),
+        "hidden_size": number("embedding_length"),
+        "tie_word_embeddings": "output.weight" not in model.tensors,
+    }
+    if embedding is not None:
+        config["vocab_size"] = embedding.shape[0]
+    return config
+
+
+def is_gguf(path: Path) -> bool:
+    """Whether PATH is a file named .gguf."""
+    path = Path(path)
+    return path.suffix == ".gguf" and path.is_file()
