@@ -182,7 +182,9 @@ def _tensor_info(cur: _Cursor) -> TensorRecord:
     if any(d <= 0 for d in dims) or math.prod(dims) >= 2**62:
         raise GGUFFormatError(f"tensor {name!r} has bad dimensions {dims}")
     if dims[0] % block:
-        raise GGUFFormatError(f"tensor {name!r}: rows of {dims[0]} are not whole {kind.name} blocks")
+        raise GGUFFormatError(
+            f"tensor {name!r}: rows of {dims[0]} are not whole {kind.name} blocks"
+        )
     nbytes = math.prod(dims) // block * type_size
     return TensorRecord(name, kind, tuple(reversed(dims)), offset, nbytes)
 

@@ -21,6 +21,7 @@ from loramerge.errors import LoramergeError
 from loramerge.merge import Job, MergeOptions, MergeResult, Progress, norm_key, run
 from loramerge.sink.hf_folder import LEGACY_NORMS_FILE, NORMS_FILE, read_provenance
 from loramerge.source.checkpoint import open_weights
+from loramerge.source.gguf_file import GGUFModel, is_gguf
 
 
 @dataclass
@@ -87,7 +88,7 @@ def _swap(command, merged, remove, add, options, output, base, force, progress) 
     merged, output = hub.resolve(merged, allow_pickle=pickle), Path(output)
     remove = [hub.resolve(p, allow_pickle=pickle) for p in remove]
     add = [hub.resolve(p, allow_pickle=pickle) for p in add]
-    record = read_provenance(merged) if merged.is_dir() else None
+    record = _record(merged)
     user_weights = list(options.weights)
     remove_weights = user_weights if command == "unmerge" else []
     add_weights = user_weights if command == "rebase" else []
@@ -119,6 +120,16 @@ def _swap(command, merged, remove, add, options, output, base, force, progress) 
         warnings.append("--verify: the recorded base is not at hand, nothing to verify against")
     result.warnings = warnings
     return result
+
+
+def _record(merged: Path) -> dict | None:
+    """The provenance record of a merged folder or GGUF file (None when it has none)."""
+    if merged.is_dir():
+        return read_provenance(merged)
+    if is_gguf(merged):
+        with GGUFModel(merged) as model:
+            return model.provenance()
+    return None
 
 
 def _pair(paths: list[Path], weights: list[float]) -> list[tuple[Path, float | None]]:

@@ -171,4 +171,3 @@ class GGUFRewrite:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-

@@ -13,6 +13,7 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from loramerge import dtypes
@@ -24,7 +25,7 @@ from loramerge.sink.hf_folder import read_provenance
 from loramerge.source.checkpoint import Checkpoint, open_weights
 from loramerge.source.model_folder import read_config
 from loramerge.transform import tensor_inputs
-from loramerge.verify.quantized import NF4Candidate, open_quantized
+from loramerge.verify.quantized import GGUFCandidate, NF4Candidate, open_quantized
 
 _CPU = torch.device("cpu")
 
@@ -244,7 +245,8 @@ def _check_all_quantized(report, reader, base_ck, config, adapters, weights, pro
                 )
             else:
                 report.tensors.append(
-                    _check_quantized(tensor, base_ck, reader, opened, report.tolerance_ulp)
+                    _same_blocks(tensor, base_ck, reader)
+                    or _check_quantized(tensor, base_ck, reader, opened, report.tolerance_ulp)
                 )
             if progress:
                 progress(tensor.nbytes, plan.nbytes)
@@ -255,16 +257,19 @@ def _check_all_quantized(report, reader, base_ck, config, adapters, weights, pro
 
 
 def _check_quantized(plan, base, reader, adapters, tol: float) -> TensorCheck:
-    """|dequantized - expected| <= format bound + tol ulps of the source dtype, elementwise."""
+    """|dequantized - expected| <= format bound(expected, slack), elementwise; the slack is tol
+    ulps of the source dtype plus the float32 merge's own error bound."""
     values, bound, kind = reader.read(plan.name, tuple(plan.shape))
     values = as_matrix(values, plan)
-    start, _, blocks = _expected_blocks(plan, base, adapters)
+    start, terms, blocks = _expected_blocks(plan, base, adapters)
     expected = as_matrix(torch.empty(tuple(plan.shape), dtype=torch.float64), plan)
     for r0, r1, block in blocks:
         expected[r0:r1] = block
     source = dtypes.to_torch(base.tensors[plan.source].dtype)
-    scale = _larger(start, expected.abs())
-    allowed = bound(expected) + tol * ulp(scale, source)
+    slack = tol * ulp(_larger(start, expected.abs()), source)
+    for r0, r1, allowance in _float32_allowance(start, terms) or ():
+        slack[r0:r1] += allowance
+    allowed = bound(expected, slack)
     error = (values - expected).abs()
     finite = bool(torch.isfinite(values).all())
     ratio = float((error / allowed).max()) if error.numel() else 0.0
@@ -285,6 +290,30 @@ def _check_quantized(plan, base, reader, adapters, tol: float) -> TensorCheck:
         note=note,
         snr_db=snr,
         bound_ratio=ratio,
+    )
+
+
+def _same_blocks(plan: TensorPlan, base: Checkpoint, reader) -> TensorCheck | None:
+    """An untouched tensor of a GGUF base kept in its type: its blocks must be the base's."""
+    if plan.modified or base.gguf is None or not isinstance(reader, GGUFCandidate):
+        return None
+    gname = base.gguf.gguf_names.get(plan.source)
+    if gname is None:
+        return None
+    kind, stored = reader.blocks(plan.name)
+    if kind != base.gguf.model.tensors[gname].qtype.name:
+        return None  # retyped: held to its new type's bound
+    identical = np.array_equal(stored, base.gguf.model.read_blocks(gname))
+    elements = math.prod(plan.shape)
+    note = "" if identical else "blocks differ from the base tensor no adapter touches"
+    return TensorCheck(
+        plan.name,
+        "untouched",
+        kind,
+        elements,
+        exact_share=float(identical),
+        passed=identical,
+        note=note,
     )
 
 
