@@ -511,7 +511,7 @@ def _print_verify_table(report: VerifyReport) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--allow-pickle", is_flag=True, help="Load .bin pickle checkpoints.")
 def inspect_command(path, as_json, allow_pickle):
-    """Describe PATH: a base checkpoint, an adapter or a merged folder."""
+    """Describe PATH: a base checkpoint, an adapter, a merged folder or a GGUF file."""
     report = inspect_path(path, allow_pickle=allow_pickle)
     if as_json:
         click.echo(json.dumps(report))
@@ -519,7 +519,7 @@ def inspect_command(path, as_json, allow_pickle):
     console = Console()
     table = Table(title=f"{report['kind']}: {report['path']}", show_header=False)
     for key, value in report.items():
-        if key in ("kind", "path", "provenance"):
+        if key in ("kind", "path", "provenance", "tensor_list"):
             continue
         table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
     console.print(table)

@@ -248,6 +248,10 @@ def _drift(output: Path, job: Job, allow_pickle: bool) -> dict:
         "ulp_definition": "ulps of the output dtype at max(|exact|, |every model it was "
         "computed from|)",
         "max_ulp": max((t.max_ulp for t in report.tensors), default=0.0),
+        # a quantized output: the worst error against one quantization's bound of the exact one
+        "max_bound_ratio": max(
+            (t.bound_ratio for t in report.tensors if t.bound_ratio is not None), default=None
+        ),
         "exact_share": sum(t.exact_share * t.elements for t in report.tensors) / total,
         "tensors": [
             {"name": t.name, "max_ulp": t.max_ulp, "exact_share": t.exact_share}

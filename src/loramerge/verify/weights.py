@@ -244,10 +244,12 @@ def _check_all_quantized(report, reader, base_ck, config, adapters, weights, pro
                     _check(tensor, base_ck, reader.checkpoint, opened, report.tolerance_ulp, [])
                 )
             else:
-                report.tensors.append(
-                    _same_blocks(tensor, base_ck, reader)
-                    or _check_quantized(tensor, base_ck, reader, opened, report.tolerance_ulp)
-                )
+                identical = _same_blocks(tensor, base_ck, reader)
+                check = _check_quantized(tensor, base_ck, reader, opened, report.tolerance_ulp)
+                if identical is not None:  # kept in its type: the blocks must be the base's
+                    check.exact_share, check.passed = float(identical), identical
+                    check.note = "" if identical else "blocks differ from the base tensor"
+                report.tensors.append(check)
             if progress:
                 progress(tensor.nbytes, plan.nbytes)
         report.tensors += _extras(reader.extra(located))
@@ -293,8 +295,9 @@ def _check_quantized(plan, base, reader, adapters, tol: float) -> TensorCheck:
     )
 
 
-def _same_blocks(plan: TensorPlan, base: Checkpoint, reader) -> TensorCheck | None:
-    """An untouched tensor of a GGUF base kept in its type: its blocks must be the base's."""
+def _same_blocks(plan: TensorPlan, base: Checkpoint, reader) -> bool | None:
+    """Whether an untouched tensor of a GGUF base, kept in its type, has the base's blocks
+    (None when that does not apply: touched, retyped, or not a GGUF base and candidate)."""
     if plan.modified or base.gguf is None or not isinstance(reader, GGUFCandidate):
         return None
     gname = base.gguf.gguf_names.get(plan.source)
@@ -302,19 +305,8 @@ def _same_blocks(plan: TensorPlan, base: Checkpoint, reader) -> TensorCheck | No
         return None
     kind, stored = reader.blocks(plan.name)
     if kind != base.gguf.model.tensors[gname].qtype.name:
-        return None  # retyped: held to its new type's bound
-    identical = np.array_equal(stored, base.gguf.model.read_blocks(gname))
-    elements = math.prod(plan.shape)
-    note = "" if identical else "blocks differ from the base tensor no adapter touches"
-    return TensorCheck(
-        plan.name,
-        "untouched",
-        kind,
-        elements,
-        exact_share=float(identical),
-        passed=identical,
-        note=note,
-    )
+        return None
+    return bool(np.array_equal(stored, base.gguf.model.read_blocks(gname)))
 
 
 def _check(
