@@ -485,6 +485,114 @@ def test_hostile_input(tmp_path, name):
     reader(build(tmp_path))
 
 
+# -- GGUF files -------------------------------------------------------------------------------
+
+
+def _valid_gguf() -> bytes:
+    """A small llama GGUF written by gguf-py: scalars, strings, arrays, F32/Q8_0/Q4_K tensors."""
+    import tempfile
+
+    import gguf
+    import numpy as np
+
+    from loramerge.quant import ggml
+
+    T = gguf.GGMLQuantizationType
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "v.gguf"
+        writer = gguf.GGUFWriter(path, "llama")
+        writer.add_block_count(1)
+        writer.add_head_count(2)
+        writer.add_head_count_kv(2)
+        writer.add_embedding_length(32)
+        writer.add_token_list(["a", "b", "c"])
+        writer.add_token_scores([0.0, -1.0, -2.0])
+        writer.add_string("loramerge.provenance", json.dumps({"adapters": []}))
+        for name, shape, qtype in [
+            ("token_embd.weight", (3, 32), T.Q8_0),
+            ("blk.0.attn_q.weight", (32, 32), T.F32),
+            ("blk.0.ffn_down.weight", (2, 256), T.Q4_K),
+            ("output_norm.weight", (32,), T.F32),
+        ]:
+            values = rng.normal(size=shape).astype(np.float32)
+            writer.add_tensor(name, ggml.quantize(values, qtype), raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return path.read_bytes()
+
+
+VALID_GGUF = _valid_gguf()
+
+
+def read_gguf(path: Path) -> None:
+    """Open a GGUF file as itself and as a checkpoint; read (dequantize) every tensor."""
+    from loramerge.inspect import inspect_path
+    from loramerge.source.gguf_file import GGUFModel
+
+    try:
+        with GGUFModel(path) as model:
+            for name, record in model.tensors.items():
+                assert model.dequantize(name).shape == record.shape
+            model.provenance()
+        inspect_path(path)
+        with open_weights(path, stem="model", allow_pickle=False) as checkpoint:
+            for name, info in checkpoint.tensors.items():
+                assert checkpoint.read(name).shape == info.shape
+        outcome("accepted")
+    except LoramergeError:
+        outcome("refused")
+
+
+def test_valid_gguf_reads(tmp_path):
+    path = tmp_path / "v.gguf"
+    path.write_bytes(VALID_GGUF)
+    with open_weights(path, stem="model", allow_pickle=False) as checkpoint:
+        assert len(checkpoint.tensors) == 4
+    read_gguf(path)
+
+
+def test_every_gguf_truncation_is_refused(tmp_path):
+    path = tmp_path / "v.gguf"
+    from loramerge.source.gguf_file import GGUFModel
+
+    for cut in range(0, len(VALID_GGUF), 7):
+        path.write_bytes(VALID_GGUF[:cut])
+        with pytest.raises(LoramergeError):
+            GGUFModel(path).close()
+
+
+@fuzzer(data=st.data())
+def test_gguf_mutated_bytes(tmp_path, data):
+    """Flip, overwrite, insert or delete bytes of the header (counts, lengths, types, dims,
+    offsets); cut or extend the file."""
+    raw = bytearray(VALID_GGUF)
+    header_end = len(VALID_GGUF) - 3 * 34 - 32 * 32 * 4 - 2 * 144 - 32 * 4
+    for _ in range(data.draw(st.integers(1, 6))):
+        if not raw:
+            break
+        where = data.draw(st.integers(0, min(header_end, len(raw)) - 1))
+        action = data.draw(st.sampled_from(["flip", "set", "insert", "delete", "huge"]))
+        if action == "flip":
+            raw[where] ^= data.draw(st.integers(1, 255))
+        elif action == "set":
+            raw[where] = data.draw(st.sampled_from(b"\x00\x01\x02\x03\x04\x08\x09\x0c\x7f\xff"))
+        elif action == "insert":
+            raw[where:where] = data.draw(st.binary(min_size=1, max_size=8))
+        elif action == "huge":  # a u64 count, length or dimension set to something enormous
+            value = data.draw(st.sampled_from([h for h in HUGE if h < 2**64] + [0]))
+            raw[where : where + 8] = value.to_bytes(8, "little")
+        else:
+            del raw[where : where + data.draw(st.integers(1, 8))]
+    if data.draw(st.booleans()):
+        raw = raw[: data.draw(st.integers(0, len(raw)))] + data.draw(st.binary(max_size=16))
+    path = tmp_path / "f.gguf"
+    path.write_bytes(bytes(raw))
+    read_gguf(path)
+
+
 # -- the per-example bounds `make fuzz` relies on ------------------------------------------------
 
 HANGS = """

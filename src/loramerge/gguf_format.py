@@ -71,15 +71,21 @@ class Header:
     data_start: int
 
 
-class _Cursor:
-    def __init__(self, buf: memoryview) -> None:
-        self.buf, self.at = buf, 0
+class NeedMore(GGUFFormatError):
+    """The header goes on past the bytes given (but not past the file): read more of it."""
 
-    def take(self, n: int) -> memoryview:
-        if n < 0 or self.at + n > len(self.buf):
+
+class _Cursor:
+    def __init__(self, buf: bytes, file_size: int) -> None:
+        self.buf, self.at, self.size = buf, 0, file_size
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.at + n > self.size:
             raise GGUFFormatError(
                 f"header runs past the end of the file (needs {n} bytes at offset {self.at})"
             )
+        if self.at + n > len(self.buf):
+            raise NeedMore(f"the header is longer than {len(self.buf)} bytes")
         piece = self.buf[self.at : self.at + n]
         self.at += n
         return piece
@@ -90,14 +96,14 @@ class _Cursor:
     def count(self, each: int, what: str) -> int:
         """A u64 count of items of at least `each` bytes that must fit in what remains."""
         n = self.unpack("<Q")
-        if n * each > len(self.buf) - self.at:
+        if n * each > self.size - self.at:
             raise GGUFFormatError(f"{what} claims {n} items, more than the file holds")
         return n
 
     def string(self, what: str) -> str:
         raw = self.take(self.count(1, what))
         try:
-            return str(raw, "utf-8")
+            return raw.decode("utf-8")
         except UnicodeDecodeError:
             raise GGUFFormatError(f"{what} is not UTF-8") from None
 
@@ -122,9 +128,10 @@ def _value(cur: _Cursor, vtype: int, what: str, nested: bool = False) -> object:
     raise GGUFFormatError(f"{what}: unsupported array item type {itype}")
 
 
-def parse_header(buf: memoryview, file_size: int) -> Header:
-    """Parse and check a GGUF header held in `buf` (the file's first bytes, or all of them)."""
-    cur = _Cursor(buf)
+def parse_header(buf: bytes, file_size: int) -> Header:
+    """Parse and check a GGUF header held in `buf`, the file's first bytes (NeedMore when the
+    header goes on past them)."""
+    cur = _Cursor(buf, file_size)
     if bytes(cur.take(4)) != struct.pack("<I", GGUF_MAGIC):
         raise GGUFFormatError("not a GGUF file (bad magic)")
     version = cur.unpack("<I")

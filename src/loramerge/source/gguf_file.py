@@ -1,33 +1,36 @@
 """A GGUF file as a source: its metadata, tensor infos, raw blocks, and dequantized tensors.
 
-The header is parsed by `gguf_format` (checked against the file's size) from a read-only memory
-map that is closed afterwards; tensor data is read with `pread`, so a 2 GB file costs one tensor's
-memory at a time. `GGUFModel` speaks GGUF names and layout; `GGUFWeights` is the same file as a
-checkpoint in the Hugging Face names and layout (float32, q/k rows un-permuted, Gemma norms
-minus one), through the same name map the GGUF sink writes with.
+The header is parsed by `gguf_format` (checked against the file's size) from its first bytes,
+read with `pread` (more when the vocabulary is long); tensor data is read with `pread` too, so a
+2 GB file costs one tensor's memory at a time and nothing stays mapped.
+
+`GGUFModel` speaks GGUF names and layout; `GGUFWeights` is the same file as a checkpoint in the
+Hugging Face names and layout (float32, q/k rows un-permuted, Gemma norms minus one), through the
+same name map the GGUF sink writes with.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 from pathlib import Path
 
 import numpy as np
 
 from loramerge.errors import LoramergeError
-from loramerge.gguf_format import GGUFFormatError, Header, TensorRecord, parse_header
+from loramerge.gguf_format import GGUFFormatError, Header, NeedMore, TensorRecord, parse_header
 from loramerge.gguf_names import (
     TensorNames,
     UnsupportedArchitecture,
     from_gguf_values,
     hf_architecture,
+    qk_heads,
 )
 from loramerge.quant import ggml
 from loramerge.source.safetensors_file import TensorInfo, read_exact
 
 PROVENANCE_KEY = "loramerge.provenance"
+_FIRST_READ = 4 << 20  # bytes of the header read at first (a 150k-token vocabulary is ~5 MB)
 
 
 class GGUFModel:
@@ -106,18 +109,19 @@ class GGUFModel:
 
 
 def _read_header(path: Path, fd: int) -> Header:
+    """The parsed header, read in growing pieces from the start of the file."""
     size = os.fstat(fd).st_size
     if size == 0:
         raise LoramergeError(f"{path}: empty file, not GGUF")
-    try:
-        with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mapped:
-            view = memoryview(mapped)
-            try:
-                return parse_header(view, size)
-            finally:
-                view.release()
-    except GGUFFormatError as exc:
-        raise LoramergeError(f"{path}: {exc}") from None
+    want = min(size, _FIRST_READ)
+    while True:
+        head = os.pread(fd, want, 0)
+        try:
+            return parse_header(head, size)
+        except NeedMore:
+            want = min(size, 4 * want)
+        except GGUFFormatError as exc:
+            raise LoramergeError(f"{path}: {exc}") from None
 
 
 class GGUFWeights:
@@ -136,6 +140,7 @@ class GGUFWeights:
             model.close()
             raise LoramergeError(f"{self.path}: {exc}") from None
         names = TensorNames(self.arch, self.config["num_hidden_layers"])
+        heads = self.arch.permute_qk
         self.gguf_names: dict[str, str] = {}  # HF name -> GGUF name
         self.tensors: dict[str, TensorInfo] = {}
         for gname, record in model.tensors.items():
@@ -143,6 +148,13 @@ class GGUFWeights:
             if hf in self.tensors:
                 model.close()
                 raise LoramergeError(f"{self.path}: two tensors read back as {hf}")
+            rotary = qk_heads(hf, self.config) if heads else None
+            if rotary and record.shape[0] % (2 * rotary):
+                model.close()
+                raise LoramergeError(
+                    f"{self.path}: {gname} has {record.shape[0]} rows, not whole rotary pairs of "
+                    f"{rotary} heads"
+                )
             self.gguf_names[hf] = gname
             nbytes = int(np.prod(record.shape, dtype=np.int64)) * 4
             self.tensors[hf] = TensorInfo(hf, self.path, "F32", record.shape, 0, nbytes)
@@ -187,10 +199,15 @@ def _config(model: GGUFModel) -> dict:
         return value
 
     heads = number("attention.head_count")
+    layers = number("block_count")
+    if layers > len(model.tensors):  # every block holds tensors; gguf's name map loops over them
+        raise LoramergeError(
+            f"{arch}.block_count {layers} exceeds the {len(model.tensors)} tensors"
+        )
     embedding = model.tensors.get("token_embd.weight")
     config = {
         "architectures": [hf_class],
-        "num_hidden_layers": number("block_count"),
+        "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": number("attention.head_count_kv", heads),
         "hidden_size": number("embedding_length"),
