@@ -8,6 +8,7 @@ projections (`LlamaModel.permute`), and Gemma's `norm.weight + 1` (its RMSNorm m
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import gguf
@@ -70,13 +71,12 @@ def hf_architecture(gguf_arch: str) -> tuple[str, Architecture]:
 
 
 # The reverse map picks, among the names gguf's table lists for a GGUF tensor, the first that
-# matches the first of these (a prefix when it ends in a dot, else the whole name): the Hugging
-# Face layout of every supported architecture.
-_HF_PREFIXES = ("model.layers.", "lm_head", "model.")
-
-
-def _matches(name: str, pattern: str) -> bool:
-    return name.startswith(pattern) if pattern.endswith(".") else name == pattern
+# matches the first of these: the Hugging Face layout every supported architecture shares
+# (transformers' decoder layers with `self_attn` and `mlp`, `model.norm`, `lm_head`).
+_HF_PATTERNS = tuple(
+    re.compile(p)
+    for p in (r"model\.layers\.\d+\.(self_attn|mlp)\.", r"model\.layers\.", r"lm_head$", r"model\.")
+)
 
 
 class TensorNames:
@@ -90,8 +90,8 @@ class TensorNames:
             candidates.setdefault(gguf_base, []).append(hf_base)
         self._reverse: dict[str, str] = {}
         for gguf_base, names in candidates.items():
-            for prefix in _HF_PREFIXES:
-                chosen = next((n for n in names if _matches(n, prefix)), None)
+            for pattern in _HF_PATTERNS:
+                chosen = next((n for n in names if pattern.match(n)), None)
                 if chosen is not None:
                     self._reverse[gguf_base] = chosen
                     break
