@@ -39,15 +39,50 @@ class GGUFInfo:
     base: object | None = None  # a GGUF base (sink.gguf_rewrite.GGUFBase): rewrite it
 
 
-@dataclass(frozen=True)
-class _Tensor:
-    name: str  # the GGUF name
-    qtype: gguf.GGMLQuantizationType
-    offset: int  # in the file
-    nbytes: int
+class BlockSink:
+    """What both GGUF sinks share: one open file, each tensor quantized to its type and written
+    at its own offset (so any order, any thread); `_slots` maps a tensor to (type, offset)."""
+
+    _fd: int
+    _data_start: int
+    _slots: dict[str, tuple[gguf.GGMLQuantizationType, int]]
+
+    def _open(self, path: Path, data_bytes: int) -> None:
+        self._fd = os.open(path, os.O_RDWR)
+        os.ftruncate(self._fd, self._data_start + data_bytes)
+        self._written: set[str] = set()
+        self.files: list[str] = []
+        self.hashes: dict[str, str] = {}
+        self.config_updates: dict = {}
+
+    def position(self, name: str) -> int:
+        """Any buffer alignment will do: tensors are converted before writing."""
+        return 0
+
+    def _store(self, name: str, values: np.ndarray) -> None:
+        qtype, offset = self._slots[name]
+        data = ggml.quantize(values, qtype)
+        pwrite_all(self._fd, memoryview(data.reshape(-1)), self._data_start + offset)
+        self._written.add(name)
+
+    def finish(self) -> None:
+        """Check every tensor arrived and close the file (the atomic output fsyncs it)."""
+        missing = set(self._slots) - self._written
+        if missing:
+            raise LoramergeError(f"GGUF output is missing {len(missing)} tensor(s)")
+        self.abort()
+
+    def cancel(self) -> None:
+        """Nothing waits on anything."""
+
+    def abort(self) -> None:
+        """Close the file."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
-class GGUFFile:
+class GGUFFile(BlockSink):
     """The GGUF sink: `path` is the (temporary) file to fill."""
 
     def __init__(self, path: Path, entries: list[Entry], config: dict | None, info: GGUFInfo):
@@ -94,7 +129,7 @@ class GGUFFile:
         }
         record = {**info.record, "output": self.description}
         writer.add_string(PROVENANCE_KEY, json.dumps(record, sort_keys=True))
-        self._tensors: dict[str, _Tensor] = {}
+        self._slots = {}
         extras = extra_tensors(arch.arch, config)
         layout = [(hf_name, gname, shape, types[gname]) for hf_name, (gname, shape) in kept.items()]
         layout += [
@@ -104,7 +139,7 @@ class GGUFFile:
         for name, gname, shape, qtype in layout:
             nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * ggml.row_bytes(qtype, shape[-1])
             writer.add_tensor_info(gname, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
-            self._tensors[name] = _Tensor(gname, qtype, offset, nbytes)
+            self._slots[name] = (qtype, offset)
             offset += writer.ggml_pad(nbytes, writer.data_alignment)
         writer.write_header_to_file(path)
         writer.write_kv_data_to_file()
@@ -112,23 +147,14 @@ class GGUFFile:
         (file,) = writer.fout
         self._data_start = writer.ggml_pad(file.tell(), writer.data_alignment)
         file.close()
-        self._fd = os.open(path, os.O_RDWR)
-        os.ftruncate(self._fd, self._data_start + offset)
+        self._open(path, offset)
         self.order = list(kept)
-        self._written: set[str] = set()
         for name, values in extras.items():
             self._store(name, values)
-        self.files: list[str] = []
-        self.hashes: dict[str, str] = {}
-        self.config_updates: dict = {}
 
     def copyable(self, name: str) -> bool:
         """Every tensor is converted (layout, type), so none is copied as raw bytes."""
         return False
-
-    def position(self, name: str) -> int:
-        """Any buffer alignment will do: tensors are converted before writing."""
-        return 0
 
     def copy(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
         """Never called (nothing is copyable)."""
@@ -137,28 +163,6 @@ class GGUFFile:
     def write(self, name: str, values: np.ndarray) -> None:
         """Convert one finished tensor as llama.cpp expects it and write its blocks in place."""
         self._store(name, to_gguf_values(self._arch, name, values, self._config))
-
-    def _store(self, name: str, values: np.ndarray) -> None:
-        tensor = self._tensors[name]
-        data = ggml.quantize(values, tensor.qtype)
-        pwrite_all(self._fd, memoryview(data.reshape(-1)), self._data_start + tensor.offset)
-        self._written.add(name)
-
-    def finish(self) -> None:
-        """Check every tensor arrived and close the file (the atomic output fsyncs it)."""
-        missing = set(self._tensors) - self._written
-        if missing:
-            raise LoramergeError(f"GGUF output is missing {len(missing)} tensor(s)")
-        self.abort()
-
-    def cancel(self) -> None:
-        """Nothing waits on anything."""
-
-    def abort(self) -> None:
-        """Close the file."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
 
 def pwrite_all(fd: int, data: memoryview, offset: int) -> None:

@@ -30,9 +30,8 @@ from loramerge.gguf_format import (
     tensor_nbytes,
 )
 from loramerge.gguf_names import architecture, to_gguf_values
-from loramerge.quant import ggml
 from loramerge.quant.ggml_types import GGUF_TYPES, ModelInfo, tensor_types
-from loramerge.sink.gguf_file import PROVENANCE_KEY, pwrite_all
+from loramerge.sink.gguf_file import PROVENANCE_KEY, BlockSink, pwrite_all
 from loramerge.sink.safetensors_writer import Entry
 
 FILE_TYPE_KEY = "general.file_type"
@@ -47,7 +46,7 @@ class GGUFBase:
     gguf_names: dict[str, str]
 
 
-class GGUFRewrite:
+class GGUFRewrite(BlockSink):
     """The sink for a GGUF base: `path` is the (temporary) file to fill."""
 
     def __init__(
@@ -119,22 +118,14 @@ class GGUFRewrite:
             ]
         )
         self._data_start = align(len(head), header.alignment)
-        self._fd = os.open(path, os.O_RDWR)
+        self._slots = {name: (r.qtype, r.offset) for name, (r, _) in self._places.items()}
+        self._open(path, offset)
         pwrite_all(self._fd, memoryview(head), 0)
-        os.ftruncate(self._fd, self._data_start + offset)
         self.order = [by_gguf[n] for n in header.tensors]
-        self._written: set[str] = set()
-        self.files: list[str] = []
-        self.hashes: dict[str, str] = {}
-        self.config_updates: dict = {}
 
     def copyable(self, name: str) -> bool:
         """A tensor whose type is kept is copied as its raw blocks when untouched."""
         return self._places[name][1]
-
-    def position(self, name: str) -> int:
-        """Any buffer alignment will do: tensors are converted before writing."""
-        return 0
 
     def copy(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
         """The base's blocks, byte for byte."""
@@ -151,23 +142,4 @@ class GGUFRewrite:
 
     def write(self, name: str, values) -> None:
         """A merged (or retyped) tensor, back in the GGUF layout, quantized to its type."""
-        record, _ = self._places[name]
-        data = ggml.quantize(to_gguf_values(self._arch, name, values, self._config), record.qtype)
-        pwrite_all(self._fd, memoryview(data.reshape(-1)), self._data_start + record.offset)
-        self._written.add(name)
-
-    def finish(self) -> None:
-        """Check every tensor arrived and close the file (the atomic output fsyncs it)."""
-        missing = set(self._places) - self._written
-        if missing:
-            raise LoramergeError(f"GGUF output is missing {len(missing)} tensor(s)")
-        self.abort()
-
-    def cancel(self) -> None:
-        """Nothing waits on anything."""
-
-    def abort(self) -> None:
-        """Close the file."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._store(name, to_gguf_values(self._arch, name, values, self._config))

@@ -30,6 +30,7 @@ from loramerge.quant import ggml
 from loramerge.source.safetensors_file import TensorInfo, read_exact
 
 PROVENANCE_KEY = "loramerge.provenance"
+_CHUNK_ELEMENTS = 1 << 20  # elements dequantized at a time
 _FIRST_READ = 4 << 20  # bytes of the header read at first (a 150k-token vocabulary is ~5 MB)
 
 
@@ -87,13 +88,6 @@ class GGUFModel:
         read_exact(self._fd, memoryview(raw), self.offset(name), self.path)
         rows = record.shape[:-1]
         return raw.reshape(*rows, record.nbytes // max(1, int(np.prod(rows, dtype=np.int64))))
-
-    def dequantize(self, name: str) -> np.ndarray:
-        """A tensor as float32 in GGUF layout (llama.cpp's dequantization)."""
-        record = self.tensors[name]
-        if record.qtype not in ggml.SUPPORTED:
-            raise LoramergeError(f"{self.path}: {name} is {record.qtype.name}, not readable here")
-        return ggml.dequantize(self.read_blocks(name), record.qtype).reshape(record.shape)
 
     def close(self) -> None:
         """Release the file descriptor."""
@@ -165,15 +159,30 @@ class GGUFWeights:
         return self.model.fd
 
     def read(self, name: str, into: np.ndarray | None = None) -> np.ndarray:
-        """One tensor dequantized to float32 in the HF layout (into a view of `into`, if given)."""
-        values = from_gguf_values(
-            self.arch, name, self.model.dequantize(self.gguf_names[name]), self.config
-        )
-        if into is None:
-            return np.ascontiguousarray(values, dtype=np.float32)
-        out = into[: values.size * 4].view(np.float32).reshape(values.shape)
-        out[...] = values
-        return out
+        """One tensor dequantized to float32 in the HF layout (into a view of `into`, if given).
+
+        Rows are read and dequantized a bounded chunk at a time, straight into the result.
+        """
+        model, gname = self.model, self.gguf_names[name]
+        record = model.tensors[gname]
+        if record.qtype not in ggml.SUPPORTED:
+            raise LoramergeError(f"{self.path}: {gname} is {record.qtype.name}, not readable here")
+        numel = int(np.prod(record.shape, dtype=np.int64))
+        buffer = np.empty(numel * 4, np.uint8) if into is None else into[: numel * 4]
+        out = buffer.view(np.float32).reshape(-1, record.shape[-1])
+        row_bytes = record.nbytes // out.shape[0]
+        step = max(1, _CHUNK_ELEMENTS // record.shape[-1])
+        start = model.offset(gname)
+        for r0 in range(0, out.shape[0], step):
+            r1 = min(out.shape[0], r0 + step)
+            raw = np.empty((r1 - r0) * row_bytes, np.uint8)
+            read_exact(model.fd, memoryview(raw), start + r0 * row_bytes, self.path)
+            out[r0:r1] = ggml.dequantize(raw.reshape(r1 - r0, row_bytes), record.qtype)
+        values = out.reshape(record.shape)
+        converted = from_gguf_values(self.arch, name, values, self.config)
+        if converted is not values:
+            values[...] = converted
+        return values
 
     def raw(self, name: str) -> tuple[int, int]:
         """(offset, nbytes) of a tensor's stored blocks."""
