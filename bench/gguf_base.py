@@ -1,11 +1,12 @@
 """Benchmark: merging into a GGUF base (BF16 and Q4_K_M) beside a durable copy of that base.
 
-Uses bench/merge.py's TinyLlama-shaped fixture (built once under --workdir; r=16 adapter, 154
-modules at 22 layers). Its GGUF bases are written once by `loramerge quantize --to gguf` (the
-fixture has no tokenizer, so the test fixture's 384-token one is borrowed and padded to 32000
-entries). Then, interleaved over --repeat rounds, each as a separate process: `cp BASE OUT &&
-sync` (the floor: every byte read and written durably) and `loramerge merge BASE ADAPTER -o OUT`,
-reporting wall and CPU seconds and peak RSS (`os.wait4`), with the load average at the start.
+Uses bench/merge.py's TinyLlama-shaped fixture (built by `bench/merge.py --build-only` under
+--workdir; r=16 adapter, 154 modules at 22 layers). Its GGUF bases are written once by
+`loramerge quantize --to gguf` (the fixture has no tokenizer, so the test fixture's 384-token one
+is borrowed and padded to 32000 entries). Then, interleaved over --repeat rounds, each as a
+separate process: `cp BASE OUT && sync` (the floor: every byte read and written durably) and
+`loramerge merge BASE ADAPTER -o OUT`, reporting wall and CPU seconds and peak RSS (`os.wait4`),
+with the load average at the start.
 
 The peer a user has today is llama.cpp's `llama-export-lora` (which writes F16 for every tensor
 it touches), followed for a Q4_K_M result by `llama-quantize --allow-requantize`. Neither is
@@ -31,8 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "fixtures" / "llama-base"
 
 
-def ensure_bases(margs: argparse.Namespace, base: Path, out: Path) -> dict[str, Path]:
-    """The GGUF bases (bf16, q4_k_m) of the fixture, written once."""
+def ensure_bases(
+    margs: argparse.Namespace, base: Path, out: Path, kinds: list[str]
+) -> dict[str, Path]:
+    """The GGUF bases (`--gguf-type` names) of the fixture, written once."""
     view = out / "base-with-tokenizer"
     if not view.is_dir():
         view.mkdir(parents=True)
@@ -41,7 +44,7 @@ def ensure_bases(margs: argparse.Namespace, base: Path, out: Path) -> dict[str, 
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(TOKENIZER / name, view / name)
     bases = {}
-    for kind in ("bf16", "q4_k_m"):
+    for kind in kinds:
         path = out / f"base-{kind}.gguf"
         if not path.is_file():
             command = (
@@ -64,14 +67,16 @@ def main() -> None:
     )
     p.add_argument("--layers", type=int, default=22)
     p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--bases", default="bf16,q4_k_m", help="GGUF base types, comma-separated")
     p.add_argument("--json", type=Path, help="write results as JSON here")
     args = p.parse_args()
     margs = fixture.parse_args(["--workdir", str(args.workdir), "--layers", str(args.layers)])
-    fixture.ensure_fixture(margs, args.layers)
     root = margs.workdir / f"L{args.layers}"
+    if not (root / "fixture.json").is_file():
+        sys.exit(f"no fixture at {root}: build it with bench/merge.py --build-only first")
     out = args.out or margs.workdir / f"L{args.layers}-gguf"
     out.mkdir(parents=True, exist_ok=True)
-    bases = ensure_bases(margs, root / "base", out)
+    bases = ensure_bases(margs, root / "base", out, args.bases.split(","))
     adapter = root / "adapter"
     q = shlex.quote
     results: list[dict] = []
