@@ -242,26 +242,36 @@ def test_every_truncation_is_refused(tmp_path):
 @fuzzer(data=st.data())
 def test_mutated_bytes(tmp_path, data):
     """Flip, overwrite, insert or delete bytes in the length field and header; cut or extend."""
-    raw = bytearray(VALID)
     header_end = 8 + int.from_bytes(VALID[:8], "little")
+    path = tmp_path / "f.safetensors"
+    path.write_bytes(_mutated(VALID, header_end, data, b'{}[]",:0123456789-.eE \x00\xff'))
+    read_file(path)
+
+
+def _mutated(valid: bytes, header_end: int, data, alphabet: bytes, words: bool = False) -> bytes:
+    """Up to six flips, overwrites (from `alphabet`), insertions or deletions in the header, and,
+    with `words`, u64 fields set to huge values; then maybe cut or extended."""
+    raw = bytearray(valid)
+    actions = ["flip", "set", "insert", "delete"] + (["huge"] if words else [])
     for _ in range(data.draw(st.integers(1, 6))):
         if not raw:
             break
         where = data.draw(st.integers(0, min(header_end, len(raw)) - 1))
-        action = data.draw(st.sampled_from(["flip", "set", "insert", "delete"]))
+        action = data.draw(st.sampled_from(actions))
         if action == "flip":
             raw[where] ^= data.draw(st.integers(1, 255))
         elif action == "set":
-            raw[where] = data.draw(st.sampled_from(b'{}[]",:0123456789-.eE \x00\xff'))
+            raw[where] = data.draw(st.sampled_from(alphabet))
         elif action == "insert":
             raw[where:where] = data.draw(st.binary(min_size=1, max_size=8))
+        elif action == "huge":
+            value = data.draw(st.sampled_from([h for h in HUGE if h < 2**64] + [0]))
+            raw[where : where + 8] = value.to_bytes(8, "little")
         else:
             del raw[where : where + data.draw(st.integers(1, 8))]
     if data.draw(st.booleans()):
         raw = raw[: data.draw(st.integers(0, len(raw)))] + data.draw(st.binary(max_size=16))
-    path = tmp_path / "f.safetensors"
-    path.write_bytes(bytes(raw))
-    read_file(path)
+    return bytes(raw)
 
 
 @fuzzer(header=headers(), data=st.data())
@@ -483,6 +493,96 @@ HOSTILE = {
 def test_hostile_input(tmp_path, name):
     reader, build = HOSTILE[name]
     reader(build(tmp_path))
+
+
+# -- GGUF files -------------------------------------------------------------------------------
+
+
+def _valid_gguf() -> bytes:
+    """A small llama GGUF written by gguf-py: scalars, strings, arrays, F32/Q8_0/Q4_K tensors."""
+    import tempfile
+
+    import gguf
+    import numpy as np
+
+    from loramerge.quant import ggml
+
+    T = gguf.GGMLQuantizationType
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "v.gguf"
+        writer = gguf.GGUFWriter(path, "llama")
+        writer.add_block_count(1)
+        writer.add_head_count(2)
+        writer.add_head_count_kv(2)
+        writer.add_embedding_length(32)
+        writer.add_token_list(["a", "b", "c"])
+        writer.add_token_scores([0.0, -1.0, -2.0])
+        writer.add_string("loramerge.provenance", json.dumps({"adapters": []}))
+        for name, shape, qtype in [
+            ("token_embd.weight", (3, 32), T.Q8_0),
+            ("blk.0.attn_q.weight", (32, 32), T.F32),
+            ("blk.0.ffn_down.weight", (2, 256), T.Q4_K),
+            ("output_norm.weight", (32,), T.F32),
+        ]:
+            values = rng.normal(size=shape).astype(np.float32)
+            writer.add_tensor(name, ggml.quantize(values, qtype), raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return path.read_bytes()
+
+
+VALID_GGUF = _valid_gguf()
+
+
+def read_gguf(path: Path) -> None:
+    """Open a GGUF file as itself and as a checkpoint; read (dequantize) every tensor."""
+    from loramerge.inspect import inspect_path
+    from loramerge.source.gguf_file import GGUFModel
+
+    try:
+        with GGUFModel(path) as model:
+            for name, record in model.tensors.items():
+                assert model.read_blocks(name).nbytes == record.nbytes
+            model.provenance()
+        inspect_path(path)
+        with open_weights(path, stem="model", allow_pickle=False) as checkpoint:
+            for name, info in checkpoint.tensors.items():
+                assert checkpoint.read(name).shape == info.shape
+        outcome("accepted")
+    except LoramergeError:
+        outcome("refused")
+
+
+def test_valid_gguf_reads(tmp_path):
+    path = tmp_path / "v.gguf"
+    path.write_bytes(VALID_GGUF)
+    with open_weights(path, stem="model", allow_pickle=False) as checkpoint:
+        assert len(checkpoint.tensors) == 4
+    read_gguf(path)
+
+
+def test_every_gguf_truncation_is_refused(tmp_path):
+    path = tmp_path / "v.gguf"
+    from loramerge.source.gguf_file import GGUFModel
+
+    for cut in range(0, len(VALID_GGUF), 7):
+        path.write_bytes(VALID_GGUF[:cut])
+        with pytest.raises(LoramergeError):
+            GGUFModel(path).close()
+
+
+@fuzzer(data=st.data())
+def test_gguf_mutated_bytes(tmp_path, data):
+    """Flip, overwrite, insert or delete bytes of the header (counts, lengths, types, dims,
+    offsets), set u64 fields to huge values; cut or extend the file."""
+    header_end = len(VALID_GGUF) - 3 * 34 - 32 * 32 * 4 - 2 * 144 - 32 * 4
+    path = tmp_path / "f.gguf"
+    alphabet = b"\x00\x01\x02\x03\x04\x08\x09\x0c\x7f\xff"
+    path.write_bytes(_mutated(VALID_GGUF, header_end, data, alphabet, words=True))
+    read_gguf(path)
 
 
 # -- the per-example bounds `make fuzz` relies on ------------------------------------------------

@@ -133,6 +133,33 @@ def test_names_values_and_types_equal_converter(converted):
     print(f"{arch.name}: {len(ours)} tensors x {len(readers)} outtypes equal the converter's")
 
 
+def test_converter_files_read_back_as_the_checkpoint(converted):
+    """The converter's F32 file read as a checkpoint (source.gguf_file, the reverse name map):
+    the checkpoint's names (less what the converter drops), its config facts, its values (q/k
+    un-permuted; a Gemma norm is (w + 1) - 1: one rounding at |w + 1| in the dtype the converter
+    adds in, float16 for a float16 checkpoint, else float32)."""
+    from loramerge.source.checkpoint import open_weights
+
+    folder, config, readers = converted
+    hf = _checkpoint(folder)
+    dropped = set(architecture(config).skip)
+    with open_weights(Path(readers["f32"].data.filename), stem="model", allow_pickle=False) as ck:
+        assert set(ck.tensors) == set(hf) - dropped
+        view = ck.gguf.config
+        for key in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
+            assert view[key] == config[key], key
+        assert view["architectures"][0] in ARCHITECTURES
+        assert view["tie_word_embeddings"] == ("lm_head.weight" not in ck.tensors)
+        for name, info in ck.tensors.items():
+            got, want = ck.read(name), hf[name].astype(np.float32)
+            assert info.shape == want.shape and got.shape == want.shape, name
+            if architecture(config).norm_offset and name.endswith("norm.weight"):
+                step = np.spacing((np.abs(want) + 1).astype(hf[name].dtype)).astype(np.float32)
+                assert (np.abs(got - want) <= step).all(), name
+            else:
+                assert np.array_equal(got, want), name
+
+
 def test_permutation_round_trip_and_layout():
     """unpermute_qk inverts permute_qk; a head's rows become its two rotary halves interleaved."""
     rows = np.arange(32 * 3, dtype=np.float32).reshape(32, 3)

@@ -109,17 +109,16 @@ def _merge_options(func):
             "--to",
             "to",
             type=click.Choice(list(FORMATS)),
-            default="safetensors",
-            show_default=True,
-            help="Output format (nf4: bitsandbytes 4-bit, as transformers saves it; gguf: "
-            "one llama.cpp file).",
+            default=None,
+            help="Output format (default: safetensors, or gguf for a .gguf base; nf4: "
+            "bitsandbytes 4-bit, as transformers saves it; gguf: one llama.cpp file).",
         ),
         click.option(
             "--gguf-type",
             type=click.Choice(list(GGUF_TYPES)),
-            default="f16",
-            show_default=True,
-            help="--to gguf: llama.cpp file type (q4_k_m, q5_k_m, q6_k: llama.cpp's mixtures).",
+            default=None,
+            help="--to gguf: llama.cpp file type (q4_k_m, q5_k_m, q6_k: llama.cpp's mixtures; "
+            "default f16, or each tensor's own type for a .gguf base).",
         ),
         click.option(
             "--qlora-base",
@@ -551,7 +550,7 @@ def _print_verify_table(report: VerifyReport) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--allow-pickle", is_flag=True, help="Load .bin pickle checkpoints.")
 def inspect_command(path, as_json, allow_pickle):
-    """Describe PATH: a base checkpoint, an adapter or a merged folder."""
+    """Describe PATH: a base checkpoint, an adapter, a merged folder or a GGUF file."""
     report = inspect_path(path, allow_pickle=allow_pickle)
     if as_json:
         click.echo(json.dumps(report))
@@ -559,7 +558,7 @@ def inspect_command(path, as_json, allow_pickle):
     console = Console()
     table = Table(title=f"{report['kind']}: {report['path']}", show_header=False)
     for key, value in report.items():
-        if key in ("kind", "path", "provenance"):
+        if key in ("kind", "path", "provenance", "tensor_list"):
             continue
         table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
     console.print(table)

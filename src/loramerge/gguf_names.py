@@ -8,6 +8,7 @@ projections (`LlamaModel.permute`), and Gemma's `norm.weight + 1` (its RMSNorm m
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import gguf
@@ -58,12 +59,49 @@ def architecture(config: dict) -> Architecture:
     )
 
 
+def hf_architecture(gguf_arch: str) -> tuple[str, Architecture]:
+    """The first Hugging Face class converted to this GGUF architecture, and its conversion."""
+    for name, arch in ARCHITECTURES.items():
+        if arch.name == gguf_arch:
+            return name, arch
+    supported = ", ".join(sorted({a.name for a in ARCHITECTURES.values()}))
+    raise UnsupportedArchitecture(
+        f"GGUF architecture {gguf_arch!r} cannot be read back (supported: {supported})"
+    )
+
+
+# The reverse map picks, among the names gguf's table lists for a GGUF tensor, the first that
+# matches the first of these: the Hugging Face layout every supported architecture shares
+# (transformers' decoder layers with `self_attn` and `mlp`, `model.norm`, `lm_head`).
+_HF_PATTERNS = tuple(
+    re.compile(p)
+    for p in (r"model\.layers\.\d+\.(self_attn|mlp)\.", r"model\.layers\.", r"lm_head$", r"model\.")
+)
+
+
 class TensorNames:
-    """HF tensor name -> GGUF tensor name for one model (gguf's TensorNameMap)."""
+    """HF tensor name <-> GGUF tensor name for one model (gguf's TensorNameMap)."""
 
     def __init__(self, arch: Architecture, n_layer: int) -> None:
         self.arch = arch
         self._map = gguf.get_tensor_name_map(arch.arch, n_layer)
+        candidates: dict[str, list[str]] = {}
+        for hf_base, (_, gguf_base) in self._map.mapping.items():
+            candidates.setdefault(gguf_base, []).append(hf_base)
+        self._reverse: dict[str, str] = {}
+        for gguf_base, names in candidates.items():
+            for pattern in _HF_PATTERNS:
+                chosen = next((n for n in names if pattern.match(n)), None)
+                if chosen is not None:
+                    self._reverse[gguf_base] = chosen
+                    break
+
+    def hf_name(self, gguf_name: str) -> str | None:
+        """The Hugging Face name of a GGUF tensor, or None when the map has none."""
+        base, dot, suffix = gguf_name.rpartition(".")
+        if suffix not in ("weight", "bias") or base not in self._reverse:
+            return None
+        return f"{self._reverse[base]}{dot}{suffix}"
 
     def gguf_name(self, hf_name: str) -> str | None:
         """The GGUF name, or None for a tensor the converter drops; KeyError if it has none."""
@@ -117,6 +155,14 @@ def row_local(arch: Architecture, hf_name: str, config: dict) -> bool:
     if arch.norm_offset and hf_name.endswith("norm.weight"):
         return False
     return not (arch.permute_qk and qk_heads(hf_name, config))
+
+
+def from_gguf_values(arch: Architecture, hf_name: str, w: np.ndarray, config: dict) -> np.ndarray:
+    """The inverse of to_gguf_values on float32 values: q/k rows un-permuted, Gemma norms - 1."""
+    if arch.norm_offset and hf_name.endswith("norm.weight"):
+        return w - np.float32(1)
+    heads = qk_heads(hf_name, config) if arch.permute_qk else None
+    return unpermute_qk(w, heads) if heads else w
 
 
 def to_gguf_values(arch: Architecture, hf_name: str, w: np.ndarray, config: dict) -> np.ndarray:

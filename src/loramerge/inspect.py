@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
+
+import gguf
 
 from loramerge import hub
 from loramerge.adapter import load_adapter
@@ -11,6 +14,9 @@ from loramerge.errors import LoramergeError
 from loramerge.jsonfile import read_json_object
 from loramerge.sink.hf_folder import read_provenance
 from loramerge.source.checkpoint import open_weights
+from loramerge.source.gguf_file import GGUFModel, is_gguf
+
+_LISTED = 16  # array values longer than this are described by their length
 
 
 def inspect_path(path: Path, *, allow_pickle: bool = False) -> dict:
@@ -20,6 +26,8 @@ def inspect_path(path: Path, *, allow_pickle: bool = False) -> dict:
         raise LoramergeError(f"{path} does not exist")
     if path.is_dir() and (path / "adapter_config.json").is_file():
         return _inspect_adapter(path, allow_pickle)
+    if is_gguf(path):
+        return _inspect_gguf(path)
     return _inspect_checkpoint(path, allow_pickle)
 
 
@@ -87,6 +95,65 @@ def _inspect_adapter(path: Path, allow_pickle: bool) -> dict:
         return {**report, "provenance": provenance} if provenance else report
     finally:
         adapter.close()
+
+
+def _inspect_gguf(path: Path) -> dict:
+    """A GGUF model or LoRA adapter: general.* and adapter.* keys, types, sizes, the record."""
+    with GGUFModel(path) as model:
+        fields = model.header.fields
+        tensors = list(model.tensors.values())
+        provenance = model.provenance()
+        kind = model.value("general.type")
+        file_type = model.value("general.file_type")
+    adapter = kind == "adapter"
+    report = {
+        "kind": "adapter" if adapter else ("merged" if provenance else "checkpoint"),
+        "path": hub.source_name(path),
+        "format": f"gguf v{model.header.version}",
+        "architecture": model.architecture,
+        "general": {k: _shown(f.value) for k, f in fields.items() if k.startswith("general.")},
+        "file_type": _file_type(file_type),
+        "tensors": len(tensors),
+        "tensor_types": dict(sorted(Counter(t.qtype.name for t in tensors).items())),
+        "parameters": sum(math.prod(t.shape) for t in tensors),
+        "bytes": sum(t.nbytes for t in tensors),
+        "file_bytes": path.stat().st_size,
+        "metadata_keys": len(fields),
+    }
+    if "tokenizer.ggml.model" in fields:
+        tokens = fields.get("tokenizer.ggml.tokens")
+        report["tokenizer"] = {
+            "model": fields["tokenizer.ggml.model"].value,
+            "tokens": len(tokens.value) if tokens else 0,
+        }
+    if adapter:
+        report["adapter"] = {
+            k: _shown(f.value) for k, f in fields.items() if k.startswith("adapter.")
+        }
+    report["tensor_list"] = [
+        {"name": t.name, "type": t.qtype.name, "shape": list(t.shape), "bytes": t.nbytes}
+        for t in tensors
+    ]
+    if provenance:
+        report["provenance"] = provenance
+    return report
+
+
+def _shown(value: object) -> object:
+    """A metadata value as inspect shows it: long arrays by their length."""
+    if isinstance(value, list) and len(value) > _LISTED:
+        return f"[{len(value)} values]"
+    return value
+
+
+def _file_type(value: object) -> str | None:
+    """general.file_type by its llama.cpp name (MOSTLY_Q4_K_M, ...)."""
+    if not isinstance(value, int):
+        return None
+    try:
+        return gguf.LlamaFileType(value).name
+    except ValueError:
+        return str(value)
 
 
 def _json(path: Path) -> dict:

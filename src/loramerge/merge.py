@@ -19,6 +19,7 @@ from loramerge.plan import Plan, TensorPlan, build_plan
 from loramerge.sink.atomic import AtomicFile, AtomicFolder
 from loramerge.sink.formats import SINGLE_FILE, open_sink
 from loramerge.sink.gguf_file import GGUFInfo
+from loramerge.sink.gguf_rewrite import GGUFBase
 from loramerge.sink.hf_folder import (
     copy_files,
     hash_files,
@@ -29,7 +30,7 @@ from loramerge.sink.hf_folder import (
 )
 from loramerge.sink.nf4_folder import NF4Options
 from loramerge.sink.safetensors_writer import Entry
-from loramerge.source.checkpoint import open_weights
+from loramerge.source.checkpoint import Checkpoint, open_weights
 from loramerge.source.model_folder import model_folder, read_config
 from loramerge.source.nf4 import is_nf4, qlora_base
 
@@ -99,10 +100,11 @@ class MergeOptions:
     dry_run: bool = False
     verify: bool = False
     allow_nonfinite: bool = False
-    to: str = "safetensors"  # the output format (sink.formats.FORMATS)
+    to: str | None = None  # the output format (sink.formats.FORMATS); None: the base's own
     qlora_base: bool = False  # merge into dequant(NF4(W0)): the base a QLoRA adapter saw
     quant: NF4Options = NF4Options()  # how quantizing formats quantize
-    gguf_type: str = "f16"  # --to gguf: the file type (sink.gguf_file.GGUF_TYPES)
+    # --to gguf: the file type (sink.gguf_file.GGUF_TYPES); None: f16, or a GGUF base's own types
+    gguf_type: str | None = None
 
 
 def merge(
@@ -191,7 +193,10 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
             elif is_nf4(stored):
                 record["base"]["quantization"] = checkpoint.description
             side_from, missing = model_folder(job.source)
-            single = options.to in SINGLE_FILE
+            to, gguf_base = _output_format(options, stored)
+            if gguf_base is not None:
+                record["base"]["format"] = "gguf"
+            single = to in SINGLE_FILE
             atomic = AtomicFile if single else AtomicFolder
             with atomic(job.output, overwrite=options.overwrite) as out:
                 result.warnings.extend(out.recovered)
@@ -203,9 +208,10 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
                     tokenizer_from or side_from,
                     job.source.name,
                     record,
+                    gguf_base,
                 )
                 writer = open_sink(
-                    options.to,
+                    to,
                     out.path,
                     [Entry(t.name, t.dtype, t.shape) for t in plan.tensors],
                     options.max_shard_size,
@@ -273,6 +279,19 @@ def _round_trip(options: MergeOptions) -> dict | None:
     if not options.qlora_base:
         return None
     return {"blocksize": options.quant.blocksize, "double_quant": options.quant.double_quant}
+
+
+def _output_format(options: MergeOptions, stored: Checkpoint) -> tuple[str, GGUFBase | None]:
+    """`--to`, by default the base's own format; a GGUF base's header when it is rewritten."""
+    gguf = stored.gguf
+    if gguf is None:
+        return options.to or "safetensors", None
+    if options.to not in (None, "gguf"):
+        raise LoramergeError(
+            f"a GGUF base merges into a GGUF file, not --to {options.to} (convert the Hugging "
+            "Face checkpoint instead)"
+        )
+    return "gguf", GGUFBase(gguf.model.header, gguf.gguf_names)
 
 
 def _base_view(stored, config: dict | None, options: MergeOptions):

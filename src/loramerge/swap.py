@@ -21,6 +21,7 @@ from loramerge.errors import LoramergeError
 from loramerge.merge import Job, MergeOptions, MergeResult, Progress, norm_key, run
 from loramerge.sink.hf_folder import LEGACY_NORMS_FILE, NORMS_FILE, read_provenance
 from loramerge.source.checkpoint import open_weights
+from loramerge.source.gguf_file import GGUFModel, is_gguf
 
 
 @dataclass
@@ -87,7 +88,7 @@ def _swap(command, merged, remove, add, options, output, base, force, progress) 
     merged, output = hub.resolve(merged, allow_pickle=pickle), Path(output)
     remove = [hub.resolve(p, allow_pickle=pickle) for p in remove]
     add = [hub.resolve(p, allow_pickle=pickle) for p in add]
-    record = read_provenance(merged) if merged.is_dir() else None
+    record = _record(merged)
     user_weights = list(options.weights)
     remove_weights = user_weights if command == "unmerge" else []
     add_weights = user_weights if command == "rebase" else []
@@ -130,6 +131,16 @@ def _as_recorded(options: MergeOptions, record: dict | None) -> MergeOptions:
         return options
     quant = replace(options.quant, blocksize=qlora["blocksize"], double_quant=qlora["double_quant"])
     return replace(options, qlora_base=True, quant=quant)
+
+
+def _record(merged: Path) -> dict | None:
+    """The provenance record of a merged folder or GGUF file (None when it has none)."""
+    if merged.is_dir():
+        return read_provenance(merged)
+    if is_gguf(merged):
+        with GGUFModel(merged) as model:
+            return model.provenance()
+    return None
 
 
 def _pair(paths: list[Path], weights: list[float]) -> list[tuple[Path, float | None]]:
@@ -248,6 +259,10 @@ def _drift(output: Path, job: Job, allow_pickle: bool) -> dict:
         "ulp_definition": "ulps of the output dtype at max(|exact|, |every model it was "
         "computed from|)",
         "max_ulp": max((t.max_ulp for t in report.tensors), default=0.0),
+        # a quantized output: the worst error against one quantization's bound of the exact one
+        "max_bound_ratio": max(
+            (t.bound_ratio for t in report.tensors if t.bound_ratio is not None), default=None
+        ),
         "exact_share": sum(t.exact_share * t.elements for t in report.tensors) / total,
         "tensors": [
             {"name": t.name, "max_ulp": t.max_ulp, "exact_share": t.exact_share}

@@ -20,6 +20,7 @@ import numpy as np
 from loramerge.errors import LoramergeError
 from loramerge.nf4_layout import StoredNF4
 from loramerge.sink.gguf_file import GGUFFile, GGUFInfo
+from loramerge.sink.gguf_rewrite import GGUFRewrite
 from loramerge.sink.nf4_folder import NF4Folder, NF4Options
 from loramerge.sink.safetensors_writer import Entry
 from loramerge.sink.sharded import ShardedWriter
@@ -54,6 +55,8 @@ def _nf4(folder, entries, max_shard_bytes, options, config, info) -> Sink:
 
 
 def _gguf(path, entries, max_shard_bytes, options, config, info) -> Sink:
+    if info.base is not None:  # a GGUF base: its file again, merged tensors replaced
+        return GGUFRewrite(path, entries, config, info.base, info.gguf_type, info.record)
     return GGUFFile(path, entries, config, info)
 
 

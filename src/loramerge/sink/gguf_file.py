@@ -14,7 +14,7 @@ import json
 import math
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gguf
@@ -22,6 +22,7 @@ import numpy as np
 
 from loramerge.errors import LoramergeError
 from loramerge.gguf_names import (
+    Architecture,
     TensorNames,
     UnsupportedArchitecture,
     architecture,
@@ -40,24 +41,93 @@ PROVENANCE_KEY = "loramerge.provenance"
 class GGUFInfo:
     """What a GGUF file holds besides the tensors: its type, tokenizer, name and record."""
 
-    gguf_type: str
+    gguf_type: str | None  # None: f16, or for a GGUF base each tensor's own type
     tokenizer: Path | None  # the folder holding tokenizer.json / tokenizer.model
     name: str  # general.name
     record: dict  # the provenance record, stored as JSON under PROVENANCE_KEY
+    base: object | None = None  # a GGUF base (sink.gguf_rewrite.GGUFBase): rewrite it
 
 
-@dataclass(frozen=True)
-class _Tensor:
-    name: str  # the GGUF name
-    qtype: gguf.GGMLQuantizationType
-    offset: int  # in the file
-    nbytes: int
+class BlockSink:
+    """What both GGUF sinks share: one open file, each tensor quantized to its type and written
+    at its own offset (so any order, any thread), a few whole rows at a time where conversion
+    keeps rows in place."""
+
+    _fd: int
+    _data_start: int
+    _slots: dict[str, tuple[gguf.GGMLQuantizationType, int, int]]  # (type, offset, bytes)
+    _shapes: dict[str, tuple[int, ...]]  # the Hugging Face layout's shape
+    _arch: Architecture
+    _config: dict
+
+    def _open(self, path: Path, data_bytes: int) -> None:
+        self._fd = os.open(path, os.O_RDWR)
+        os.ftruncate(self._fd, self._data_start + data_bytes)
+        self._written: set[str] = set()
+        self._filled: dict[str, int] = {}  # bytes of a tensor written so far
+        self.files: list[str] = []
+        self.hashes: dict[str, str] = {}
+        self.config_updates: dict = {}
+
+    def position(self, name: str) -> int:
+        """Any buffer alignment will do: tensors are converted before writing."""
+        return 0
+
+    def copy_stored(self, name: str, stored) -> bool:
+        """Never takes stored NF4 parts (GGUF converts every tensor)."""
+        return False
+
+    def granule(self, name: str) -> int:
+        """Whole rows when conversion keeps rows in place, else the whole tensor."""
+        shape = self._shapes[name]
+        whole = len(shape) < 2 or not row_local(self._arch, name, self._config)
+        return math.prod(shape) if whole else shape[-1]
+
+    def write(self, name: str, values: np.ndarray, start: int = 0) -> None:
+        """Convert a tensor, or its rows from flat element `start` on, as llama.cpp expects it
+        and write its blocks in place."""
+        cols = self._shapes[name][-1] if self._shapes[name] else 1
+        rows = np.ascontiguousarray(values).reshape(-1, cols)
+        if start == 0 and rows.size == math.prod(self._shapes[name]):
+            rows = to_gguf_values(self._arch, name, values, self._config)
+        self._store(name, rows, start // cols)
+
+    def _store(self, name: str, values: np.ndarray, row: int = 0) -> None:
+        qtype, offset, nbytes = self._slots[name]
+        row_bytes = nbytes // max(1, math.prod(self._shapes[name][:-1]))
+        at = self._data_start + offset + row * row_bytes
+        filled = self._filled.get(name, 0)
+        for piece in ggml.iter_quantize(values, qtype):  # no whole-tensor copy held
+            pwrite_all(self._fd, memoryview(piece), at)
+            at += piece.size
+            filled += piece.size
+        self._filled[name] = filled
+        if filled == nbytes:
+            self._written.add(name)
+
+    def finish(self) -> None:
+        """Check every tensor arrived and close the file (the atomic output fsyncs it)."""
+        missing = set(self._slots) - self._written
+        if missing:
+            raise LoramergeError(f"GGUF output is missing {len(missing)} tensor(s)")
+        self.abort()
+
+    def cancel(self) -> None:
+        """Nothing waits on anything."""
+
+    def abort(self) -> None:
+        """Close the file."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
-class GGUFFile:
+class GGUFFile(BlockSink):
     """The GGUF sink: `path` is the (temporary) file to fill."""
 
     def __init__(self, path: Path, entries: list[Entry], config: dict | None, info: GGUFInfo):
+        if info.gguf_type is None:
+            info = replace(info, gguf_type="f16")
         if info.gguf_type not in GGUF_TYPES:
             raise LoramergeError(
                 f"unknown --gguf-type {info.gguf_type!r}; choose from {', '.join(GGUF_TYPES)}"
@@ -99,7 +169,7 @@ class GGUFFile:
         }
         record = {**info.record, "output": self.description}
         writer.add_string(PROVENANCE_KEY, json.dumps(record, sort_keys=True))
-        self._tensors: dict[str, _Tensor] = {}
+        self._slots = {}
         extras = extra_tensors(arch.arch, config)
         layout = [(hf_name, gname, shape, types[gname]) for hf_name, (gname, shape) in kept.items()]
         layout += [
@@ -109,7 +179,7 @@ class GGUFFile:
         for name, gname, shape, qtype in layout:
             nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * ggml.row_bytes(qtype, shape[-1])
             writer.add_tensor_info(gname, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
-            self._tensors[name] = _Tensor(gname, qtype, offset, nbytes)
+            self._slots[name] = (qtype, offset, nbytes)
             offset += writer.ggml_pad(nbytes, writer.data_alignment)
         writer.write_header_to_file(path)
         writer.write_kv_data_to_file()
@@ -117,81 +187,22 @@ class GGUFFile:
         (file,) = writer.fout
         self._data_start = writer.ggml_pad(file.tell(), writer.data_alignment)
         file.close()
-        self._fd = os.open(path, os.O_RDWR)
-        os.ftruncate(self._fd, self._data_start + offset)
+        self._open(path, offset)
         self.order = list(kept)
-        self._written: set[str] = set()
-        self._filled: dict[str, int] = {}  # bytes of a tensor written so far
-        self._shapes = {name: shape for name, (_, shape) in kept.items()}
-        self._shapes.update({name: v.shape for name, v in extras.items()})
+        self._shapes = {name: shape for name, _, shape, _ in layout}
         for name, values in extras.items():
             self._store(name, values)
-        self.files: list[str] = []
-        self.hashes: dict[str, str] = {}
-        self.config_updates: dict = {}
 
     def copyable(self, name: str) -> bool:
         """Every tensor is converted (layout, type), so none is copied as raw bytes."""
-        return False
-
-    def position(self, name: str) -> int:
-        """Any buffer alignment will do: tensors are converted before writing."""
-        return 0
-
-    def copy_stored(self, name: str, stored) -> bool:
-        """Never takes stored NF4 parts (GGUF converts every tensor)."""
         return False
 
     def copy(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
         """Never called (nothing is copyable)."""
         raise AssertionError(f"GGUF output converts every tensor; {name} cannot be copied")
 
-    def granule(self, name: str) -> int:
-        """Whole rows when conversion keeps rows in place, else the whole tensor."""
-        shape = self._shapes[name]
-        whole = len(shape) < 2 or not row_local(self._arch, name, self._config)
-        return math.prod(shape) if whole else shape[-1]
 
-    def write(self, name: str, values: np.ndarray, start: int = 0) -> None:
-        """Convert a tensor, or its rows from flat element `start` on, as llama.cpp expects it
-        and write its blocks in place."""
-        cols = self._shapes[name][-1] if self._shapes[name] else 1
-        rows = np.ascontiguousarray(values).reshape(-1, cols)
-        if start == 0 and rows.size == math.prod(self._shapes[name]):
-            rows = to_gguf_values(self._arch, name, values, self._config)
-        self._store(name, rows, start // cols)
-
-    def _store(self, name: str, values: np.ndarray, row: int = 0) -> None:
-        tensor = self._tensors[name]
-        row_bytes = tensor.nbytes // max(1, math.prod(self._shapes[name][:-1]))
-        at = self._data_start + tensor.offset + row * row_bytes
-        filled = self._filled.get(name, 0)
-        for piece in ggml.iter_quantize(values, tensor.qtype):  # no whole-tensor copy held
-            _pwrite_all(self._fd, memoryview(piece), at)
-            at += piece.size
-            filled += piece.size
-        self._filled[name] = filled
-        if filled == tensor.nbytes:
-            self._written.add(name)
-
-    def finish(self) -> None:
-        """Check every tensor arrived and close the file (the atomic output fsyncs it)."""
-        missing = set(self._tensors) - self._written
-        if missing:
-            raise LoramergeError(f"GGUF output is missing {len(missing)} tensor(s)")
-        self.abort()
-
-    def cancel(self) -> None:
-        """Nothing waits on anything."""
-
-    def abort(self) -> None:
-        """Close the file."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     """os.pwrite until every byte is written."""
     while data:
         done = os.pwrite(fd, data, offset)

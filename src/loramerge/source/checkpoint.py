@@ -15,6 +15,7 @@ import numpy as np
 
 from loramerge.errors import LoramergeError
 from loramerge.jsonfile import read_json_object
+from loramerge.source.gguf_file import GGUFWeights
 from loramerge.source.pickle_file import PickleFile
 from loramerge.source.safetensors_file import SafetensorsFile, TensorInfo
 
@@ -47,11 +48,11 @@ class RawRange:
 class Checkpoint:
     """Tensors of one checkpoint, readable one at a time; use as a context manager."""
 
-    def __init__(self, path: Path, files: list[SafetensorsFile | PickleFile]):
+    def __init__(self, path: Path, files: list[SafetensorsFile | PickleFile | GGUFWeights]):
         self.path = path
         self._files = files
         self.tensors: dict[str, TensorInfo] = {}
-        self._owner: dict[str, SafetensorsFile | PickleFile] = {}
+        self._owner: dict[str, SafetensorsFile | PickleFile | GGUFWeights] = {}
         for file in files:
             for name, info in file.tensors.items():
                 if name in self.tensors:
@@ -67,6 +68,12 @@ class Checkpoint:
         """The weight files this checkpoint reads."""
         return [f.path for f in self._files]
 
+    @property
+    def gguf(self) -> GGUFWeights | None:
+        """The GGUF file this checkpoint is, if it is one."""
+        only = self._files[0] if len(self._files) == 1 else None
+        return only if isinstance(only, GGUFWeights) else None
+
     def read(self, name: str, into: np.ndarray | None = None) -> np.ndarray:
         """Read one tensor into CPU memory (into a view of the uint8 buffer `into`, if given)."""
         return self._owner[name].read(name, into)
@@ -76,8 +83,13 @@ class Checkpoint:
         return self._owner[name].read_part(name, start, stop, into)
 
     def raw(self, name: str) -> RawRange | None:
-        """Byte range of a tensor stored as raw bytes in a file, or None (pickle)."""
+        """Byte range of a tensor stored as raw bytes in a file, or None (pickle).
+
+        For a GGUF file, the range of its stored blocks (not of the float32 values it reads as).
+        """
         owner = self._owner[name]
+        if isinstance(owner, GGUFWeights):
+            return RawRange(owner.fd, *owner.raw(name))
         if not isinstance(owner, SafetensorsFile):
             return None
         info = self.tensors[name]
@@ -117,9 +129,11 @@ def _open(path: Path, stem: str, allow_pickle: bool) -> Checkpoint:
     if path.is_file():
         if path.suffix == ".safetensors":
             return _open_files(path, [path])
+        if path.suffix == ".gguf":
+            return Checkpoint(path, [GGUFWeights(path)])
         if path.suffix in (".bin", ".pt", ".pth"):
             return Checkpoint(path, [PickleFile(path, allow_pickle=allow_pickle)])
-        raise LoramergeError(f"{path}: not a .safetensors file or a checkpoint folder")
+        raise LoramergeError(f"{path}: not a .safetensors or .gguf file or a checkpoint folder")
     index = path / f"{stem}.safetensors.index.json"
     if index.is_file():
         weight_map = _read_index(path, index)

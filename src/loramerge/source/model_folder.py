@@ -27,7 +27,16 @@ def model_folder(path: Path) -> tuple[Path | None, str | None]:
 
 
 def read_config(path: Path) -> dict | None:
-    """config.json of a checkpoint (folder or single file), or None when it has none."""
+    """config.json of a checkpoint (folder or single file), or None when it has none.
+
+    A GGUF file's config is what its metadata says (architecture, layers, heads, vocabulary).
+    """
+    if Path(path).suffix == ".gguf" and Path(path).is_file():
+        from loramerge.source.gguf_file import GGUFWeights
+
+        weights = GGUFWeights(path)
+        weights.close()
+        return weights.config
     folder, _ = model_folder(path)
     config = folder / "config.json" if folder else None
     return read_json_object(config) if config and config.is_file() else None

@@ -52,6 +52,11 @@ class DerivedCheckpoint:
         """The weight files underneath."""
         return self._inner.files
 
+    @property
+    def gguf(self) -> None:
+        """Never a GGUF file (NF4 checkpoints are safetensors)."""
+        return None
+
     def read(self, name: str, into: np.ndarray | None = None) -> np.ndarray:
         """One tensor (computed ones in their float dtype), in `into` if given."""
         if name not in self._derived:

@@ -1,21 +1,23 @@
-"""Quantized candidates, dequantized and held to their format's own error bound per block.
+"""Quantized candidates, dequantized and held to their format's own error bound per element.
 
 A GGUF file (llama.cpp) or an NF4 checkpoint (bitsandbytes layout) cannot hold the merged
 weights exactly. Each element is checked against
 
-    |dequantized - expected| <= format bound + tolerance * ulp_source(max(|W0|, |expected|))
+    |dequantized - expected| <= format bound(expected, slack)
 
-where the second term allows for the rounding of the 16-bit merge the file was quantized from.
-The format bounds (stated in docs/verify.md):
+where `slack` is how far the values the file was quantized from may sit from the float64
+expected ones: the rounding of a 16-bit merge (tolerance ulps of the source dtype) and the error
+of a float32 merge. The format bounds (derived in docs/verify.md):
 
-- F32, F16, BF16 storage: half an ulp of the stored type at |expected|;
-- GGUF Q8_0 (blocks of 32, scale d = absmax/127 stored as float16): 0.5625 |d| (half a step,
-  plus the scale's own float16 rounding times the largest code, 127);
-- GGUF Q4_0 (blocks of 32, d = signed absmax / -8): 1.0625 |d| (a full step where the positive
-  end is clipped to 7, plus the float16 scale);
+- F32, F16, BF16 storage: half an ulp of the stored type at |expected|, plus the slack;
+- GGUF 32-element types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1): a multiple of the block's stored scale
+  (`quant.ggml.bounds.block_bound`), plus the slack;
+- GGUF K-quants (Q2_K..Q6_K): the distance from expected to the nearest point of the grid the
+  block's stored scales and mins define, plus twice the slack (the code was chosen nearest to
+  the quantized value, not to expected) and float32 arithmetic at the grid's magnitude;
 - NF4 (bitsandbytes): half the widest gap of the code table times the block's absmax, plus the
   difference between the true absmax and the stored (double-quantized) one, plus half an ulp of
-  the dequantized dtype.
+  the dequantized dtype, plus the slack.
 """
 
 from __future__ import annotations
@@ -29,13 +31,18 @@ import torch
 from loramerge import dtypes, nf4_layout
 from loramerge.compare import ulp
 from loramerge.errors import LoramergeError
+from loramerge.gguf_names import permute_qk, qk_heads, unpermute_qk
 from loramerge.jsonfile import parse_json
+from loramerge.quant.ggml import bounds
 from loramerge.source.checkpoint import Checkpoint
+from loramerge.source.gguf_file import GGUFWeights
 
-# (dequantized float64 values in the Hugging Face layout, bound(expected) -> per-element bound)
-Dequantized = tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], str]
+# bound(expected, slack) -> per-element allowed |dequantized - expected| (float64 tensors)
+Bound = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (dequantized float64 values in the Hugging Face layout, its bound, the stored type's name)
+Dequantized = tuple[torch.Tensor, Bound, str]
 _FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_BLOCK_BOUND = {"Q8_0": (34, 0.5625), "Q4_0": (18, 1.0625)}  # bytes per 32-block, bound / |d|
+GRID_F32 = 2.0**-20  # float32 arithmetic of a K-quant's quantizer and dequantizer, relative
 
 
 def ulp_of(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -44,67 +51,69 @@ def ulp_of(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(spacing)
 
 
-def _float_bound(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda expected: 0.5 * ulp_of(expected, dtype)
+def _float_bound(dtype: torch.dtype) -> Bound:
+    return lambda expected, slack: 0.5 * ulp_of(expected, dtype) + slack
 
 
 class GGUFCandidate:
-    """A llama.cpp GGUF file read with the gguf package (names mapped back to the HF ones)."""
+    """A llama.cpp GGUF file, read back in the Hugging Face names and layout (source.gguf_file)."""
 
     def __init__(self, path: Path) -> None:
-        import gguf
-
         self.path = path
-        try:
-            self._reader = gguf.GGUFReader(path)
-        except Exception as exc:  # the reader raises many types on a broken file
-            raise LoramergeError(f"{path}: not a readable GGUF file ({exc})") from None
-        self.arch = self._field("general.architecture")
-        arch_ids = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
-        if self.arch not in arch_ids:
-            raise LoramergeError(f"{path}: unknown GGUF architecture {self.arch!r}")
-        blocks = int(self._field(f"{self.arch}.block_count"))
-        self.heads = int(self._field(f"{self.arch}.attention.head_count"))
-        kv = self._field(f"{self.arch}.attention.head_count_kv", None)
-        self.kv_heads = int(kv) if kv is not None else self.heads
-        self._names = gguf.get_tensor_name_map(arch_ids[self.arch], blocks)
-        self.tensors = {t.name: t for t in self._reader.tensors}
-        self._quants = gguf.quants
-        self._types = gguf.GGMLQuantizationType
+        self.weights = GGUFWeights(path)
+        self.tensors = self.weights.tensors
 
     def locate(self, hf_name: str) -> str | None:
-        """The GGUF name of a Hugging Face tensor name."""
-        name = self._names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        return name if name in self.tensors else None
+        """The name is the Hugging Face one; present or not."""
+        return hf_name if hf_name in self.tensors else None
+
+    def blocks(self, hf_name: str) -> tuple[str, bytes]:
+        """(type name, stored bytes) of a tensor: untouched ones are compared byte for byte."""
+        gname = self.weights.gguf_names[hf_name]
+        return self.weights.model.tensors[gname].qtype.name, self.weights.model.read_blocks(gname)
 
     def read(self, hf_name: str, shape: tuple[int, ...]) -> Dequantized:
         """Dequantized values in the HF layout, with the bound of their storage type."""
-        tensor = self.tensors[self.locate(hf_name)]
-        kind = tensor.tensor_type.name
-        dequantized = self._quants.dequantize(tensor.data, tensor.tensor_type)
-        values = torch.from_numpy(np.array(dequantized, dtype=np.float64))
+        model, gname = self.weights.model, self.weights.gguf_names[hf_name]
+        qtype = model.tensors[gname].qtype
+        kind = qtype.name
+        values = torch.from_numpy(self.weights.read(hf_name).astype(np.float64))
         if values.numel() != int(np.prod(shape)):
-            raise LoramergeError(f"{self.path}: {tensor.name} has {values.numel()} elements")
+            raise LoramergeError(f"{self.path}: {gname} has {values.numel()} elements")
         values = values.reshape(shape)
+        heads = qk_heads(hf_name, self.weights.config) if self.weights.arch.permute_qk else None
+        offset = 1.0 if self.weights.arch.norm_offset and hf_name.endswith("norm.weight") else 0.0
+
+        def to_file(t: torch.Tensor) -> np.ndarray:  # HF layout -> the file's rows
+            array = t.numpy()
+            return permute_qk(array, heads) if heads else array
+
+        def to_hf(array: np.ndarray) -> torch.Tensor:
+            array = array.reshape(shape)
+            return torch.from_numpy(
+                np.ascontiguousarray(unpermute_qk(array, heads) if heads else array)
+            )
+
         if kind in _FLOAT_TYPES:
             bound = _float_bound(_FLOAT_TYPES[kind])
-        elif kind in _BLOCK_BOUND:
-            size, factor = _BLOCK_BOUND[kind]
-            raw = np.ascontiguousarray(tensor.data).reshape(-1, size)
-            scale = torch.from_numpy(raw[:, :2].copy().view(np.float16).astype(np.float64))
-            per_element = (factor * scale.abs()).repeat_interleave(32).reshape(shape)
-            bound = lambda expected, b=per_element: b  # noqa: E731
+        elif qtype in bounds.LEGACY:
+            per_element = to_hf(bounds.block_bound(model.read_blocks(gname), qtype))
+            bound = lambda expected, slack, b=per_element: b + slack  # noqa: E731
+        elif qtype in bounds.GRIDS:
+            low, step, levels = bounds.grid(model.read_blocks(gname), qtype)
+
+            def bound(expected: torch.Tensor, slack: torch.Tensor) -> torch.Tensor:
+                e = to_file(expected).reshape(-1) + offset
+                distance = bounds.nearest_distance(e, low, step, levels)
+                magnitude = np.maximum(
+                    np.abs(e), np.maximum(np.abs(low), np.abs(low + step * (levels - 1)))
+                )
+                return to_hf(distance + GRID_F32 * magnitude) + 2 * slack
         else:
-            raise LoramergeError(
-                f"{self.path}: {tensor.name} is {kind}; loramerge states bounds for F32, F16, "
-                "BF16, Q8_0 and Q4_0 only"
-            )
-        rotary = tensor.name.endswith(("attn_q.weight", "attn_k.weight"))
-        if self.arch == "llama" and rotary:
-            # llama.cpp interleaves the rotary halves of q and k (convert_hf_to_gguf.py permute)
-            heads = self.heads if "attn_q" in tensor.name else self.kv_heads
-            values = _unpermute(values, heads)
-            bound = (lambda inner, h: lambda e: _unpermute(inner(_permute(e, h)), h))(bound, heads)
+            raise LoramergeError(f"{self.path}: {gname} is {kind}, which loramerge cannot bound")
+        if offset:  # Gemma norms read back as stored - 1: one more float32 rounding
+            inner = bound
+            bound = lambda e, s: inner(e, s) + ulp_of(e.abs() + 1, torch.float32)  # noqa: E731
         return values, bound, kind
 
     def extra(self, located: set[str]) -> list[str]:
@@ -112,25 +121,8 @@ class GGUFCandidate:
         return sorted(set(self.tensors) - located)
 
     def close(self) -> None:
-        """Nothing to release (the reader memory-maps the file)."""
-
-    def _field(self, key: str, default: object = LoramergeError) -> object:
-        field = self._reader.get_field(key)
-        if field is None:
-            if default is LoramergeError:
-                raise LoramergeError(f"{self.path}: GGUF metadata has no {key}")
-            return default
-        return field.contents()
-
-
-def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
-    rows = w.shape[0]
-    return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
-    rows = w.shape[0]
-    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+        """Close the file."""
+        self.weights.close()
 
 
 class NF4Candidate:
@@ -177,7 +169,7 @@ class NF4Candidate:
         values = (table[codes] * stored).to(torch.float32).to(dtype).to(torch.float64)
         half_gap = float((table[1:] - table[:-1]).max()) / 2
 
-        def bound(expected: torch.Tensor) -> torch.Tensor:
+        def bound(expected: torch.Tensor, slack: torch.Tensor) -> torch.Tensor:
             flat = expected.reshape(-1).abs()
             blocks = -(-numel // blocksize)
             padded = torch.zeros(blocks * blocksize, dtype=torch.float64)
@@ -185,7 +177,7 @@ class NF4Candidate:
             true_absmax = padded.reshape(blocks, blocksize).amax(1).repeat_interleave(blocksize)
             true_absmax = true_absmax[:numel]
             format_bound = half_gap * true_absmax + (true_absmax - stored).abs()
-            return (format_bound + 0.5 * ulp_of(flat, dtype)).reshape(shape)
+            return (format_bound + 0.5 * ulp_of(flat, dtype)).reshape(shape) + slack
 
         return values.reshape(shape), bound, "nf4"
 

@@ -312,9 +312,12 @@ def _check_all_quantized(report, reader, base_ck, config, adapters, weights, pro
                     _check(tensor, base_ck, reader.checkpoint, opened, report.tolerance_ulp, [])
                 )
             else:
-                report.tensors.append(
-                    _check_quantized(tensor, base_ck, reader, opened, report.tolerance_ulp)
-                )
+                identical = _same_blocks(tensor, base_ck, reader)
+                check = _check_quantized(tensor, base_ck, reader, opened, report.tolerance_ulp)
+                if identical is not None:  # kept in its type: the blocks must be the base's
+                    check.exact_share, check.passed = float(identical), identical
+                    check.note = "" if identical else "blocks differ from the base tensor"
+                report.tensors.append(check)
             if progress:
                 progress(tensor.nbytes, plan.nbytes)
         report.tensors += _extras(reader.extra(located))
@@ -324,20 +327,24 @@ def _check_all_quantized(report, reader, base_ck, config, adapters, weights, pro
 
 
 def _check_quantized(plan, base, reader, adapters, tol: float) -> TensorCheck:
-    """|dequantized - expected| <= format bound + tol ulps of the source dtype, elementwise."""
+    """|dequantized - expected| <= format bound(expected, slack), elementwise; the slack is tol
+    ulps of the source dtype plus the float32 merge's own error bound."""
     import torch
 
     from loramerge.verify.quantized import ulp_of
 
     values, bound, kind = reader.read(plan.name, tuple(plan.shape))
     values = as_matrix(values, plan)
-    start, blocks, _ = expected_blocks(plan, base, adapters, False)
+    start, blocks, allowances = expected_blocks(plan, base, adapters, True)
     expected = as_matrix(torch.empty(tuple(plan.shape), dtype=torch.float64), plan)
     for r0, r1, block in blocks:
         expected[r0:r1] = torch.from_numpy(block)
     source = dtypes.to_torch(base.tensors[plan.source].dtype)
     scale = torch.maximum(torch.from_numpy(start.astype(np.float64)).abs(), expected.abs())
-    allowed = bound(expected) + tol * ulp_of(scale, source)
+    slack = tol * ulp_of(scale, source)
+    for r0, r1, allowance in allowances or ():
+        slack[r0:r1] += torch.from_numpy(allowance)
+    allowed = bound(expected, slack)
     error = (values - expected).abs()
     finite = bool(torch.isfinite(values).all())
     ratio = float((error / allowed).max()) if error.numel() else 0.0
@@ -359,6 +366,22 @@ def _check_quantized(plan, base, reader, adapters, tol: float) -> TensorCheck:
         snr_db=snr,
         bound_ratio=ratio,
     )
+
+
+def _same_blocks(plan: TensorPlan, base: Checkpoint, reader) -> bool | None:
+    """Whether an untouched tensor of a GGUF base, kept in its type, has the base's blocks
+    (None when that does not apply: touched, retyped, or not a GGUF base and candidate)."""
+    from loramerge.verify.quantized import GGUFCandidate
+
+    if plan.modified or base.gguf is None or not isinstance(reader, GGUFCandidate):
+        return None
+    gname = base.gguf.gguf_names.get(plan.source)
+    if gname is None:
+        return None
+    kind, stored = reader.blocks(plan.name)
+    if kind != base.gguf.model.tensors[gname].qtype.name:
+        return None
+    return bool(np.array_equal(stored, base.gguf.model.read_blocks(gname)))
 
 
 def _check(
@@ -434,11 +457,13 @@ class _Flat:
     def __init__(self, checkpoint: Checkpoint, name: str) -> None:
         self._checkpoint, self._name = checkpoint, name
         self._info = checkpoint.tensors[name]
-        self._raw = checkpoint.raw(name)
         self._whole: np.ndarray | None = None
         self._buffer: np.ndarray | None = None
         self.dtype = dtypes.to_numpy(self._info.dtype)
         self.size = math.prod(self._info.shape)
+        # a GGUF file's raw range holds its blocks in llama.cpp's layout, not these values
+        gguf = getattr(checkpoint, "gguf", None)
+        self._raw = None if gguf is not None else checkpoint.raw(name)
 
     def read(self, at: int, count: int) -> np.ndarray:
         """Elements at .. at + count of the flattened tensor (valid until the next read)."""
