@@ -348,3 +348,22 @@ def test_bad_gguf_base_is_one_clear_error(cli, tmp_path):
     assert result.code == 2 and "bert" in result.err
     result = cli("merge", base, ADAPTERS / "llama-lora", "-o", tmp_path / "o", "--to", "nf4")
     assert result.code == 2 and "GGUF base" in result.err
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "f32"])
+def test_gguf_base_read_in_small_parts(cli, tmp_path, monkeypatch, wide, bases, kind):
+    """A GGUF base read a few rows at a time (only those rows dequantized, q/k tensors whole)
+    gives the same file as whole-tensor reads: `LORAMERGE_CHUNK_BYTES` forces parts far
+    smaller than the tensors, and merge blocks are one row in both runs."""
+    from loramerge import blocked
+
+    monkeypatch.setattr(blocked, "BLOCK_ELEMENTS", 1)
+    _, adapter = wide
+    outputs = {}
+    for chunk in ("", "3000"):
+        monkeypatch.setenv("LORAMERGE_CHUNK_BYTES", chunk)
+        out = tmp_path / f"merged-{chunk or 'whole'}.gguf"
+        result = cli("merge", bases[("loramerge", kind)], adapter, "-o", out)
+        assert result.code == 0, result.err
+        outputs[chunk] = {n: _bytes(t).tobytes() for n, t in _tensors(out).items()}
+    assert outputs["3000"] == outputs[""]
