@@ -31,6 +31,7 @@ from loramerge.quant import ggml
 from loramerge.sink.atomic import AtomicFile
 from loramerge.sink.gguf_adapter import GGUFAdapterFile, Pair
 from loramerge.source.checkpoint import open_weights
+from loramerge.source.gguf_file import GGUFModel
 from loramerge.source.model_folder import read_config
 
 _MERGE_INSTEAD = (
@@ -189,7 +190,12 @@ def _gguf_targets(
 ) -> tuple[dict, TensorNames, list[_Target]]:
     """The pairs to export against a GGUF base: every target's GGUF name must be a tensor of
     the base with the shape the adapter's delta has."""
-    config, shapes, reader = read_gguf_base(base)
+    config, shapes, model = read_gguf_base(base)
+    with model:
+        equal = {
+            full.key: full.base_copy and _gguf_equals(model, config, adapter, full.target, full.key)
+            for full in adapter.full
+        }
     names = TensorNames(_architecture(config), config["num_hidden_layers"])
     targets, errors = [], []
     for module in adapter.modules:
@@ -210,7 +216,7 @@ def _gguf_targets(
     for full in adapter.full:
         if not full.base_copy:
             errors.append(f"{full.target} is replaced whole (modules_to_save); {_MERGE_INSTEAD}")
-        elif not _gguf_equals(reader, names, adapter, full.target, full.key):
+        elif not equal[full.key]:
             errors.append(
                 f"{full.key} is a saved copy of the base's {full.target}, which does not equal "
                 f"the base's in a float32 or bfloat16 GGUF; pass the safetensors base"
@@ -226,46 +232,47 @@ def _gguf_targets(
     return config, names, targets
 
 
-def read_gguf_base(path: Path) -> tuple[dict, dict[str, tuple[int, ...]], gguf.GGUFReader]:
+def read_gguf_base(path: Path) -> tuple[dict, dict[str, tuple[int, ...]], GGUFModel]:
     """A GGUF model's hyperparameters as a config.json would hold them (what the name map and
-    the q/k permutation read) and its tensors' numpy shapes by GGUF name."""
-    try:
-        reader = gguf.GGUFReader(path)
-    except (OSError, ValueError) as exc:
-        raise LoramergeError(f"{path}: not a readable GGUF file ({exc})") from None
-
-    def field(key: str):
-        found = reader.fields.get(key)
-        return None if found is None else found.contents()
-
-    if field("general.type") == "adapter":
-        raise LoramergeError(f"{path} is a GGUF adapter, not a model")
-    arch = field("general.architecture")
+    the q/k permutation read), its tensors' shapes (numpy order) by GGUF name, and the open
+    file (header parsed safely, nothing mapped)."""
+    model = GGUFModel(path)
+    arch = model.architecture
     hf = next((n for n, a in ARCHITECTURES.items() if a.name == arch), None)
-    layers, heads = field(f"{arch}.block_count"), field(f"{arch}.attention.head_count")
-    if hf is None or layers is None or heads is None:
-        raise LoramergeError(f"{path}: GGUF architecture {arch!r} is not one loramerge maps")
+    layers = model.value(f"{arch}.block_count")
+    heads = model.value(f"{arch}.attention.head_count")
+    problem = None
+    if model.value("general.type") == "adapter":
+        problem = f"{path} is a GGUF adapter, not a model"
+    elif hf is None or not isinstance(layers, int) or not isinstance(heads, int):
+        problem = f"{path}: GGUF architecture {arch!r} is not one loramerge maps"
+    if problem:
+        model.close()
+        raise LoramergeError(problem)
     config = {
         "architectures": [hf],
-        "num_hidden_layers": int(layers),
-        "num_attention_heads": int(heads),
-        "num_key_value_heads": int(field(f"{arch}.attention.head_count_kv") or heads),
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": model.value(f"{arch}.attention.head_count_kv") or heads,
     }
-    shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
-    return config, shapes, reader
+    shapes = {name: tuple(record.shape) for name, record in model.tensors.items()}
+    return config, shapes, model
 
 
-def _gguf_equals(reader, names: TensorNames, adapter: Adapter, target: str, key: str) -> bool:
+def _gguf_equals(model: GGUFModel, config: dict, adapter: Adapter, target: str, key: str) -> bool:
     """Whether a base-layer copy PEFT saved equals the GGUF base's tensor exactly (float types
     only: a quantized base cannot show that it is the same base)."""
-    gname = names.gguf_name(target)
-    tensor = next((t for t in reader.tensors if t.name == gname), None)
+    gname = TensorNames(_architecture(config), config["num_hidden_layers"]).gguf_name(target)
+    record = model.tensors.get(gname)
     exact = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.BF16)
-    if tensor is None or tensor.tensor_type not in exact:
+    if record is None or record.qtype not in exact:
         return False
-    values = ggml.dequantize(np.asarray(tensor.data).view(np.uint8), tensor.tensor_type)
+    blocks = model.read_blocks(gname)
+    values = ggml.dequantize(blocks.reshape(-1, blocks.shape[-1]), record.qtype)
     copy = adapter.weights.read(key)
-    return values.shape == copy.shape and np.array_equal(values, copy.astype(np.float32))
+    return values.size == copy.size and np.array_equal(
+        values.reshape(copy.shape), copy.astype(np.float32)
+    )
 
 
 def _delta_shape(adapter: Adapter, module: LoraModule) -> tuple[int, int]:
