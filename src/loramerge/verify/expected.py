@@ -15,7 +15,7 @@ import numpy as np
 from loramerge import dtypes
 from loramerge.adapter import Adapter
 from loramerge.blocked import BLOCK_ELEMENTS
-from loramerge.plan import TensorPlan, as_matrix
+from loramerge.plan import TensorPlan, as_matrix, matrix_shape
 from loramerge.source.checkpoint import Checkpoint, read_buffer
 
 # (r0, r1, rows r0:r1 in float64); a yielded block is overwritten by the next one
@@ -37,15 +37,14 @@ def by_numpy(plan: TensorPlan, base: Checkpoint) -> bool:
 
 def expected_blocks(
     plan: TensorPlan, base: Checkpoint, adapters: list[Adapter], allowance: bool
-) -> tuple[np.ndarray, Blocks, Blocks | None]:
-    """(W0 as a matrix, blocks of the expected value, and, when `allowance` is asked for and
-    applies, blocks of the float32 arithmetic error bound aligned with them)."""
+) -> tuple[StoredRows | np.ndarray, Blocks, Blocks | None]:
+    """(W0 as a matrix, rows by slicing, blocks of the expected value, and, when `allowance`
+    is asked for and applies, blocks of the float32 arithmetic error bound aligned with them)."""
     if not by_numpy(plan, base):
         from loramerge.verify import torch_expected  # torch, loaded only for these tensors
 
         return torch_expected.expected_blocks(plan, base, adapters, allowance)
-    info = base.tensors[plan.source]
-    w0 = as_matrix(base.read(plan.source, read_buffer(info.nbytes)), plan)
+    w0 = StoredRows(base, plan)
     factors = []
     for t in plan.lora:
         read = adapters[t.adapter].weights.read
@@ -60,7 +59,39 @@ def expected_blocks(
     return w0, blocks, _float32_allowance(w0, factors)
 
 
-def _float32_allowance(w0: np.ndarray, factors: list[_Factor]) -> Blocks:
+class StoredRows:
+    """W0 as the matrix the plan sees, read a band of rows at a time (`w0[r0:r1]`), so a check
+    holds no whole tensor; a band stays valid until another one is read. Tensors computed on
+    read (pickles, NF4 round trips, a GGUF base's dequantized blocks) are read whole, once."""
+
+    def __init__(self, base: Checkpoint, plan: TensorPlan) -> None:
+        info = base.tensors[plan.source]
+        self.shape = matrix_shape(plan, tuple(info.shape))
+        self.dtype = dtypes.to_numpy(info.dtype)
+        self._base, self._name = base, plan.source
+        self._whole = None
+        if base.raw(plan.source) is None or getattr(base, "gguf", None) is not None:
+            whole = base.read(plan.source, read_buffer(info.nbytes))
+            self._whole = as_matrix(whole, plan).reshape(self.shape)
+        self._band: tuple[int, int] | None = None
+        self._buffer = np.empty(0, np.uint8)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        r0, r1 = rows.start or 0, self.shape[0] if rows.stop is None else rows.stop
+        if self._whole is not None:
+            return self._whole[r0:r1]
+        cols = self.shape[1]
+        if self._band != (r0, r1):
+            nbytes = (r1 - r0) * cols * self.dtype.itemsize
+            if self._buffer.size < nbytes:
+                self._buffer = np.empty(nbytes, np.uint8)
+            self._base.read_part(self._name, r0 * cols, r1 * cols, self._buffer)
+            self._band = (r0, r1)
+        count = (r1 - r0) * cols
+        return self._buffer[: count * self.dtype.itemsize].view(self.dtype).reshape(-1, cols)
+
+
+def _float32_allowance(w0: StoredRows, factors: list[_Factor]) -> Blocks:
     """Blocks of the float32 arithmetic error bound of a merge stored in float32.
 
     Such a merge keeps the error of its float32 sum, which no rounding hides:
@@ -81,7 +112,7 @@ def float32_gamma(ranks: list[int]) -> float:
     return n * u / (1 - n * u)
 
 
-def _blocks(w0: np.ndarray, factors: list[_Factor], magnitude: bool = False) -> Blocks:
+def _blocks(w0: StoredRows, factors: list[_Factor], magnitude: bool = False) -> Blocks:
     """W0 + the factors' terms (|W0| + ... with `magnitude`), in cache-sized row blocks."""
     rows, cols = w0.shape
     step = max(1, BLOCK_ELEMENTS // max(cols, 1))

@@ -340,7 +340,8 @@ def _check_quantized(plan, base, reader, adapters, tol: float) -> TensorCheck:
     for r0, r1, block in blocks:
         expected[r0:r1] = torch.from_numpy(block)
     source = dtypes.to_torch(base.tensors[plan.source].dtype)
-    scale = torch.maximum(torch.from_numpy(start.astype(np.float64)).abs(), expected.abs())
+    w0 = np.asarray(start[0 : start.shape[0]], np.float64).reshape(expected.shape)
+    scale = torch.maximum(torch.from_numpy(w0).abs(), expected.abs())
     slack = tol * ulp_of(scale, source)
     for r0, r1, allowance in allowances or ():
         slack[r0:r1] += torch.from_numpy(allowance)
