@@ -20,15 +20,10 @@ def fp16(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return h.view(np.uint16), h.astype(F32)
 
 
-def seqsum(terms: np.ndarray, from_zero: bool = True) -> np.ndarray:
-    """Sum over axis 0 left to right in float32 as a C loop does (from 0, or from terms[0])."""
-    if from_zero:
-        acc = np.zeros(terms.shape[1:], F32)
-        rest = terms
-    else:
-        acc = terms[0].copy()
-        rest = terms[1:]
-    for t in rest:
+def seqsum(terms: np.ndarray) -> np.ndarray:
+    """Sum over axis 0 left to right in float32, from 0, as a C loop does."""
+    acc = np.zeros(terms.shape[1:], F32)
+    for t in terms:
         acc += t
     return acc
 

@@ -15,8 +15,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-F32 = np.float32
-GROUP_MAX_EPS = F32(1e-15)
+from .common import F32, GROUP_MAX_EPS
+
 MAGIC = F32(12582912.0)  # 1.5 * 2**23
 TILE = 256  # columns per tile: a tile's float32 working set stays within L2
 
