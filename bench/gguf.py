@@ -166,6 +166,7 @@ def main() -> None:
     runner.settle(out, 0)
     if not args.keep:
         bf16.unlink(missing_ok=True)
+        shutil.rmtree(model)  # hard links (or, across file systems, a copy)
     rows = {
         tool: {
             "seconds": statistics.median(r.seconds for r in rr),
