@@ -46,8 +46,10 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="write results as JSON here")
     args = p.parse_args()
     margs, base, adapter = fixture.prepared_fixture(args.workdir, args.layers)
+    if args.out:
+        margs.outdir = args.out
     fixture.ensure_merged(margs, base, adapter, runner.child_env())
-    merged = fixture.merged_copy(base)
+    merged = fixture.merged_copy(margs, base)
     q = shlex.quote
     commands = {
         "loramerge": f"{margs.loramerge_cmd} extract {q(str(merged))} --base {q(str(base))} "
