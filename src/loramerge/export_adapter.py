@@ -191,12 +191,12 @@ def _gguf_targets(
     """The pairs to export against a GGUF base: every target's GGUF name must be a tensor of
     the base with the shape the adapter's delta has."""
     config, shapes, model = read_gguf_base(base)
+    names = TensorNames(_architecture(config), config["num_hidden_layers"])
     with model:
         equal = {
-            full.key: full.base_copy and _gguf_equals(model, config, adapter, full.target, full.key)
+            full.key: full.base_copy and _gguf_equals(model, names, adapter, full.target, full.key)
             for full in adapter.full
         }
-    names = TensorNames(_architecture(config), config["num_hidden_layers"])
     targets, errors = [], []
     for module in adapter.modules:
         out, cols = _delta_shape(adapter, module)
@@ -259,10 +259,12 @@ def read_gguf_base(path: Path) -> tuple[dict, dict[str, tuple[int, ...]], GGUFMo
     return config, shapes, model
 
 
-def _gguf_equals(model: GGUFModel, config: dict, adapter: Adapter, target: str, key: str) -> bool:
+def _gguf_equals(
+    model: GGUFModel, names: TensorNames, adapter: Adapter, target: str, key: str
+) -> bool:
     """Whether a base-layer copy PEFT saved equals the GGUF base's tensor exactly (float types
     only: a quantized base cannot show that it is the same base)."""
-    gname = TensorNames(_architecture(config), config["num_hidden_layers"]).gguf_name(target)
+    gname = names.gguf_name(target)
     record = model.tensors.get(gname)
     exact = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.BF16)
     if record is None or record.qtype not in exact:

@@ -86,10 +86,12 @@ class BlockSink:
     def write(self, name: str, values: np.ndarray, start: int = 0) -> None:
         """Convert a tensor, or its rows from flat element `start` on, as llama.cpp expects it
         and write its blocks in place."""
-        cols = self._shapes[name][-1] if self._shapes[name] else 1
-        rows = np.ascontiguousarray(values).reshape(-1, cols)
-        if start == 0 and rows.size == math.prod(self._shapes[name]):
+        shape = self._shapes[name]
+        cols = shape[-1] if shape else 1
+        if start == 0 and values.size == math.prod(shape):
             rows = to_gguf_values(self._arch, name, values, self._config)
+        else:
+            rows = np.ascontiguousarray(values).reshape(-1, cols)
         self._store(name, rows, start // cols)
 
     def _store(self, name: str, values: np.ndarray, row: int = 0) -> None:

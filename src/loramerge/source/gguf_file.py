@@ -28,7 +28,7 @@ from loramerge.gguf_names import (
     row_local,
 )
 from loramerge.quant import ggml
-from loramerge.source.safetensors_file import TensorInfo, read_exact
+from loramerge.source.safetensors_file import TensorInfo, copy_into, read_exact
 
 PROVENANCE_KEY = "loramerge.provenance"
 _CHUNK_ELEMENTS = 1 << 20  # elements dequantized at a time
@@ -180,10 +180,7 @@ class GGUFWeights:
         those rows dequantized where the layout keeps rows in place, else the whole tensor."""
         cols = self._record(name).shape[-1]
         if start % cols or stop % cols or not row_local(self.arch, name, self.config):
-            part = self.read(name).reshape(-1)[start:stop]
-            view = into[: part.nbytes].view(np.float32)
-            np.copyto(view, part)
-            return view
+            return copy_into(self.read(name).reshape(-1)[start:stop], into)
         out = into[: (stop - start) * 4].view(np.float32).reshape(-1, cols)
         self._rows(name, start // cols, out)
         return out.reshape(-1)

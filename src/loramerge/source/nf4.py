@@ -21,7 +21,7 @@ from loramerge.nf4_layout import (
 )
 from loramerge.quant import nf4
 from loramerge.source.checkpoint import Checkpoint, RawRange
-from loramerge.source.safetensors_file import TensorInfo
+from loramerge.source.safetensors_file import TensorInfo, copy_into
 
 
 class DerivedCheckpoint:
@@ -61,22 +61,15 @@ class DerivedCheckpoint:
         """One tensor (computed ones in their float dtype), in `into` if given."""
         if name not in self._derived:
             return self._inner.read(name, into)
-        info, compute = self._derived[name]
+        _, compute = self._derived[name]
         values = compute()
-        if into is None:
-            return values
-        view = into[: info.nbytes].view(values.dtype).reshape(values.shape)
-        np.copyto(view, values)
-        return view
+        return values if into is None else copy_into(values, into)
 
     def read_part(self, name: str, start: int, stop: int, into: np.ndarray) -> np.ndarray:
         """Elements [start, stop) of the flattened tensor (a computed one is computed whole)."""
         if name not in self._derived:
             return self._inner.read_part(name, start, stop, into)
-        part = self.read(name).reshape(-1)[start:stop]
-        view = into[: part.nbytes].view(part.dtype)
-        np.copyto(view, part)
-        return view
+        return copy_into(self.read(name).reshape(-1)[start:stop], into)
 
     def raw(self, name: str) -> RawRange | None:
         """Stored bytes of a tensor that is not computed."""

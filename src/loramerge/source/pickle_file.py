@@ -12,7 +12,7 @@ import numpy as np
 
 from loramerge import dtypes
 from loramerge.errors import LoramergeError
-from loramerge.source.safetensors_file import TensorInfo
+from loramerge.source.safetensors_file import TensorInfo, copy_into
 
 
 class PickleFile:
@@ -35,19 +35,11 @@ class PickleFile:
     def read(self, name: str, into: np.ndarray | None = None) -> np.ndarray:
         """One tensor: the loaded array, or a copy in a view of `into` (uint8, 1-D)."""
         array = self._arrays[name]
-        if into is None:
-            return array
-        # a view of the caller's buffer, like a file read, so callers may work in place
-        view = into[: array.nbytes].view(array.dtype).reshape(array.shape)
-        np.copyto(view, array)
-        return view
+        return array if into is None else copy_into(array, into)
 
     def read_part(self, name: str, start: int, stop: int, into: np.ndarray) -> np.ndarray:
         """Elements [start, stop) of the flattened tensor, copied into a view of `into`."""
-        part = self._arrays[name].reshape(-1)[start:stop]
-        view = into[: part.nbytes].view(part.dtype)
-        np.copyto(view, part)
-        return view
+        return copy_into(self._arrays[name].reshape(-1)[start:stop], into)
 
     def close(self) -> None:
         """Drop the tensors (and with them the file's mapping)."""

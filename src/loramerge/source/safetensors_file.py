@@ -94,6 +94,14 @@ class SafetensorsFile:
         self.close()
 
 
+def copy_into(values: np.ndarray, into: np.ndarray) -> np.ndarray:
+    """`values` copied into a view of the uint8 buffer `into`, shaped like them: what a read of
+    a tensor held in memory returns, so callers may work in place as on a file read."""
+    view = into[: values.nbytes].view(values.dtype).reshape(values.shape)
+    np.copyto(view, values)
+    return view
+
+
 def read_exact(fd: int, buffer: memoryview, offset: int, path: Path) -> None:
     """Fill `buffer` from `fd` at `offset`, or fail naming `path`."""
     done = 0
