@@ -13,7 +13,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -139,7 +139,7 @@ def write_tensors(
         futures = [pool.submit(work, t) for t in ordered]
         try:
             for future, tensor in zip(futures, ordered, strict=True):
-                future.result()
+                _finished(future)
                 done += tensor.nbytes
                 if progress:
                     progress(tensor.nbytes, plan.nbytes)
@@ -154,6 +154,16 @@ def write_tensors(
 # Buffers the workers may hold at once: each holds its tensor's part, and may leave a copy of it
 # with the hasher when it finishes ahead of an earlier tensor.
 BUFFER_BUDGET = 2 << 30
+
+
+def _finished(future: Future) -> None:
+    """future.result(), waking every second: a lock wait is interrupted only by a signal the
+    kernel hands to this thread, and Ctrl-C handed to a worker would otherwise wait for ever."""
+    while future not in wait([future], timeout=1.0).done:
+        pass  # back in Python for a moment: a pending signal's handler runs here
+    future.result()
+
+
 # Bytes of a tensor read, merged and written at a time: memory stays flat whatever its size.
 CHUNK_BYTES = 32 << 20
 
