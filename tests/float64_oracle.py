@@ -33,6 +33,7 @@ def ulp(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     mantissa, emin = _FORMAT[dtype]
     _, exponent = torch.frexp(magnitude.abs())  # |m| = f * 2^e with f in [0.5, 1)
     exponent = torch.clamp(exponent.to(torch.float64) - 1, min=emin)
+    exponent[magnitude == 0] = emin  # frexp(0) is (0, 0): zero has the subnormals' spacing
     spacing = torch.exp2(exponent - mantissa)
     return torch.where(torch.isfinite(magnitude), spacing, torch.inf)
 
@@ -79,6 +80,18 @@ class Float64Distance:
         same |= value.isnan() & want.isnan()
         self.exact += int(same.sum())
         self.squared_error += float((error**2).sum())
+
+    def add_sum(
+        self,
+        candidate: np.ndarray,
+        base: np.ndarray,
+        delta: np.ndarray,
+        through: Sequence[np.ndarray] = (),
+        allowance: np.ndarray | None = None,
+    ) -> None:
+        """A block whose expected value is base + delta, summed in float64; base in the scale."""
+        expected = np.asarray(base).astype(np.float64) + np.asarray(delta).reshape(base.shape)
+        self.add(candidate, expected, [base, *through], allowance)
 
     def add_identical(self, elements: int) -> None:
         """Elements known to be bit-identical."""

@@ -166,6 +166,51 @@ def test_float32_candidates_with_an_allowance_match_the_float64_pass():
     assert fast.max_ulp_judged < fast.max_ulp
 
 
+def _perturbed(got: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`got` with about 5% of elements moved one ulp up or down (any float format)."""
+    bits = got.view(np.dtype(f"u{got.dtype.itemsize}"))
+    off = rng.random(got.size) < 0.05
+    step = rng.choice(np.array([1, -1]), int(off.sum())).astype(bits.dtype)  # -1 wraps: down
+    bits[off] += step
+    return got
+
+
+@pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float32)], ids=["bfloat16", "float32"])
+@pytest.mark.parametrize("scales", [0, 1, 2])
+def test_the_compiled_pass_alone_gets_the_float64_pass_figures(dtype, scales, monkeypatch):
+    """bfloat16 and float32 candidates are measured by `compare_kernel` with no numpy pass:
+    `add`, `add_sum` (the expected value as W0 + terms, summed where it is measured) and
+    `add_stored`, with zero to two models in the ulp scale, on rounding boundaries, NaN and inf."""
+
+    def refuse(*_):
+        raise AssertionError("the numpy pass ran")
+
+    monkeypatch.setattr(Distance, "_settle", refuse)
+    monkeypatch.setattr(Distance, "_add_fast", refuse)
+    rng = np.random.default_rng(11 + scales)
+    target = _boundary_cases(dtype, rng)
+    target = target[rng.permutation(target.size)]
+    base = _rounded(target * rng.uniform(0, 1.5, target.size), dtype)  # W0, cancellations too
+    base[:4] = [np.inf, np.nan, 0.0, -0.0]
+    terms = target - base.astype(np.float64)
+    terms[4:8] = [np.nan, -np.inf, 1e300, 0.0]
+    expected = base.astype(np.float64) + terms
+    got = _perturbed(_rounded(expected, dtype), rng)
+    got[8:10] = [np.nan, np.inf]
+    through = [_rounded(rng.standard_normal(target.size) * 0.1, dtype) for _ in range(scales)]
+    cases = {
+        "add": lambda d: d.add(got, expected, [base, *through]),
+        "add_sum": lambda d: d.add_sum(got, base, terms, through),
+        "add_stored": lambda d: d.add_stored(got, base, through),
+    }
+    for name, measure in cases.items():
+        fast, full = Distance(), Float64Distance()
+        measure(fast)
+        measure(full)
+        _assert_same(fast, full)
+        assert 0 < fast.exact < fast.elements and fast.nonfinite > 0, name
+
+
 def _merged(tmp_path, base, adapters, weights=(), **options):
     out = tmp_path / "merged"
     merge(base, [ADAPTERS / a for a in adapters], out, MergeOptions(weights=weights, **options))

@@ -172,7 +172,12 @@ def test_rebase_base_check_names_worst_tensors(tmp_path, cli):
     args = ["rebase", merged, "--remove", ADAPTERS / "llama-lora", "--add"]
     result = cli(*args, ADAPTERS / "llama-rslora", "-o", out, "--base", LLAMA)
     assert result.code == 2 and "worst tensors" in result.err and "q_proj" in result.err
-    assert not out.exists()
+    assert not out.exists()  # checked after the rebuild is written, before it is renamed in
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # nor left aside
+    dry = cli(*args, ADAPTERS / "llama-rslora", "-o", out, "--base", LLAMA, "--dry-run")
+    assert dry.code == 2 and "worst tensors" in dry.err and not out.exists()
+    forced = cli(*args, ADAPTERS / "llama-rslora", "-o", out, "--base", LLAMA, "--force")
+    assert forced.code == 0 and (out / "loramerge.json").exists()
 
 
 def test_inspect_shows_the_chain(tmp_path, cli):

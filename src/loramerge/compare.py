@@ -95,6 +95,8 @@ class Distance:
         """
         flat = [np.asarray(t).reshape(-1) for t in (candidate, expected, *start)]
         allow = None if allowance is None else np.asarray(allowance).reshape(-1)
+        if self._add_compiled(flat, allow):
+            return
         fast = allow is None and candidate.dtype in _FAST
         for i in range(0, flat[0].size, _CHUNK):
             got, want, *scale = (t[i : i + _CHUNK] for t in flat)
@@ -103,6 +105,24 @@ class Distance:
                 self._add_fast(got, want, scale)
             else:
                 self._settle(got, want, scale, None if allow is None else allow[i : i + _CHUNK])
+
+    def add_sum(
+        self,
+        candidate: np.ndarray,
+        base: np.ndarray,
+        delta: np.ndarray,
+        through: Sequence[np.ndarray] = (),
+        allowance: np.ndarray | None = None,
+    ) -> None:
+        """`add` of a block whose expected value is base + delta (W0 as stored, the adapters'
+        float64 terms), summed in float64 as it is measured, so no expected array is built;
+        base joins the ulp scale, with the `through` arrays."""
+        flat = [np.asarray(t).reshape(-1) for t in (candidate, base, base, *through)]
+        allow = None if allowance is None else np.asarray(allowance).reshape(-1)
+        delta = np.asarray(delta, np.float64).reshape(-1)
+        if not self._add_compiled(flat, allow, delta):
+            expected = base.astype(np.float64) + delta.reshape(base.shape)
+            self.add(candidate, expected, [base, *through], allowance)
 
     def add_identical(self, elements: int) -> None:
         """Fold in elements already known to be bit-identical to the expected ones."""
@@ -115,6 +135,8 @@ class Distance:
         """Fold in a block whose expected value is stored in the candidate's own dtype (a tensor
         no adapter touches): equal bits count as exact; only the others are measured."""
         flat = [np.asarray(t).reshape(-1) for t in (candidate, expected, *start)]
+        if self._add_compiled(flat, None):  # equal bits count as exact there too
+            return
         view = _UINT[candidate.dtype.itemsize]
         for i in range(0, flat[0].size, _CHUNK):
             got, want, *scale = (t[i : i + _CHUNK] for t in flat)
@@ -124,6 +146,41 @@ class Distance:
                 self._settle(
                     got[differ], want[differ].astype(np.float64), [s[differ] for s in scale]
                 )
+
+    def _add_compiled(
+        self, flat: list[np.ndarray], allowance: np.ndarray | None, delta: np.ndarray | None = None
+    ) -> bool:
+        """Every element in one compiled float64 pass (`compare_kernel`), when it takes these
+        arrays: a bfloat16 or float32 candidate, float inputs. The expected value is flat[1],
+        plus `delta` when given; flat[2:] are the scale arrays."""
+        got, want, *scale = flat
+        if got.dtype not in _COMPILED or not all(a.dtype in _KERNEL_INPUT for a in flat[1:]):
+            return False
+        from loramerge import compare_kernel  # numba, loaded on the first check
+
+        got, want, *scale = (
+            np.ascontiguousarray(a).view(np.uint16) if a.dtype == _BF16 else np.ascontiguousarray(a)
+            for a in flat
+        )
+        if len(scale) > 1:  # one array of the largest magnitudes (a NaN or inf wins, as in ulp)
+            scale = [np.maximum.reduce([np.abs(a.astype(np.float64)) for a in flat[2:]])]
+        allow = np.empty(0) if allowance is None else np.ascontiguousarray(allowance, np.float64)
+        plus = np.empty(0) if delta is None else np.ascontiguousarray(delta)
+        out = np.array(
+            [0, 0, self.max_abs, self.max_ulp, self.max_ulp_at_value, self.max_ulp_judged, 0],
+            np.float64,
+        )
+        mantissa, emin = _FORMAT[flat[0].dtype]
+        compare_kernel.measure(
+            got, want, plus, scale[0] if scale else want, allow, mantissa, emin, out
+        )
+        self.elements += got.size
+        self.exact += int(out[0])
+        self.nonfinite += int(out[1])
+        self.max_abs, self.max_ulp = float(out[2]), float(out[3])
+        self.max_ulp_at_value, self.max_ulp_judged = float(out[4]), float(out[5])
+        self.squared_error += float(out[6])
+        return True
 
     def _add_fast(self, got: np.ndarray, want: np.ndarray, scale: list[np.ndarray]) -> None:
         """A bfloat16 or float16 chunk: decide in float32 steps, settle the rest in float64.
@@ -223,5 +280,8 @@ def _scratch(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 _local = threading.local()
-_FAST = frozenset({np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16)})
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+_FAST = frozenset({_BF16, np.dtype(np.float16)})
+_COMPILED = frozenset({_BF16, np.dtype(np.float32)})  # the candidates compare_kernel takes
+_KERNEL_INPUT = _COMPILED | {np.dtype(np.float64)}
 _UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -151,6 +152,9 @@ class Job:
     verify_through: list[Path] = field(default_factory=list)
     # Sources of adapters taken out that are not among `adapters` (a rebuild from the base).
     removed: list[str] = field(default_factory=list)
+    # Run once the output is written and before it is renamed into place; raising keeps it out
+    # (a rebuild checks its source here, after the merge, so the two never hold memory at once).
+    before_commit: Callable[[], None] | None = None
 
 
 def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> MergeResult:
@@ -243,6 +247,7 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
                         result.verification = _verify(
                             out.path, *job.verify_against, options, job.verify_through
                         )
+                    _before_commit(job)
                     out.commit()
                     return _finished(result, start)
                 stored = {**job.carried_norms, **_norm_keys(norms, entries)}
@@ -261,11 +266,18 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
                     record["notes"].append(f"no side files: {missing}")
                 updates = {**plan.config_updates, **writer.config_updates}
                 _write_side_files(out.path, side_from, config, updates, record, tokenizer_from)
+                _before_commit(job)
                 out.commit()
         finally:
             for adapter in opened:
                 adapter.close()
     return _finished(result, start)
+
+
+def _before_commit(job: Job) -> None:
+    """The job's last word on a written output (`Job.before_commit`), if it has one."""
+    if job.before_commit is not None:
+        job.before_commit()
 
 
 def _finished(result: MergeResult, start: float) -> MergeResult:

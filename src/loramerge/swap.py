@@ -4,8 +4,9 @@ the model's provenance record.
 Without a base, the adapters' terms are subtracted from the merged weights in one pass (DoRA is
 inverted with the norms the merge stored); the result carries the rounding of the first merge,
 and when the recorded base is at hand the drift is measured. With `--base`, the output is
-rebuilt from the base itself, after checking the merged model really is base + what its record
-says, and is bit-identical to merging the remaining adapters into the base directly.
+rebuilt from the base itself and kept only if the merged model really is base + what its record
+says (checked before the output is renamed into place); it is bit-identical to merging the
+remaining adapters into the base directly.
 """
 
 from __future__ import annotations
@@ -283,18 +284,23 @@ def _rebuild_job(swap: _Swap, base: Path) -> Job:
     inside = kept + [r.path for r in swap.removals]
     weights = [e["weight"] for e in swap.kept] + [r.weight for r in swap.removals]
     allow_pickle = swap.options.allow_pickle
-    from loramerge.verify import verify_weights  # torch, loaded only when a check runs
 
-    qlora = (swap.record or {}).get("qlora_base")
-    check = verify_weights(
-        swap.merged, base, inside, weights, allow_pickle=allow_pickle, qlora_base=qlora
-    )
-    if not check.passed and not swap.force:
-        worst = ", ".join(f"{t.name} ({t.note or t.kind})" for t in check.failures()[:5])
-        raise LoramergeError(
-            f"{swap.merged} is not {base} + its adapters within 1 ulp (worst tensors: {worst}); "
-            "pass --force to rebuild from the base anyway"
+    def check_source() -> None:
+        from loramerge.verify import verify_weights  # loaded only when a check runs
+
+        qlora = (swap.record or {}).get("qlora_base")
+        check = verify_weights(
+            swap.merged, base, inside, weights, allow_pickle=allow_pickle, qlora_base=qlora
         )
+        if not check.passed and not swap.force:
+            worst = ", ".join(f"{t.name} ({t.note or t.kind})" for t in check.failures()[:5])
+            raise LoramergeError(
+                f"{swap.merged} is not {base} + its adapters within 1 ulp (worst tensors: "
+                f"{worst}); pass --force to rebuild from the base anyway"
+            )
+
+    if swap.options.dry_run:  # nothing is written: the check refuses now, as a real run would
+        check_source()
     adapters = kept + swap.add
     weights = [e["weight"] for e in swap.kept] + swap.add_weights
     record = swap.record or {}
@@ -308,4 +314,5 @@ def _rebuild_job(swap: _Swap, base: Path) -> Job:
         record={"base": record.get("base"), "history": record.get("history", [])},
         verify_against=(base, adapters, weights),
         removed=[hub.source_name(r.path) for r in swap.removals],
+        before_commit=None if swap.options.dry_run else check_source,
     )

@@ -36,10 +36,17 @@ def by_numpy(plan: TensorPlan, base: Checkpoint) -> bool:
 
 
 def expected_blocks(
-    plan: TensorPlan, base: Checkpoint, adapters: list[Adapter], allowance: bool
+    plan: TensorPlan,
+    base: Checkpoint,
+    adapters: list[Adapter],
+    allowance: bool,
+    split: bool = False,
 ) -> tuple[StoredRows | np.ndarray, Blocks, Blocks | None]:
     """(W0 as a matrix, rows by slicing, blocks of the expected value, and, when `allowance`
-    is asked for and applies, blocks of the float32 arithmetic error bound aligned with them)."""
+    is asked for and applies, blocks of the float32 arithmetic error bound aligned with them).
+
+    `split` (numpy route only, see `by_numpy`): the blocks hold the adapters' terms alone, to
+    be added to W0's rows where they are measured (`Distance.add_sum`)."""
     if not by_numpy(plan, base):
         from loramerge.verify import torch_expected  # torch, loaded only for these tensors
 
@@ -53,7 +60,7 @@ def expected_blocks(
         factors.append(
             (a.astype(np.float64), b.astype(np.float64) * t.coef, t.module.transposed, at)
         )
-    blocks = _blocks(w0, factors)
+    blocks = _blocks(w0, factors, start_from_w0=not split)
     if not allowance:
         return w0, blocks, None
     return w0, blocks, _float32_allowance(w0, factors)
@@ -112,35 +119,54 @@ def float32_gamma(ranks: list[int]) -> float:
     return n * u / (1 - n * u)
 
 
-def _blocks(w0: StoredRows, factors: list[_Factor], magnitude: bool = False) -> Blocks:
-    """W0 + the factors' terms (|W0| + ... with `magnitude`), in cache-sized row blocks."""
+def _blocks(
+    w0: StoredRows, factors: list[_Factor], magnitude: bool = False, start_from_w0: bool = True
+) -> Blocks:
+    """W0 + the factors' terms (|W0| + ... with `magnitude`; the terms alone without
+    `start_from_w0`), in cache-sized row blocks."""
     rows, cols = w0.shape
     step = max(1, BLOCK_ELEMENTS // max(cols, 1))
     scratch, delta = np.empty(step * cols, np.float64), np.empty(step * cols, np.float64)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         acc = scratch[: (r1 - r0) * cols].reshape(r1 - r0, cols)
-        np.copyto(acc, w0[r0:r1])
-        if magnitude:
-            np.abs(acc, out=acc)
         with np.errstate(all="ignore"):  # NaN and overflow as IEEE says (--allow-nonfinite)
-            _add_terms(acc, delta, r0, r1, factors)
+            if start_from_w0:
+                np.copyto(acc, w0[r0:r1])
+                if magnitude:
+                    np.abs(acc, out=acc)
+                _add_terms(acc, delta, r0, r1, factors)
+            else:  # the first term's product lands in acc itself
+                _add_terms(acc, delta, r0, r1, factors, fresh=True)
         yield r0, r1, acc
 
 
 def _add_terms(
-    acc: np.ndarray, delta: np.ndarray, r0: int, r1: int, factors: list[_Factor]
+    acc: np.ndarray,
+    delta: np.ndarray,
+    r0: int,
+    r1: int,
+    factors: list[_Factor],
+    fresh: bool = False,
 ) -> None:
-    """Rows r0:r1 of W (in `acc`) += each factor's share of them (`delta`: scratch)."""
+    """Rows r0:r1 of W (in `acc`) += each factor's share of them (`delta`: scratch); with
+    `fresh`, acc holds nothing yet and ends as the sum of the terms."""
     for a, b, transposed, at in factors:
         height = a.shape[1] if transposed else b.shape[0]
         lo, hi = max(r0, at), min(r1, at + height)
         if lo >= hi:
             continue
         band, d0, d1 = acc[lo - r0 : hi - r0], lo - at, hi - at
-        term = delta[: band.size].reshape(band.shape)
+        whole = fresh and (lo, hi) == (r0, r1)
+        if fresh and not whole:
+            acc.fill(0.0)
+        fresh = False
+        term = band if whole else delta[: band.size].reshape(band.shape)
         if transposed:  # rows d0:d1 of (B@A)^T are A[:, d0:d1]^T @ B^T
             np.matmul(a[:, d0:d1].T, b.T, out=term)
         else:
             np.matmul(b[d0:d1], a, out=term)
-        band += term
+        if not whole:
+            band += term
+    if fresh:  # no term reaches these rows
+        acc.fill(0.0)

@@ -414,17 +414,19 @@ def _check(
         ok = exact or (bool(through) and distance.max_ulp <= tol and not distance.nonfinite)
         note = "" if ok else "differs from the base tensor no adapter touches"
         return _result(plan.name, "untouched", info.dtype, distance, ok, note)
-    start, blocks, allowances = expected_blocks(plan, base, adapters, got.dtype.itemsize >= 4)
+    split = by_numpy(plan, base)  # blocks of the terms alone, W0 added as they are measured
+    start, blocks, allowances = expected_blocks(
+        plan, base, adapters, got.dtype.itemsize >= 4, split
+    )
     width = math.prod(plan.shape) // max(start.shape[0], 1)  # elements per row of the matrix
     for r0, r1, block in blocks:
         at, count = r0 * width, (r1 - r0) * width
         allowance = None if allowances is None else next(allowances)[2]
-        distance.add(
-            got.read(at, count),
-            block,
-            [start[r0:r1], *(p.read(at, count) for p in passed)],
-            allowance,
-        )
+        candidate, through = got.read(at, count), [p.read(at, count) for p in passed]
+        if split:
+            distance.add_sum(candidate, start[r0:r1], block, through, allowance)
+        else:
+            distance.add(candidate, block, [start[r0:r1], *through], allowance)
     within = distance.max_ulp_judged <= tol and distance.nonfinite == 0
     note = "" if within else f"{distance.max_ulp_judged:.3g} ulp"
     if distance.nonfinite:

@@ -1,0 +1,159 @@
+"""The weight check's float64 pass over every element, compiled with numba (one pass, no
+temporaries): the figures `compare.Distance` keeps, for bfloat16 and float32 candidates.
+
+Each element is measured exactly as `compare._settle` measures it with numpy (the error in
+float64, ulps from exponent bits, the correctly rounded value by rounding to odd in float32),
+so nothing needs deciding in float32 first. Imported only when a check runs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+# The figures, in the order `measure` returns them in its `out` array.
+FIELDS = ("exact", "nonfinite", "max_abs", "max_ulp", "max_ulp_at_value", "max_ulp_judged", "sq")
+
+
+@intrinsic
+def _float_bits(typingctx, v):
+    """The integer whose bits are the float v (C's memcpy): int64 for float64, int32 for
+    float32."""
+    widths = {types.float64: 64, types.float32: 32}
+    if v not in widths:
+        return None
+    width = widths[v]
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(width))
+
+    return getattr(types, f"int{width}")(v), codegen
+
+
+@intrinsic
+def _float32_of(typingctx, v):
+    """The float32 whose bits are the low 32 bits of the integer v."""
+    if not isinstance(v, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        low = args[0]
+        if v.bitwidth > 32:
+            low = builder.trunc(low, ir.IntType(32))
+        return builder.bitcast(low, ir.FloatType())
+
+    return types.float32(v), codegen
+
+
+def _widened(x):
+    """An element as float64: bfloat16 held as its uint16 bits, or float32 (typed below)."""
+
+
+@overload(_widened, inline="always")
+def _widened_typed(x):
+    if x == types.uint16:
+        return lambda x: np.float64(_float32_of(np.int64(x) << 16))
+    return lambda x: np.float64(x)
+
+
+def _is_nearest(got, want):
+    """Whether `got` is `want` (float64) rounded once to got's format (typed below)."""
+
+
+@overload(_is_nearest, inline="always")
+def _is_nearest_typed(got, want):
+    if got == types.uint16:
+        return lambda got, want: np.int64(got) == _bf16_nearest(want)
+    return lambda got, want: _float_bits(np.float32(want)) == _float_bits(got)
+
+
+@intrinsic
+def _float64_of(typingctx, v):
+    """The float64 whose bits are the int64 v."""
+    if v != types.int64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return types.float64(v), codegen
+
+
+_ABS = 0x7FFFFFFFFFFFFFFF
+_INF = 0x7FF0000000000000
+
+
+@njit(inline="always")
+def _per_spacing(bits: int, mantissa: int, emin: int) -> float:
+    """1 / the format's spacing at the magnitude whose float64 bits (sign cleared) are `bits`
+    (`compare.ulp`): a power of two, so x times it is exactly x / spacing; 0 where the
+    magnitude is not finite (spacing inf)."""
+    biased = bits >> 52
+    exponent = max(biased - 1023, emin) - mantissa
+    return _float64_of(np.int64(1023 - exponent) << 52) if biased < 2047 else 0.0
+
+
+@njit(inline="always")
+def _bf16_nearest(want: float) -> int:
+    """`compare.round_once(want, bfloat16)` as uint16 bits: float32 rounded to odd, then to
+    nearest even (bfloat16's own cast, NaN apart: a NaN is compared as NaN)."""
+    single = np.float32(want)
+    back = np.float64(single)
+    bits = np.int64(_float_bits(single)) & 0xFFFFFFFF
+    if abs(back) > abs(want):
+        bits -= 1
+    if back != want:
+        bits |= 1
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
+
+
+# fastmath "reassoc" alone: only the squared error's sum may be reordered (so it vectorizes);
+# no flag lets the compiler assume away NaN or inf.
+@njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
+def measure(got, want, delta, scale, allowance, mantissa, emin, out):
+    """Fold every element of `got` (uint16 bfloat16 bits or float32) against `want` (the same,
+    or float64), plus `delta` (float64) when it is not empty, into `out` (see FIELDS): counts
+    add, maxima take the larger, `sq` adds the squared errors.
+
+    `scale`: an array (uint16 bfloat16 bits, float32 or float64) whose magnitudes join |want|
+    in the ulp scale (`want` itself where there is none); `allowance`: float64 per element, or
+    empty.
+    The loop has no branches: non-negative floats compare as their bits, so the maxima are
+    integer maxima of bits, and a NaN or inf in the scale (exponent 2047) wins such a maximum
+    as np.maximum lets it win.
+    """
+    exact, nonfinite = 0, 0
+    max_abs, max_ulp = _float_bits(out[2]), _float_bits(out[3])
+    max_at_value, max_judged = _float_bits(out[4]), _float_bits(out[5])
+    sq = 0.0
+    judged_by, split = allowance.size > 0, delta.size > 0
+    n = got.size
+    for i in range(n):
+        value = _widened(got[i])
+        w = _widened(want[i]) + delta[i] if split else _widened(want[i])
+        value_bits = _float_bits(value) & _ABS
+        want_bits = _float_bits(w) & _ABS
+        nonfinite += (value_bits >= _INF) & (want_bits < _INF)
+        error = abs(value - w)
+        error = error if error < np.inf else 0.0  # nan_to_num(nan=0, posinf=0)
+        magnitude = want_bits
+        magnitude = max(magnitude, _float_bits(_widened(scale[i])) & _ABS)
+        per = _per_spacing(magnitude, mantissa, emin)
+        beyond = error - allowance[i] if judged_by else error
+        beyond = beyond if beyond > 0.0 else 0.0  # a NaN allowance counts as 0
+        max_abs = max(max_abs, _float_bits(error))
+        max_ulp = max(max_ulp, _float_bits(error * per))
+        max_judged = max(max_judged, _float_bits(beyond * per))
+        at_value = error * _per_spacing(want_bits, mantissa, emin)
+        max_at_value = max(max_at_value, _float_bits(at_value))
+        exact += _is_nearest(got[i], w) | ((value_bits > _INF) & (want_bits > _INF))
+        sq += error * error
+    out[0] += exact
+    out[1] += nonfinite
+    out[2] = _float64_of(max_abs)
+    out[3] = _float64_of(max_ulp)
+    out[4] = _float64_of(max_at_value)
+    out[5] = _float64_of(max_judged)
+    out[6] += sq
