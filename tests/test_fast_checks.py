@@ -1,4 +1,5 @@
-"""The fast weight check (float32 decides, float64 settles) against the full float64 pass.
+"""The fast weight check (the compiled float64 pass for bfloat16 and float32; for float16,
+float32 decides and float64 settles) against the full float64 pass.
 
 Every figure must be the float64 pass's own: the element, exact and non-finite counts and the
 maxima (max abs, max ulp at the scale, judged, at the value) exactly; the squared error (RMSE) is
@@ -125,11 +126,12 @@ def test_nonfinite_values_match_the_float64_pass(dtype):
         _assert_same(fast, full)
 
 
-@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", [F16], ids=["float16"])
 def test_a_correct_large_merge_is_decided_without_float64_for_almost_every_element(
     dtype, monkeypatch
 ):
-    """A merge of realistic size: same figures, and at most 1% of elements settled in float64."""
+    """A float16 merge of realistic size: same figures, and at most 1% of elements settled in
+    float64 (bfloat16 goes through the compiled pass, which measures every element)."""
     rng = np.random.default_rng(3)
     w0 = _grid(dtype, rng.standard_normal((1024, 1024)) * 0.02)
     b, a = rng.standard_normal((1024, 16)) * 0.01, rng.standard_normal((16, 1024)) * 0.01

@@ -6,10 +6,11 @@ inputs, and near a cancellation (expected ~ 0 while |W0| is not) an ulp at the t
 call correct float arithmetic wrong. The ulp at the value itself and the share of elements that
 are exactly the correctly rounded value are reported too.
 
-The figures are those of an elementwise float64 pass, but most elements of a bfloat16 or float16
-candidate are decided from the float32 rounding of the expected value, in integer steps of its
-bits; only the elements that cannot be decided that way are settled in float64 (docs/verify.md
-gives the argument). numpy only: no torch.
+The figures are those of an elementwise float64 pass. bfloat16 and float32 candidates go through
+that pass compiled (`compare_kernel`, numba); most elements of a float16 candidate are decided
+from the float32 rounding of the expected value, in integer steps of its bits, and only the
+elements that cannot be decided that way are settled in float64 (docs/verify.md gives the
+argument). No torch.
 """
 
 from __future__ import annotations
