@@ -128,7 +128,7 @@ def write_tensors(
     by_torch = any(route.by_torch(t, checkpoint) for t in plan.tensors)
     done = 0
     with (
-        _collector_paused(),
+        collector_paused(),
         threadpool_limits(limits=1, user_api="blas"),
         _torch_threads(1 if by_torch else None),
         ThreadPoolExecutor(workers, thread_name_prefix="loramerge") as pool,
@@ -177,9 +177,10 @@ def worker_count(tensor_sizes: list[int]) -> int:
 
 
 @contextmanager
-def _collector_paused() -> Iterator[None]:
-    """No cyclic garbage collection while tensors stream: the loop makes no cycles, and each
-    pass would walk every object the imports left (frozen out of later passes too)."""
+def collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection while tensors stream (a merge's or a check's): the loop
+    makes no cycles, and each pass would walk every object the imports left (frozen out of
+    later passes too)."""
     enabled = gc.isenabled()
     gc.freeze()
     gc.disable()

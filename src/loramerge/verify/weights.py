@@ -22,6 +22,7 @@ from threadpoolctl import threadpool_limits
 from loramerge import dtypes, nf4_layout
 from loramerge.adapter import Adapter, load_adapter
 from loramerge.compare import Distance
+from loramerge.execute import collector_paused
 from loramerge.plan import TensorPlan, as_matrix, build_plan
 from loramerge.sink.hf_folder import read_provenance
 from loramerge.source import nf4 as nf4_source
@@ -211,7 +212,11 @@ def verify_weights(
                 through=via,
             )
             torch_too = any(t.modified and not by_numpy(t, base_ck) for t in plan.tensors)
-            with _single_threaded_math(torch_too), ThreadPoolExecutor(_workers()) as pool:
+            with (
+                collector_paused(),
+                _single_threaded_math(torch_too),
+                ThreadPoolExecutor(_workers()) as pool,
+            ):
                 for tensor, result in zip(plan.tensors, pool.map(check, plan.tensors), strict=True):
                     report.tensors.append(result)
                     if progress:
