@@ -166,6 +166,9 @@ def test_float32_candidates_with_an_allowance_match_the_float64_pass():
     full.add(got, expected, [expected * 2], allowance)
     _assert_same(fast, full)
     assert fast.max_ulp_judged < fast.max_ulp
+    for distance in (fast, full):  # then a block with no allowance: judged is its raw ulp
+        distance.add(got[::50], expected[::50] * (1 + 2.0**-12))
+    _assert_same(fast, full)
 
 
 def _perturbed(got: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -118,7 +118,10 @@ class Distance:
         """`add` of a block whose expected value is base + delta (W0 as stored, the adapters'
         float64 terms), summed in float64 as it is measured, so no expected array is built;
         base joins the ulp scale, with the `through` arrays."""
-        flat = [np.asarray(t).reshape(-1) for t in (candidate, base, base, *through)]
+        # base's own array is the kernel's scale unless `through` adds others
+        flat = [np.asarray(t).reshape(-1) for t in (candidate, base, *through)]
+        if through:
+            flat.insert(2, flat[1])
         allow = None if allowance is None else np.asarray(allowance).reshape(-1)
         delta = np.asarray(delta, np.float64).reshape(-1)
         if not self._add_compiled(flat, allow, delta):
@@ -152,10 +155,10 @@ class Distance:
         self, flat: list[np.ndarray], allowance: np.ndarray | None, delta: np.ndarray | None = None
     ) -> bool:
         """Every element in one compiled float64 pass (`compare_kernel`), when it takes these
-        arrays: a bfloat16 or float32 candidate, float inputs. The expected value is flat[1],
-        plus `delta` when given; flat[2:] are the scale arrays."""
-        got, want, *scale = flat
-        if got.dtype not in _COMPILED or not all(a.dtype in _KERNEL_INPUT for a in flat[1:]):
+        arrays: a bfloat16 or float32 candidate, float inputs. flat is (candidate, expected,
+        *scale arrays); the expected value is flat[1], plus `delta` when given, and with no
+        scale arrays flat[1]'s own magnitudes are the scale."""
+        if flat[0].dtype not in _COMPILED or not all(a.dtype in _KERNEL_INPUT for a in flat[1:]):
             return False
         from loramerge import compare_kernel  # numba, loaded on the first check
 
@@ -172,9 +175,8 @@ class Distance:
             np.float64,
         )
         mantissa, emin = _FORMAT[flat[0].dtype]
-        compare_kernel.measure(
-            got, want, plus, scale[0] if scale else want, allow, mantissa, emin, out
-        )
+        own = scale[0] if scale else np.empty(0, want.dtype)
+        compare_kernel.measure(got, want, plus, own, allow, mantissa, emin, out)
         self.elements += got.size
         self.exact += int(out[0])
         self.nonfinite += int(out[1])

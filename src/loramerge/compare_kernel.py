@@ -118,34 +118,44 @@ def measure(got, want, delta, scale, allowance, mantissa, emin, out):
     add, maxima take the larger, `sq` adds the squared errors.
 
     `scale`: an array (uint16 bfloat16 bits, float32 or float64) whose magnitudes join |want|
-    in the ulp scale (`want` itself where there is none); `allowance`: float64 per element, or
-    empty.
-    The loop has no branches: non-negative floats compare as their bits, so the maxima are
-    integer maxima of bits, and a NaN or inf in the scale (exponent 2047) wins such a maximum
-    as np.maximum lets it win.
+    in the ulp scale; empty: `want`'s own array is the scale (W0 when `delta` is given);
+    `allowance`: float64 per element, or empty.
+    The loop has no branches, so it vectorizes: non-negative floats compare as their bits, so
+    the maxima are integer maxima of bits, and a NaN or inf in the scale (exponent 2047) wins
+    such a maximum as np.maximum lets it win.
     """
+    split, scaled = delta.size > 0, scale.size > 0
+    if allowance.size > 0:  # each call below is inlined with its flag a constant
+        _fold(got, want, delta, scale, allowance, mantissa, emin, out, split, scaled, True)
+    else:
+        _fold(got, want, delta, scale, allowance, mantissa, emin, out, split, scaled, False)
+
+
+@njit(inline="always", fastmath={"reassoc"})
+def _fold(got, want, delta, scale, allowance, mantissa, emin, out, split, scaled, judged_by):
+    """`measure`'s loop; without an allowance the judged maximum is the ulp maximum."""
     exact, nonfinite = 0, 0
-    max_abs, max_ulp = _float_bits(out[2]), _float_bits(out[3])
+    max_abs, max_ulp = _float_bits(out[2]), 0  # max_ulp: this call's, so judged can share it
     max_at_value, max_judged = _float_bits(out[4]), _float_bits(out[5])
     sq = 0.0
-    judged_by, split = allowance.size > 0, delta.size > 0
-    n = got.size
-    for i in range(n):
+    for i in range(got.size):
         value = _widened(got[i])
-        w = _widened(want[i]) + delta[i] if split else _widened(want[i])
+        given = _widened(want[i])
+        w = given + delta[i] if split else given
         value_bits = _float_bits(value) & _ABS
         want_bits = _float_bits(w) & _ABS
         nonfinite += (value_bits >= _INF) & (want_bits < _INF)
         error = abs(value - w)
         error = error if error < np.inf else 0.0  # nan_to_num(nan=0, posinf=0)
-        magnitude = want_bits
-        magnitude = max(magnitude, _float_bits(_widened(scale[i])) & _ABS)
+        other = _widened(scale[i]) if scaled else given
+        magnitude = max(want_bits, _float_bits(other) & _ABS)
         per = _per_spacing(magnitude, mantissa, emin)
-        beyond = error - allowance[i] if judged_by else error
-        beyond = beyond if beyond > 0.0 else 0.0  # a NaN allowance counts as 0
         max_abs = max(max_abs, _float_bits(error))
         max_ulp = max(max_ulp, _float_bits(error * per))
-        max_judged = max(max_judged, _float_bits(beyond * per))
+        if judged_by:
+            beyond = error - allowance[i]
+            beyond = beyond if beyond > 0.0 else 0.0  # a NaN allowance counts as 0
+            max_judged = max(max_judged, _float_bits(beyond * per))
         at_value = error * _per_spacing(want_bits, mantissa, emin)
         max_at_value = max(max_at_value, _float_bits(at_value))
         exact += _is_nearest(got[i], w) | ((value_bits > _INF) & (want_bits > _INF))
@@ -153,7 +163,7 @@ def measure(got, want, delta, scale, allowance, mantissa, emin, out):
     out[0] += exact
     out[1] += nonfinite
     out[2] = _float64_of(max_abs)
-    out[3] = _float64_of(max_ulp)
+    out[3] = max(out[3], _float64_of(max_ulp))
     out[4] = _float64_of(max_at_value)
-    out[5] = _float64_of(max_judged)
+    out[5] = _float64_of(max_judged if judged_by else max(max_judged, max_ulp))
     out[6] += sq
