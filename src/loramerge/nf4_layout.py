@@ -16,6 +16,10 @@ PARTS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", STATE)
 DEFAULT_SKIP = ("lm_head",)
 QUANTIZABLE = ("BF16", "F16", "F32")
 _DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+# Models built on transformers' Conv1D (GPT-2 and its kin), and the names of those layers: their
+# weights are stored (in, out), and transformers quantizes the transpose, a Linear's (out, in).
+_CONV1D_MODELS = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
+_CONV1D_LAYERS = ("c_attn", "q_attn", "c_proj", "c_fc")
 
 
 def quantizable(name: str, shape: tuple[int, ...], dtype: str, skip: tuple[str, ...] | None):
@@ -28,6 +32,18 @@ def quantizable(name: str, shape: tuple[int, ...], dtype: str, skip: tuple[str, 
         and not _embedding(name)
         and not _skipped(name.removesuffix(".weight"), DEFAULT_SKIP if skip is None else skip)
     )
+
+
+def transposed(name: str, config: dict | None) -> bool:
+    """Whether transformers quantizes this weight's transpose: a Conv1D weight, stored (in, out),
+    whose NF4 state is of the (out, in) matrix (bitsandbytes' Bnb4bitQuantize)."""
+    layer = name.removesuffix(".weight").rsplit(".", 1)[-1]
+    return (config or {}).get("model_type") in _CONV1D_MODELS and layer in _CONV1D_LAYERS
+
+
+def quantized_shape(name: str, shape: tuple[int, ...], config: dict | None) -> tuple[int, ...]:
+    """The shape of the matrix NF4 stores for a weight of this (checkpoint) shape."""
+    return tuple(reversed(shape)) if transposed(name, config) else tuple(shape)
 
 
 @dataclass(frozen=True)

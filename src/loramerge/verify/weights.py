@@ -228,7 +228,8 @@ def _open_base(base: Path, allow_pickle: bool, qlora: dict | None):
     checkpoint = open_weights(base, stem="model", allow_pickle=allow_pickle)
     if qlora is None:
         return checkpoint
-    return nf4_source.qlora_base(checkpoint, qlora["blocksize"], qlora["double_quant"])
+    config = read_config(base)
+    return nf4_source.qlora_base(checkpoint, config, qlora["blocksize"], qlora["double_quant"])
 
 
 def open_quantized(candidate: Path, allow_pickle: bool):
@@ -246,7 +247,7 @@ def open_quantized(candidate: Path, allow_pickle: bool):
         if any(name.endswith(nf4_layout.STATE) for name in checkpoint.tensors):
             from loramerge.verify.quantized import NF4Candidate
 
-            return NF4Candidate(checkpoint)
+            return NF4Candidate(checkpoint, read_config(candidate))
         checkpoint.close()
     return None
 
