@@ -12,6 +12,7 @@ from conftest import ADAPTERS, GPT2
 from reference import float32_bound, load_base, reference_merge, ulp_error
 from test_quantize import _logits, _quantized_by_transformers, _tensors
 
+from loramerge import blocked
 from loramerge.nf4_layout import STATE
 
 transformers = pytest.importorskip("transformers")
@@ -19,7 +20,9 @@ bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
 ADAPTER = ADAPTERS / "gpt2-lora"  # c_attn, c_fc, c_proj (fan_in_fan_out, lora_bias)
 CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-SMALL_CHUNKS = ("", "1", "3000")  # whole tensors; one element; a size that divides nothing
+# (part size, arithmetic): whole tensors; one element; a size that divides nothing; the torch
+# route (float64) in parts of one element
+PARTS = [("", "float32"), ("1", "float32"), ("3000", "float32"), ("1", "float64")]
 
 
 def _conv1d_weights() -> list[str]:
@@ -63,14 +66,17 @@ def test_quantize_gpt2_equals_transformers(cli, tmp_path, double_quant):
     assert torch.equal(_logits(loaded), _logits(reference))
 
 
-@pytest.mark.parametrize("chunk", SMALL_CHUNKS)
-def test_merge_gpt2_to_nf4_is_the_bf16_merge_quantized(cli, tmp_path, monkeypatch, chunk):
+@pytest.mark.parametrize("chunk, compute", PARTS)
+def test_merge_gpt2_to_nf4_is_the_bf16_merge_quantized(cli, tmp_path, monkeypatch, chunk, compute):
     """Streamed in parts as small as one element: a Conv1D weight still comes whole to the
-    sink (its NF4 blocks run down the stored columns) and gives transformers' bytes."""
-    assert cli("merge", GPT2, ADAPTER, "-o", tmp_path / "bf16").code == 0
+    sink (its NF4 blocks run down the stored columns) and gives transformers' bytes. Merge
+    blocks of one row (as in test_chunked.py), so parts of one row can exist."""
+    monkeypatch.setattr(blocked, "BLOCK_ELEMENTS", 1)
+    arithmetic = ["--compute-dtype", compute]
+    assert cli("merge", GPT2, ADAPTER, "-o", tmp_path / "bf16", *arithmetic).code == 0
     reference = _quantized_by_transformers(tmp_path / "bf16", tmp_path / "tf")
     monkeypatch.setenv("LORAMERGE_CHUNK_BYTES", chunk)
-    result = cli("merge", GPT2, ADAPTER, "-o", tmp_path / "nf4", "--to", "nf4")
+    result = cli("merge", GPT2, ADAPTER, "-o", tmp_path / "nf4", "--to", "nf4", *arithmetic)
     assert result.code == 0, result.err
     theirs, ours = _tensors(tmp_path / "tf"), _tensors(tmp_path / "nf4")
     assert sorted(ours) == sorted(theirs)
@@ -214,3 +220,27 @@ def _save_dequantized(model, folder) -> None:
     folder.mkdir()
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     (folder / "config.json").write_text((GPT2 / "config.json").read_text())
+
+
+def test_conv1d_names_without_a_model_type_are_refused(cli, tmp_path, tf_nf4):
+    """Without config.json, `c_attn` may be a GPT-2 Conv1D weight (NF4 of its transpose) or a
+    Linear: reading, writing or verifying it as NF4 is refused rather than guessed."""
+    nf4, _ = tf_nf4
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "model.safetensors").write_bytes((nf4 / "model.safetensors").read_bytes())
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "model.safetensors").write_bytes((GPT2 / "model.safetensors").read_bytes())
+    runs = [
+        ("merge", lone, ADAPTER, "-o", tmp_path / "out"),
+        ("quantize", plain, "-o", tmp_path / "out", "--to", "nf4"),
+        ("merge", plain, ADAPTER, "-o", tmp_path / "out", "--qlora-base"),
+        ("verify", lone, "--base", GPT2),
+        ("verify", GPT2, "--base", lone),
+    ]
+    for args in runs:
+        result = cli(*args)
+        assert result.code == 2, (args, result.err)
+        assert result.err.startswith("Error:") and "config.json" in result.err, args
+        assert not (tmp_path / "out").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from loramerge.errors import LoramergeError
@@ -34,11 +35,31 @@ def quantizable(name: str, shape: tuple[int, ...], dtype: str, skip: tuple[str, 
     )
 
 
+def stored_weights(names: Iterable[str]) -> list[str]:
+    """The weights a checkpoint holding these tensor names stores as NF4."""
+    return [n.removesuffix(STATE) for n in names if n.endswith(STATE)]
+
+
 def transposed(name: str, config: dict | None) -> bool:
     """Whether transformers quantizes this weight's transpose: a Conv1D weight, stored (in, out),
     whose NF4 state is of the (out, in) matrix (bitsandbytes' Bnb4bitQuantize)."""
-    layer = name.removesuffix(".weight").rsplit(".", 1)[-1]
-    return (config or {}).get("model_type") in _CONV1D_MODELS and layer in _CONV1D_LAYERS
+    return (config or {}).get("model_type") in _CONV1D_MODELS and _conv1d_named(name)
+
+
+def check_model_type(names: Iterable[str], config: dict | None, where: str) -> None:
+    """Refuse NF4 weights named like Conv1D layers when no config.json gives the model type:
+    stored transposed (GPT-2) or not (a Linear of that name) cannot be told."""
+    named = [n for n in names if _conv1d_named(n)]
+    if named and not (config or {}).get("model_type"):
+        raise LoramergeError(
+            f"{where}: {named[0]} may be a GPT-2 style Conv1D weight, which NF4 stores "
+            "transposed, but no config.json gives the model type; put the model's config.json "
+            "beside its weights"
+        )
+
+
+def _conv1d_named(name: str) -> bool:
+    return name.removesuffix(".weight").rsplit(".", 1)[-1] in _CONV1D_LAYERS
 
 
 def quantized_shape(name: str, shape: tuple[int, ...], config: dict | None) -> tuple[int, ...]:

@@ -28,6 +28,7 @@ from loramerge.errors import LoramergeError
 from loramerge.nf4_layout import (
     STATE,
     StoredNF4,
+    check_model_type,
     parse_state,
     quantizable,
     quantized_shape,
@@ -120,6 +121,7 @@ class NF4Folder:
         self.options = options
         skip = options.skip_modules
         self._quantized = {e.name for e in entries if quantizable(e.name, e.shape, e.dtype, skip)}
+        check_model_type(sorted(self._quantized), config, "--to nf4")
         self._parts = {e.name: _parts(e, options) for e in entries if e.name in self._quantized}
         stored = [p for e in entries for p in self._parts.get(e.name, [e])]
         late = tuple(name + STATE for name in sorted(self._quantized))

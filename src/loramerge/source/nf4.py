@@ -19,9 +19,11 @@ from loramerge.nf4_layout import (
     PARTS,
     STATE,
     StoredNF4,
+    check_model_type,
     parse_state,
     quantizable,
     stored_dtype,
+    stored_weights,
     transposed,
 )
 from loramerge.quant import nf4
@@ -103,8 +105,10 @@ def dequantized(checkpoint: Checkpoint, config: dict | None) -> DerivedCheckpoin
     (exactly bitsandbytes' dequantize_4bit; a Conv1D weight transposed back to its (in, out)
     layout, `config` saying which those are), their quantization parts hidden."""
     derived, hidden, states, stored = {}, set(), [], {}
-    for state_name in [n for n in checkpoint.tensors if n.endswith(STATE)]:
-        name = state_name.removesuffix(STATE)
+    names = stored_weights(checkpoint.tensors)
+    check_model_type(names, config, str(checkpoint.path))
+    for name in names:
+        state_name = name + STATE
         raw = checkpoint.read(state_name).tobytes()
         state = parse_state(raw, f"{checkpoint.path}: {name}")
         dtype = stored_dtype(state)
@@ -145,9 +149,7 @@ def _raw_part(checkpoint: Checkpoint, name: str):
     )
 
 
-def _reader(
-    checkpoint: Checkpoint, name: str, state: dict, flip: bool
-) -> Callable[[], np.ndarray]:
+def _reader(checkpoint: Checkpoint, name: str, state: dict, flip: bool) -> Callable[[], np.ndarray]:
     def read() -> np.ndarray:
         def part(suffix: str) -> np.ndarray:
             return checkpoint.read(name + suffix)
@@ -176,14 +178,15 @@ def qlora_base(
     """A float checkpoint whose Linear weights read as dequant(NF4(W0)), rounded to their dtype
     (a Conv1D weight quantized as its transpose, as transformers does): what a QLoRA adapter
     saw of the base during training."""
-    derived = {}
-    for name, info in checkpoint.tensors.items():
-        if quantizable(name, info.shape, info.dtype, None):
-            flip = transposed(name, config)
-            derived[name] = (
-                replace(info),
-                _round_trip(checkpoint, name, blocksize, double_quant, flip),
-            )
+    names = [n for n, i in checkpoint.tensors.items() if quantizable(n, i.shape, i.dtype, None)]
+    check_model_type(names, config, "--qlora-base")
+    derived = {
+        name: (
+            replace(checkpoint.tensors[name]),
+            _round_trip(checkpoint, name, blocksize, double_quant, transposed(name, config)),
+        )
+        for name in names
+    }
     description = {
         "nf4_round_trip": {"blocksize": blocksize, "double_quant": double_quant},
         "tensors": len(derived),
@@ -191,9 +194,7 @@ def qlora_base(
     return DerivedCheckpoint(checkpoint, derived, set(), description)
 
 
-def _round_trip(
-    checkpoint: Checkpoint, name: str, blocksize: int, double_quant: bool, flip: bool
-):
+def _round_trip(checkpoint: Checkpoint, name: str, blocksize: int, double_quant: bool, flip: bool):
     def read() -> np.ndarray:
         weight = checkpoint.read(name)
         matrix = np.ascontiguousarray(weight.T) if flip else weight

@@ -134,6 +134,7 @@ class NF4Candidate:
         self.checkpoint = checkpoint  # the tensors it did not quantize are read as they are
         self.tensors = checkpoint.tensors
         self.config = config
+        nf4_layout.check_model_type(nf4_layout.stored_weights(self.tensors), config, str(self.path))
 
     def locate(self, hf_name: str) -> str | None:
         """The name is the same; present or not."""

@@ -22,6 +22,7 @@ from threadpoolctl import threadpool_limits
 from loramerge import dtypes, nf4_layout
 from loramerge.adapter import Adapter, load_adapter
 from loramerge.compare import Distance
+from loramerge.errors import LoramergeError
 from loramerge.plan import TensorPlan, as_matrix, build_plan
 from loramerge.sink.hf_folder import read_provenance
 from loramerge.source import nf4 as nf4_source
@@ -247,7 +248,11 @@ def open_quantized(candidate: Path, allow_pickle: bool):
         if any(name.endswith(nf4_layout.STATE) for name in checkpoint.tensors):
             from loramerge.verify.quantized import NF4Candidate
 
-            return NF4Candidate(checkpoint, read_config(candidate))
+            try:
+                return NF4Candidate(checkpoint, read_config(candidate))
+            except LoramergeError:
+                checkpoint.close()
+                raise
         checkpoint.close()
     return None
 
