@@ -20,8 +20,8 @@ bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
 ADAPTER = ADAPTERS / "gpt2-lora"  # c_attn, c_fc, c_proj (fan_in_fan_out, lora_bias)
 CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-# (part size, arithmetic): whole tensors; one element; a size that divides nothing; the torch
-# route (float64) in parts of one element
+# (part size, arithmetic): whole tensors; one row; a size that divides no row; the torch route
+# (float64) in parts of one row
 PARTS = [("", "float32"), ("1", "float32"), ("3000", "float32"), ("1", "float64")]
 
 
@@ -68,7 +68,7 @@ def test_quantize_gpt2_equals_transformers(cli, tmp_path, double_quant):
 
 @pytest.mark.parametrize("chunk, compute", PARTS)
 def test_merge_gpt2_to_nf4_is_the_bf16_merge_quantized(cli, tmp_path, monkeypatch, chunk, compute):
-    """Streamed in parts as small as one element: a Conv1D weight still comes whole to the
+    """Streamed in parts as small as one row: a Conv1D weight still comes whole to the
     sink (its NF4 blocks run down the stored columns) and gives transformers' bytes. Merge
     blocks of one row (as in test_chunked.py), so parts of one row can exist."""
     monkeypatch.setattr(blocked, "BLOCK_ELEMENTS", 1)
