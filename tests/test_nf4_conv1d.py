@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from conftest import ADAPTERS, GPT2
-from reference import float32_bound, load_base, reference_merge, ulp_error
+from reference import Expected, float32_bound, load_base, reference_merge, ulp_error
 from test_quantize import _logits, _quantized_by_transformers, _tensors
 
 from loramerge import blocked
@@ -244,3 +244,48 @@ def test_conv1d_names_without_a_model_type_are_refused(cli, tmp_path, tf_nf4):
         assert result.code == 2, (args, result.err)
         assert result.err.startswith("Error:") and "config.json" in result.err, args
         assert not (tmp_path / "out").exists()
+
+
+def test_adapter_trained_on_nf4_gpt2(cli, tmp_path, tf_nf4):
+    """A LoRA trained with PEFT on transformers' NF4 GPT-2 (QLoRA), where the Conv1D layers were
+    Linear4bit, so its config says fan_in_fan_out false: merged as PEFT merges it into the bf16
+    model (which sets fan_in_fan_out for Conv1D targets), within the float32 bound of PEFT's
+    float64 merge; `--qlora-base` is closer to the training-time model than the plain merge,
+    and is byte for byte the merge into transformers' NF4 GPT-2."""
+    from peft_oracle import peft_merged_state
+    from safetensors.torch import load_file
+    from test_qlora import _logits as bf16_logits
+    from test_qlora import _train_qlora
+
+    adapter = tmp_path / "adapter"
+    trained = _train_qlora(adapter, GPT2, ["c_attn", "c_proj", "c_fc"])
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is False
+    plain, qlora, from_nf4 = tmp_path / "plain", tmp_path / "qlora", tmp_path / "from-nf4"
+    result = cli("merge", GPT2, adapter, "-o", plain, "--json")
+    assert result.code == 0, result.err
+    assert any("fan_in_fan_out" in note for note in json.loads(result.out)["notes"])
+    assert cli("merge", GPT2, adapter, "-o", qlora, "--qlora-base").code == 0
+    assert cli("merge", tf_nf4[0], adapter, "-o", from_nf4).code == 0
+    ours, want = _tensors(qlora), _tensors(from_nf4)
+    assert [n for n in want if ours[n] != want[n]] == []
+
+    merged, base = load_base(plain), load_base(GPT2)
+    factors = load_file(adapter / "adapter_model.safetensors")
+    peft64 = peft_merged_state(GPT2, [adapter], [1.0], torch.float64)
+    scale = config["lora_alpha"] / config["r"]
+    for name in _conv1d_weights():
+        key = "base_model.model." + name.removesuffix(".weight")
+        a, b = (factors[f"{key}.lora_{x}.weight"].double() for x in "AB")
+        magnitude = base[name].double().abs() + scale * (b.abs() @ a.abs()).T
+        exp = Expected(peft64[name], magnitude, config["r"])
+        bound = float32_bound(exp, merged[name].dtype)
+        assert not (ulp_error(merged[name], exp.value) > bound).any(), name
+
+    plain_distance = (bf16_logits(plain) - trained).abs().max().item()
+    qlora_distance = (bf16_logits(qlora) - trained).abs().max().item()
+    print(
+        f"\nGPT-2, max |logits - training-time logits|: plain merge {plain_distance:.4g}, "
+        f"--qlora-base merge {qlora_distance:.4g}"
+    )
+    assert qlora_distance < plain_distance

@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from loramerge import conv1d
 from loramerge.errors import LoramergeError
 from loramerge.quant import nf4
 
@@ -17,10 +18,6 @@ PARTS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", STATE)
 DEFAULT_SKIP = ("lm_head",)
 QUANTIZABLE = ("BF16", "F16", "F32")
 _DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-# Models built on transformers' Conv1D (GPT-2 and its kin), and the names of those layers: their
-# weights are stored (in, out), and transformers quantizes the transpose, a Linear's (out, in).
-_CONV1D_MODELS = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
-_CONV1D_LAYERS = ("c_attn", "q_attn", "c_proj", "c_fc")
 
 
 def quantizable(name: str, shape: tuple[int, ...], dtype: str, skip: tuple[str, ...] | None):
@@ -43,23 +40,19 @@ def stored_weights(names: Iterable[str]) -> list[str]:
 def transposed(name: str, config: dict | None) -> bool:
     """Whether transformers quantizes this weight's transpose: a Conv1D weight, stored (in, out),
     whose NF4 state is of the (out, in) matrix (bitsandbytes' Bnb4bitQuantize)."""
-    return (config or {}).get("model_type") in _CONV1D_MODELS and _conv1d_named(name)
+    return conv1d.is_conv1d(name, config)
 
 
 def check_model_type(names: Iterable[str], config: dict | None, where: str) -> None:
     """Refuse NF4 weights named like Conv1D layers when no config.json gives the model type:
     stored transposed (GPT-2) or not (a Linear of that name) cannot be told."""
-    named = [n for n in names if _conv1d_named(n)]
+    named = [n for n in names if conv1d.named(n)]
     if named and not (config or {}).get("model_type"):
         raise LoramergeError(
             f"{where}: {named[0]} may be a GPT-2 style Conv1D weight, which NF4 stores "
             "transposed, but no config.json gives the model type; put the model's config.json "
             "beside its weights"
         )
-
-
-def _conv1d_named(name: str) -> bool:
-    return name.removesuffix(".weight").rsplit(".", 1)[-1] in _CONV1D_LAYERS
 
 
 def quantized_shape(name: str, shape: tuple[int, ...], config: dict | None) -> tuple[int, ...]:
