@@ -4,7 +4,8 @@
 NF4 block / GGUF row at a time, and a size that divides nothing), so each merge crosses part
 boundaries inside every tensor: the numpy and torch loops, DoRA (norms per output row),
 embeddings and Conv1D (rows of dW from A's columns), replaced rows, whole replacements, the
-DoRA undo, the NF4 sink (codes per part, scales at the end) and the GGUF sink (whole rows).
+DoRA undo, the NF4 sink (codes per part, scales at the end; a Conv1D weight whole, since it is
+quantized transposed) and the GGUF sink (whole rows).
 Merge blocks are one row here (`blocked.BLOCK_ELEMENTS` = 1) in every run, whole or in parts: a
 part is a whole number of blocks, so each BLAS call is the same whatever the part size, and the
 outputs must equal the whole-tensor merge byte for byte; the safetensors ones also stay within
@@ -40,6 +41,7 @@ CASES = {
     "replaced-rows": (LLAMA, ["llama-tokens"], {}),
     "resized": (LLAMA, ["llama-resized"], {}),
     "nf4": (LLAMA, ["llama-lora"], {"to": "nf4", "quant": NF4Options(blocksize=64)}),
+    "nf4-conv1d": (GPT2, ["gpt2-lora"], {"to": "nf4", "quant": NF4Options(blocksize=64)}),
     "gguf-q8_0": (LLAMA, ["llama-lora"], {"to": "gguf", "gguf_type": "q8_0"}),
     "gguf-q4_k_m": (LLAMA, ["llama-embed"], {"to": "gguf", "gguf_type": "q4_k_m"}),
 }

@@ -120,11 +120,12 @@ def test_nf4_on_cuda_against_bitsandbytes_cuda_kernel():
 
 
 @cuda
-def test_quantize_to_nf4_on_cuda_writes_the_cpu_bytes(tmp_path):
+@pytest.mark.parametrize("model", [LLAMA, GPT2], ids=["llama", "gpt2-conv1d"])
+def test_quantize_to_nf4_on_cuda_writes_the_cpu_bytes(tmp_path, model):
     from loramerge.quantize import quantize
 
     for device in ("cpu", "cuda"):
-        quantize(LLAMA, tmp_path / device, MergeOptions(to="nf4", device=device))
+        quantize(model, tmp_path / device, MergeOptions(to="nf4", device=device))
     shards = sorted(p.name for p in (tmp_path / "cpu").glob("*.safetensors"))
     assert shards
     for shard in shards:

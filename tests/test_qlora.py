@@ -17,7 +17,7 @@ PROMPT = torch.tensor([[0, 5, 17, 42, 99, 200, 3, 7, 11, 250, 300, 1]])
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _train_qlora(folder) -> torch.Tensor:
+def _train_qlora(folder, base=LLAMA, targets=TARGETS) -> torch.Tensor:
     """Train a LoRA for a few steps on the NF4 base (QLoRA, on the CPU); save it to `folder`;
     return the logits of the training-time model (NF4 base + adapter) on PROMPT."""
     torch.manual_seed(0)
@@ -27,10 +27,10 @@ def _train_qlora(folder) -> torch.Tensor:
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
-    base = transformers.AutoModelForCausalLM.from_pretrained(
-        LLAMA, quantization_config=config, device_map="cpu"
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        base, quantization_config=config, device_map="cpu"
     )
-    model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+    model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
     data = torch.randint(0, 384, (4, 16), generator=torch.Generator().manual_seed(1))

@@ -320,7 +320,7 @@ def _base_view(stored, config: dict | None, options: MergeOptions):
             "dequantized weights; drop --qlora-base"
         )
     quant = options.quant
-    view = qlora_base(stored, quant.blocksize, quant.double_quant)
+    view = qlora_base(stored, config, quant.blocksize, quant.double_quant)
     return view, [
         f"--qlora-base: merged into dequant(NF4(W0)) for {view.description['tensors']} Linear "
         f"weights (blocksize {quant.blocksize}, double quantization {quant.double_quant})"

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+from loramerge import conv1d
 from loramerge.errors import LoramergeError
 from loramerge.quant import nf4
 
@@ -28,6 +30,34 @@ def quantizable(name: str, shape: tuple[int, ...], dtype: str, skip: tuple[str, 
         and not _embedding(name)
         and not _skipped(name.removesuffix(".weight"), DEFAULT_SKIP if skip is None else skip)
     )
+
+
+def stored_weights(names: Iterable[str]) -> list[str]:
+    """The weights a checkpoint holding these tensor names stores as NF4."""
+    return [n.removesuffix(STATE) for n in names if n.endswith(STATE)]
+
+
+def transposed(name: str, config: dict | None) -> bool:
+    """Whether transformers quantizes this weight's transpose: a Conv1D weight, stored (in, out),
+    whose NF4 state is of the (out, in) matrix (bitsandbytes' Bnb4bitQuantize)."""
+    return conv1d.is_conv1d(name, config)
+
+
+def check_model_type(names: Iterable[str], config: dict | None, where: str) -> None:
+    """Refuse NF4 weights named like Conv1D layers when no config.json gives the model type:
+    stored transposed (GPT-2) or not (a Linear of that name) cannot be told."""
+    named = [n for n in names if conv1d.named(n)]
+    if named and not (config or {}).get("model_type"):
+        raise LoramergeError(
+            f"{where}: {named[0]} may be a GPT-2 style Conv1D weight, which NF4 stores "
+            "transposed, but no config.json gives the model type; put the model's config.json "
+            "beside its weights"
+        )
+
+
+def quantized_shape(name: str, shape: tuple[int, ...], config: dict | None) -> tuple[int, ...]:
+    """The shape of the matrix NF4 stores for a weight of this (checkpoint) shape."""
+    return tuple(reversed(shape)) if transposed(name, config) else tuple(shape)
 
 
 @dataclass(frozen=True)

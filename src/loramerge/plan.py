@@ -9,12 +9,12 @@ resized on one side only) into one error, so a wrong adapter is caught before an
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import numpy as np
 
-from loramerge import dtypes, ties
+from loramerge import conv1d, dtypes, ties
 from loramerge.adapter import Adapter, FullTensor, LoraModule, TokenRows, bind_parameter
 from loramerge.errors import LoramergeError
 from loramerge.names import Layout, ModelNames, NamesUnavailable, model_names
@@ -299,6 +299,19 @@ class _Builder:
             )
         return layout, ""
 
+    def _conv1d_layout(self, adapter: Adapter, module: LoraModule, name: str) -> LoraModule:
+        """PEFT sets fan_in_fan_out on a LoRA whose target is a Conv1D layer (an adapter trained
+        on the model loaded in 4 bits, where the layer was a Linear, says False): so here."""
+        if not conv1d.is_conv1d(name, self.config):
+            return module
+        note = (
+            f"{adapter.path.name}: fan_in_fan_out is false, but its targets are GPT-2 style "
+            "Conv1D layers, stored (in, out): merged as (B@A)^T, as PEFT does"
+        )
+        if note not in self.notes:
+            self.notes.append(note)
+        return replace(module, fan_in_fan_out=True)
+
     def _equals_base(self, adapter: Adapter, full: FullTensor) -> bool:
         """Whether a saved base-layer copy holds exactly the base tensor (reads both)."""
         plan = self.plans.get(full.target) or self._resolve(adapter, full.target)
@@ -317,6 +330,8 @@ class _Builder:
         plan = self._resolve(adapter, f"{module.module}.weight")
         if plan is None:
             return
+        if module.kind == "linear" and not module.fan_in_fan_out:
+            module = self._conv1d_layout(adapter, module, plan.name)
         tensors = adapter.weights.tensors
         a, b = tensors[module.a_key].shape, tensors[module.b_key].shape
         if module.kind == "conv":

@@ -7,6 +7,10 @@ and `X.weight.nested_quant_map`, and `X.weight.quant_state.bitsandbytes__nf4` (t
 quantization state as bytes). That last one's length depends on the computed offset, so those
 vectors go into one extra last shard, written when everything else is. config.json gets
 `quantization_config`.
+
+A Conv1D weight (GPT-2 and its kin, stored (in, out)) is quantized as its transpose, as
+transformers does: its NF4 blocks run down the stored columns, so it comes whole (granule) and is
+transposed here, one weight at a time.
 """
 
 from __future__ import annotations
@@ -21,13 +25,19 @@ import numpy as np
 
 from loramerge import dtypes
 from loramerge.errors import LoramergeError
-from loramerge.nf4_layout import STATE, StoredNF4, parse_state, quantizable, state_json
+from loramerge.nf4_layout import (
+    STATE,
+    StoredNF4,
+    check_model_type,
+    parse_state,
+    quantizable,
+    quantized_shape,
+    state_json,
+    transposed,
+)
 from loramerge.quant import nf4
 from loramerge.sink.safetensors_writer import Entry
 from loramerge.sink.sharded import ShardedWriter
-
-# GPT-2 style checkpoints store Conv1D weights as (in, out); transformers transposes those.
-_CONV1D_MODELS = ("gpt2", "openai-gpt")
 
 
 @dataclass(frozen=True)
@@ -108,13 +118,10 @@ class NF4Folder:
     ) -> None:
         if options.blocksize not in nf4.BLOCKSIZES:
             raise LoramergeError(f"--blocksize must be one of {nf4.BLOCKSIZES}")
-        if (config or {}).get("model_type") in _CONV1D_MODELS:
-            raise LoramergeError(
-                f"NF4 output of {config['model_type']} (Conv1D weights) is not supported yet"
-            )
         self.options = options
         skip = options.skip_modules
         self._quantized = {e.name for e in entries if quantizable(e.name, e.shape, e.dtype, skip)}
+        check_model_type(sorted(self._quantized), config, "--to nf4")
         self._parts = {e.name: _parts(e, options) for e in entries if e.name in self._quantized}
         stored = [p for e in entries for p in self._parts.get(e.name, [e])]
         late = tuple(name + STATE for name in sorted(self._quantized))
@@ -124,7 +131,13 @@ class NF4Folder:
             folder, stored, max_shard_bytes, {"format": "pt"}, late, hash_from_file=True
         )
         owner = {p.name: e.name for e in entries for p in _parts(e, options)}
-        self._shapes = {e.name: e.shape for e in entries if e.name in self._quantized}
+        # the shape of the matrix quantized: (out, in) for a Conv1D weight stored (in, out)
+        self._shapes = {
+            e.name: quantized_shape(e.name, e.shape, config)
+            for e in entries
+            if e.name in self._quantized
+        }
+        self._transposed = {name for name in self._quantized if transposed(name, config)}
         self._numel = {name: math.prod(shape) for name, shape in self._shapes.items()}
         self._absmax: dict[str, np.ndarray] = {}  # block scales of weights still arriving
         self._lock = threading.Lock()
@@ -178,6 +191,7 @@ class NF4Folder:
         entries = {e.name.removeprefix(name): e for e in self._parts[name]}
         return (
             state["blocksize"] == self.options.blocksize
+            and tuple(state["shape"]) == self._shapes[name]
             and set(stored.parts) == set(entries)
             and all(
                 (dtype, shape) == (entries[s].dtype, entries[s].shape)
@@ -191,7 +205,10 @@ class NF4Folder:
         )
 
     def granule(self, name: str) -> int:
-        """A quantized weight comes in whole blocks; any other tensor in any parts."""
+        """A quantized weight comes in whole blocks (a transposed one whole); any other tensor
+        in any parts."""
+        if name in self._transposed:
+            return self._numel[name]
         return self.options.blocksize if name in self._quantized else 1
 
     def write(self, name: str, values: np.ndarray, start: int = 0) -> None:
@@ -200,6 +217,8 @@ class NF4Folder:
         if name not in self._quantized:
             self._writer.write(name, values, start)
             return
+        if name in self._transposed:  # whole: (in, out) as stored, quantized as (out, in)
+            values = values.reshape(self._shapes[name][::-1]).T
         flat = np.ascontiguousarray(values).reshape(-1)
         blocksize = self.options.blocksize
         with self._lock:

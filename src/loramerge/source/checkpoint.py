@@ -119,8 +119,11 @@ def open_weights(
     if not dequantize:
         return checkpoint
     from loramerge.source import nf4  # (it builds on this module)
+    from loramerge.source.model_folder import read_config
 
-    return nf4.dequantized(checkpoint) if nf4.is_nf4(checkpoint) else checkpoint
+    if not nf4.is_nf4(checkpoint):
+        return checkpoint
+    return nf4.dequantized(checkpoint, read_config(path))
 
 
 def _open(path: Path, stem: str, allow_pickle: bool) -> Checkpoint:

@@ -1,6 +1,10 @@
 """Checkpoints seen through NF4: stored NF4 weights dequantized on read (a "bnb-4bit" base from
 transformers or loramerge), or a float base's Linear weights replaced by dequant(NF4(W0)), the
-weights a QLoRA adapter was trained against (`--qlora-base`)."""
+weights a QLoRA adapter was trained against (`--qlora-base`).
+
+A Conv1D weight (GPT-2 and its kin) is stored (in, out) but quantized as its (out, in)
+transpose; it reads in the checkpoint's own (in, out) layout, as the plan and its adapters see
+it."""
 
 from __future__ import annotations
 
@@ -15,9 +19,12 @@ from loramerge.nf4_layout import (
     PARTS,
     STATE,
     StoredNF4,
+    check_model_type,
     parse_state,
     quantizable,
     stored_dtype,
+    stored_weights,
+    transposed,
 )
 from loramerge.quant import nf4
 from loramerge.source.checkpoint import Checkpoint, RawRange
@@ -93,16 +100,20 @@ def is_nf4(checkpoint: Checkpoint | DerivedCheckpoint) -> bool:
     return any(name.endswith(STATE) for name in checkpoint.tensors)
 
 
-def dequantized(checkpoint: Checkpoint) -> DerivedCheckpoint:
+def dequantized(checkpoint: Checkpoint, config: dict | None) -> DerivedCheckpoint:
     """An NF4 checkpoint whose quantized weights read as their dequantized float values
-    (exactly bitsandbytes' dequantize_4bit), their quantization parts hidden."""
+    (exactly bitsandbytes' dequantize_4bit; a Conv1D weight transposed back to its (in, out)
+    layout, `config` saying which those are), their quantization parts hidden."""
     derived, hidden, states, stored = {}, set(), [], {}
-    for state_name in [n for n in checkpoint.tensors if n.endswith(STATE)]:
-        name = state_name.removesuffix(STATE)
+    names = stored_weights(checkpoint.tensors)
+    check_model_type(names, config, str(checkpoint.path))
+    for name in names:
+        state_name = name + STATE
         raw = checkpoint.read(state_name).tobytes()
         state = parse_state(raw, f"{checkpoint.path}: {name}")
         dtype = stored_dtype(state)
-        shape = tuple(state["shape"])
+        flip = transposed(name, config)
+        shape = tuple(state["shape"])[:: -1 if flip else 1]
         packed = checkpoint.tensors.get(name)
         info = TensorInfo(
             name,
@@ -112,7 +123,7 @@ def dequantized(checkpoint: Checkpoint) -> DerivedCheckpoint:
             packed.offset if packed else 0,
             math.prod(shape) * dtypes.itemsize(dtype),
         )
-        derived[name] = (info, _reader(checkpoint, name, state))
+        derived[name] = (info, _reader(checkpoint, name, state, flip))
         hidden |= {name + part for part in PARTS}
         states.append(state)
         parts = {p: _raw_part(checkpoint, name + p) for p in ("", *PARTS[:-1])}
@@ -138,7 +149,7 @@ def _raw_part(checkpoint: Checkpoint, name: str):
     )
 
 
-def _reader(checkpoint: Checkpoint, name: str, state: dict) -> Callable[[], np.ndarray]:
+def _reader(checkpoint: Checkpoint, name: str, state: dict, flip: bool) -> Callable[[], np.ndarray]:
     def read() -> np.ndarray:
         def part(suffix: str) -> np.ndarray:
             return checkpoint.read(name + suffix)
@@ -155,18 +166,27 @@ def _reader(checkpoint: Checkpoint, name: str, state: dict) -> Callable[[], np.n
         )
         nested_code = part(".nested_quant_map") if nested else nf4.DYNAMIC_MAP
         values = nf4.dequantize(stored, part(".quant_map"), nested_code)
-        return values.astype(dtypes.to_numpy(stored_dtype(state)))
+        values = values.astype(dtypes.to_numpy(stored_dtype(state)))
+        return np.ascontiguousarray(values.T) if flip else values
 
     return read
 
 
-def qlora_base(checkpoint: Checkpoint, blocksize: int, double_quant: bool) -> DerivedCheckpoint:
-    """A float checkpoint whose Linear weights read as dequant(NF4(W0)), rounded to their dtype:
-    what a QLoRA adapter saw of the base during training."""
-    derived = {}
-    for name, info in checkpoint.tensors.items():
-        if quantizable(name, info.shape, info.dtype, None):
-            derived[name] = (replace(info), _round_trip(checkpoint, name, blocksize, double_quant))
+def qlora_base(
+    checkpoint: Checkpoint, config: dict | None, blocksize: int, double_quant: bool
+) -> DerivedCheckpoint:
+    """A float checkpoint whose Linear weights read as dequant(NF4(W0)), rounded to their dtype
+    (a Conv1D weight quantized as its transpose, as transformers does): what a QLoRA adapter
+    saw of the base during training."""
+    names = [n for n, i in checkpoint.tensors.items() if quantizable(n, i.shape, i.dtype, None)]
+    check_model_type(names, config, "--qlora-base")
+    derived = {
+        name: (
+            replace(checkpoint.tensors[name]),
+            _round_trip(checkpoint, name, blocksize, double_quant, transposed(name, config)),
+        )
+        for name in names
+    }
     description = {
         "nf4_round_trip": {"blocksize": blocksize, "double_quant": double_quant},
         "tensors": len(derived),
@@ -174,10 +194,12 @@ def qlora_base(checkpoint: Checkpoint, blocksize: int, double_quant: bool) -> De
     return DerivedCheckpoint(checkpoint, derived, set(), description)
 
 
-def _round_trip(checkpoint: Checkpoint, name: str, blocksize: int, double_quant: bool):
+def _round_trip(checkpoint: Checkpoint, name: str, blocksize: int, double_quant: bool, flip: bool):
     def read() -> np.ndarray:
         weight = checkpoint.read(name)
-        state = nf4.quantize(weight, blocksize, double_quant)
-        return nf4.dequantize(state).astype(weight.dtype)
+        matrix = np.ascontiguousarray(weight.T) if flip else weight
+        values = nf4.dequantize(nf4.quantize(matrix, blocksize, double_quant))
+        values = values.astype(weight.dtype)
+        return np.ascontiguousarray(values.T) if flip else values
 
     return read

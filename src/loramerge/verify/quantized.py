@@ -126,12 +126,15 @@ class GGUFCandidate:
 
 
 class NF4Candidate:
-    """A checkpoint whose Linear weights bitsandbytes stored as NF4 (the transformers layout)."""
+    """A checkpoint whose Linear weights bitsandbytes stored as NF4 (the transformers layout;
+    `config` says which weights are Conv1D ones, quantized as their transpose)."""
 
-    def __init__(self, checkpoint: Checkpoint) -> None:
+    def __init__(self, checkpoint: Checkpoint, config: dict | None) -> None:
         self.path = checkpoint.path
         self.checkpoint = checkpoint  # the tensors it did not quantize are read as they are
         self.tensors = checkpoint.tensors
+        self.config = config
+        nf4_layout.check_model_type(nf4_layout.stored_weights(self.tensors), config, str(self.path))
 
     def locate(self, hf_name: str) -> str | None:
         """The name is the same; present or not."""
@@ -142,7 +145,10 @@ class NF4Candidate:
         return hf_name + nf4_layout.STATE in self.tensors
 
     def read(self, hf_name: str, shape: tuple[int, ...]) -> Dequantized:
-        """Dequantize as bitsandbytes does: code table[nibble] * block absmax, high nibble first."""
+        """Dequantize as bitsandbytes does: code table[nibble] * block absmax, high nibble first
+        (a Conv1D weight's (out, in) blocks transposed back to its (in, out) `shape`)."""
+        flip = nf4_layout.transposed(hf_name, self.config)
+        matrix = nf4_layout.quantized_shape(hf_name, shape, self.config)
 
         def read(name: str) -> torch.Tensor:
             return dtypes.as_torch(self.checkpoint.read(name))
@@ -170,16 +176,18 @@ class NF4Candidate:
         half_gap = float((table[1:] - table[:-1]).max()) / 2
 
         def bound(expected: torch.Tensor, slack: torch.Tensor) -> torch.Tensor:
-            flat = expected.reshape(-1).abs()
+            flat = (expected.T if flip else expected).reshape(-1).abs()
             blocks = -(-numel // blocksize)
             padded = torch.zeros(blocks * blocksize, dtype=torch.float64)
             padded[:numel] = flat
             true_absmax = padded.reshape(blocks, blocksize).amax(1).repeat_interleave(blocksize)
             true_absmax = true_absmax[:numel]
             format_bound = half_gap * true_absmax + (true_absmax - stored).abs()
-            return (format_bound + 0.5 * ulp_of(flat, dtype)).reshape(shape) + slack
+            within = (format_bound + 0.5 * ulp_of(flat, dtype)).reshape(matrix)
+            return (within.T if flip else within) + slack
 
-        return values.reshape(shape), bound, "nf4"
+        values = values.reshape(matrix)
+        return (values.T if flip else values), bound, "nf4"
 
     def extra(self, located: set[str]) -> list[str]:
         """Stored tensors that are neither planned nor NF4 bookkeeping."""

@@ -22,6 +22,7 @@ from threadpoolctl import threadpool_limits
 from loramerge import dtypes, nf4_layout
 from loramerge.adapter import Adapter, load_adapter
 from loramerge.compare import Distance
+from loramerge.errors import LoramergeError
 from loramerge.execute import collector_paused
 from loramerge.plan import TensorPlan, as_matrix, build_plan
 from loramerge.sink.hf_folder import read_provenance
@@ -233,7 +234,8 @@ def _open_base(base: Path, allow_pickle: bool, qlora: dict | None):
     checkpoint = open_weights(base, stem="model", allow_pickle=allow_pickle)
     if qlora is None:
         return checkpoint
-    return nf4_source.qlora_base(checkpoint, qlora["blocksize"], qlora["double_quant"])
+    config = read_config(base)
+    return nf4_source.qlora_base(checkpoint, config, qlora["blocksize"], qlora["double_quant"])
 
 
 def open_quantized(candidate: Path, allow_pickle: bool):
@@ -251,7 +253,11 @@ def open_quantized(candidate: Path, allow_pickle: bool):
         if any(name.endswith(nf4_layout.STATE) for name in checkpoint.tensors):
             from loramerge.verify.quantized import NF4Candidate
 
-            return NF4Candidate(checkpoint)
+            try:
+                return NF4Candidate(checkpoint, read_config(candidate))
+            except LoramergeError:
+                checkpoint.close()
+                raise
         checkpoint.close()
     return None
 
