@@ -60,6 +60,13 @@ def test_qlora_base_is_closer_to_the_training_time_model(cli, tmp_path):
     assert any("--qlora-base" in note for note in json.loads(result.out)["notes"])
     record = json.loads((qlora / "loramerge.json").read_text())
     assert record["qlora_base"] == {"blocksize": 64, "double_quant": True}
+    # a plain verify takes the recorded --qlora-base, and each merge fails the other's check
+    check = cli("verify", qlora, "--base", LLAMA, "--adapter", adapter, "--json")
+    assert check.code == 0 and any("--qlora-base" in n for n in json.loads(check.out)["notes"])
+    assert cli("verify", plain, "--base", LLAMA, "--adapter", adapter).code == 0
+    (qlora / "loramerge.json").write_text(json.dumps({**record, "qlora_base": None}))
+    assert cli("verify", qlora, "--base", LLAMA, "--adapter", adapter).code != 0
+    (qlora / "loramerge.json").write_text(json.dumps(record))
     plain_distance = (_logits(plain) - trained).abs().max().item()
     qlora_distance = (_logits(qlora) - trained).abs().max().item()
     print(

@@ -157,7 +157,8 @@ def verify_weights(
     """Check CANDIDATE == BASE + sum w_i * adapter_i, tensor by tensor, against float64.
 
     `qlora_base` (a record's {"blocksize", "double_quant"}): the candidate was merged into
-    dequant(NF4(W0)) (`--qlora-base`), so the check starts from that too.
+    dequant(NF4(W0)) (`--qlora-base`), so the check starts from that too; by default, what the
+    candidate's record says.
 
     `through`: the checkpoints the candidate was computed from by subtraction (an unmerge's
     merged input, and that one's own inputs); by default, those its record names. Their
@@ -174,6 +175,13 @@ def verify_weights(
         [{"source": str(a), "weight": w} for a, w in zip(adapters, weights, strict=True)],
         1.0 if tolerance_ulp is None else tolerance_ulp,
     )
+    record = read_provenance(candidate) if candidate.is_dir() else None
+    if qlora_base is None and (record or {}).get("qlora_base"):
+        qlora_base = record["qlora_base"]
+        report.notes.append(
+            f"the record says the merge read the base through NF4 (--qlora-base, blocksize "
+            f"{qlora_base['blocksize']}): checked against dequant(NF4(W0)) + the adapters"
+        )
     quantized = open_quantized(candidate, allow_pickle)
     if quantized is not None:
         with _open_base(base, allow_pickle, qlora_base) as base_ck:
@@ -185,7 +193,6 @@ def verify_weights(
                 quantized.close()
         return report
     if through is None:
-        record = read_provenance(candidate) if candidate.is_dir() else None
         through = [Path(p) for p in (record or {}).get("computed_from", [])]
     if tolerance_ulp is None:  # each earlier rounding may have left up to half an ulp
         report.tolerance_ulp += 0.5 * max(len(through) - 1, 0)
