@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from loramerge import ties
+from loramerge import conv1d, ties
 from loramerge.adapter import PREFIX
 from loramerge.adapter_build import Factors, adapter_record, lora_config, tensors_of
 from loramerge.errors import LoramergeError
@@ -31,8 +31,6 @@ from loramerge.sink.peft_adapter import write_adapter
 from loramerge.source.checkpoint import Checkpoint, open_weights
 from loramerge.source.model_folder import read_config
 
-# transformers models whose linear layers are GPT-2 Conv1D, stored (in, out): dW = (B @ A)^T.
-_CONV1D_MODELS = {"gpt2", "imagegpt", "decision_transformer"}
 _COMPARE_CHUNK = 8 << 20
 
 
@@ -107,7 +105,7 @@ def extract(
     finetuned, base = Path(finetuned), Path(base)
     _check_output_is_not_input(Path(output), [finetuned, base])
     config = read_config(base) or {}
-    transposed = config.get("model_type") in _CONV1D_MODELS
+    transposed = config.get("model_type") in conv1d.MODELS  # stored (in, out): dW = (B @ A)^T
     with (
         open_weights(base, stem="model", allow_pickle=allow_pickle) as w0,
         open_weights(finetuned, stem="model", allow_pickle=allow_pickle) as ft,
