@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +42,15 @@ def measure(argv: list[str], log: Path, env: dict[str, str] | None = None) -> Ru
 
 
 def child_env() -> dict[str, str]:
-    """Environment for tool runs: repo's src/ on PYTHONPATH so an uninstalled loramerge imports."""
+    """Environment for tool runs: repo's src/ on PYTHONPATH so an uninstalled loramerge imports,
+    its bytecode compiled as pip compiles an installed package's (with PYTHONDONTWRITEBYTECODE
+    set, a checkout would compile every module again at every start: 0.08-0.16 CPU-s)."""
     env = dict(os.environ)
     src = REPO / "src"
     if src.is_dir():
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(src), env.get("PYTHONPATH")) if p)
+        compile_all = [sys.executable, "-m", "compileall", "-q", str(src)]
+        subprocess.run(compile_all, check=True, stdout=subprocess.DEVNULL)
     return env
 
 

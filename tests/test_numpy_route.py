@@ -60,6 +60,19 @@ def test_plain_lora_on_the_cpu_never_imports_torch(tmp_path, base, adapter, uses
     assert (out / "loramerge.json").is_file()
 
 
+def test_a_quiet_merge_never_imports_rich(tmp_path):
+    """rich draws the progress bar and the tables; a quiet merge shows neither, and imports are
+    serial start-up time."""
+    out = tmp_path / "out"
+    args = ["merge", str(LLAMA), str(ADAPTERS / "llama-lora"), "-o", str(out), "--quiet"]
+    script = IMPORTS_TORCH.replace('"torch" in sys.modules', '"rich" in sys.modules')
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
 # every float32 bit pattern class: normals, subnormals, ties, overflow, infinities, NaN
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=64))

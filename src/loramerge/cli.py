@@ -12,16 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
 
 from loramerge import __version__, hub
 from loramerge.errors import LoramergeError
@@ -37,6 +27,9 @@ from loramerge.swap import rebase, unmerge
 from loramerge.verify.files import verify_files
 
 if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
     from loramerge.verify import VerifyReport
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
@@ -424,12 +417,12 @@ def _print_drift(drift: dict) -> None:
         f"drift against the exact result: max {drift['max_ulp']:.3g} ulp, "
         f"{drift['exact_share']:.4%} of elements bit-exact"
     )
-    table = Table(title="tensors that differ from the exact result (worst first)")
+    table = _table(title="tensors that differ from the exact result (worst first)")
     for column in ("tensor", "max ulp", "bit-exact"):
         table.add_column(column, overflow="fold")
     for t in drift["tensors"][:10]:
         table.add_row(t["name"], f"{t['max_ulp']:.3g}", f"{t['exact_share']:.4%}")
-    Console().print(table)
+    _console().print(table)
 
 
 @cli.command("verify")
@@ -525,9 +518,9 @@ def verify_command(
 
 
 def _print_verify_table(report: VerifyReport) -> None:
-    console = Console()
+    console = _console()
     worst = sorted(report.tensors, key=lambda t: (t.passed, -t.max_ulp))[:10]
-    table = Table(title=f"worst tensors of {len(report.tensors)}")
+    table = _table(title=f"worst tensors of {len(report.tensors)}")
     for column in ("tensor", "kind", "dtype", "max ulp", "max abs", "correctly rounded", "ok"):
         table.add_column(column, overflow="fold")
     for t in worst:
@@ -555,8 +548,8 @@ def inspect_command(path, as_json, allow_pickle):
     if as_json:
         click.echo(json.dumps(report))
         return
-    console = Console()
-    table = Table(title=f"{report['kind']}: {report['path']}", show_header=False)
+    console = _console()
+    table = _table(title=f"{report['kind']}: {report['path']}", show_header=False)
     for key, value in report.items():
         if key in ("kind", "path", "provenance", "tensor_list"):
             continue
@@ -564,7 +557,7 @@ def inspect_command(path, as_json, allow_pickle):
     console.print(table)
     provenance = report.get("provenance")
     if provenance:
-        inside = Table(title="adapters inside (provenance)")
+        inside = _table(title="adapters inside (provenance)")
         for column in ("source", "weight", "rank", "scale", "sha256"):
             inside.add_column(column, overflow="fold")
         for a in provenance["adapters"]:
@@ -605,15 +598,29 @@ def _print_push(result: PushResult, as_json: bool) -> None:
             f"{result.url}"
         )
         return
-    table = Table(title=f"would push to {result.repo_id} (dry run, nothing sent)")
+    table = _table(title=f"would push to {result.repo_id} (dry run, nothing sent)")
     table.add_column("file", overflow="fold")
     table.add_column("bytes", justify="right")
     for f in result.files:
         table.add_row(f.path_in_repo, str(f.size))
     table.add_row("total", str(total))
-    Console().print(table)
+    _console().print(table)
     if result.card:
         click.echo(result.card)
+
+
+def _table(**options) -> Table:
+    """A rich table (rich is imported only by commands that print one)."""
+    from rich.table import Table
+
+    return Table(**options)
+
+
+def _console(**options) -> Console:
+    """A rich console (rich is imported only by commands that print through one)."""
+    from rich.console import Console
+
+    return Console(**options)
 
 
 class _progress:
@@ -622,13 +629,22 @@ class _progress:
     def __init__(self, enabled: bool, label: str = "merging") -> None:
         self._bar = None
         if enabled:
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
             self._bar = Progress(
                 TextColumn(f"[bold]{label}"),
                 BarColumn(),
                 DownloadColumn(),
                 TransferSpeedColumn(),
                 TimeRemainingColumn(),
-                console=Console(stderr=True),
+                console=_console(stderr=True),
                 transient=True,
             )
 
@@ -686,8 +702,8 @@ def _action(tensor) -> str:
 
 
 def _print_plan(result: MergeResult) -> None:
-    console = Console()
-    table = Table(
+    console = _console()
+    table = _table(
         title=f"plan: {len(result.plan.modified)} of {len(result.plan.tensors)} "
         f"tensors change (dry run, nothing written)"
     )

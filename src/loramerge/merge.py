@@ -16,6 +16,7 @@ from loramerge.adapter import Adapter, load_adapter
 from loramerge.card import read_license
 from loramerge.errors import LoramergeError
 from loramerge.execute import Progress, Route, resolve_device, write_tensors
+from loramerge.hashing import sha256_started
 from loramerge.plan import Plan, TensorPlan, build_plan
 from loramerge.sink.atomic import AtomicFile, AtomicFolder
 from loramerge.sink.formats import SINGLE_FILE, open_sink
@@ -178,6 +179,8 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
         try:
             for path in job.adapters:
                 opened.append(load_adapter(path, allow_pickle=options.allow_pickle))
+            # the record's hashes of the adapters, read while the plan is built and checked
+            digests = [] if options.dry_run else [sha256_started(a.weights.files) for a in opened]
             plan = build_plan(checkpoint, config, opened, job.weights, out_dtype, job.undo)
             plan.notes.extend(source_notes)
             if not options.allow_nonfinite:
@@ -190,7 +193,7 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
             if options.dry_run:
                 return result
             _check_free_space(job.output, plan.nbytes)
-            entries = [{**d, "sha256": a.sha256()} for a, d in zip(opened, described, strict=True)]
+            entries = [{**d, "sha256": h()} for h, d in zip(digests, described, strict=True)]
             record = _provenance(job, config, entries, plan, options, device)
             if options.qlora_base:
                 record["qlora_base"] = _round_trip(options)
