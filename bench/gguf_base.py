@@ -142,9 +142,8 @@ def describe(margs: argparse.Namespace, path: Path) -> dict:
         env=runner.child_env(),
         cwd=REPO,
     )
-    if result.returncode:
-        return {"out_bytes": path.stat().st_size, "out_types": f"inspect failed: {result.stderr}"}
-    return {"out_bytes": path.stat().st_size, "out_types": json.loads(result.stdout)["tensor_types"]}
+    types = json.loads(result.stdout)["tensor_types"] if result.returncode == 0 else result.stderr
+    return {"out_bytes": path.stat().st_size, "out_types": types}
 
 
 def main() -> None:
