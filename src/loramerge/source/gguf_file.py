@@ -205,7 +205,7 @@ class GGUFWeights:
             r1 = min(out.shape[0], r0 + step)
             raw = np.empty((r1 - r0) * row_bytes, np.uint8)
             read_exact(model.fd, memoryview(raw), start + r0 * row_bytes, self.path)
-            out[r0:r1] = ggml.dequantize(raw.reshape(r1 - r0, row_bytes), record.qtype)
+            ggml.dequantize(raw.reshape(r1 - r0, row_bytes), record.qtype, out=out[r0:r1])
 
     def raw(self, name: str) -> tuple[int, int]:
         """(offset, nbytes) of a tensor's stored blocks."""
