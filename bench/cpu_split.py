@@ -9,8 +9,9 @@ wait for a core as busy. This runs the merge in process with each stage's functi
 
 Stages: start-up (imports), planning and checks, reading parts, the merge arithmetic (float32
 widening, rank-r update, rounding: `blocked.merge_rows`, itself split into numpy's `copyto`
-conversions and `matmul`), writing (direct writes, copies held for the hash), raw copies of
-untouched tensors, sha256 (the hasher threads), finishing (fsync, record, rename).
+conversions and `matmul`), writing (direct writes, copies held for the hash; for a GGUF output
+the conversion to its type too), raw copies of untouched tensors, sha256 (the hasher threads),
+finishing (fsync, record, rename). BASE may be a GGUF file (OUT then a .gguf).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np  # noqa: E402
 
 from loramerge import blocked, execute  # noqa: E402
 from loramerge.cli import main  # noqa: E402
-from loramerge.sink import safetensors_writer  # noqa: E402
+from loramerge.sink import gguf_file, gguf_rewrite, safetensors_writer  # noqa: E402
 from loramerge.source import checkpoint  # noqa: E402
 
 cpu: dict[str, float] = defaultdict(float)
@@ -78,9 +79,10 @@ def run() -> None:
     blocked.merge_rows = timed("merge arithmetic", blocked.merge_rows)
     execute.blocked = blocked
     checkpoint.Checkpoint.read_part = timed("reading parts", checkpoint.Checkpoint.read_part)
-    writer = safetensors_writer.SafetensorsWriter
-    writer.write = timed("writing parts (direct I/O, held copies)", writer.write)
-    writer.copy = timed("raw copies of untouched tensors", writer.copy)
+    for writer in (safetensors_writer.SafetensorsWriter, gguf_file.BlockSink):
+        writer.write = timed("writing parts (conversion, direct I/O, held copies)", writer.write)
+    for writer in (safetensors_writer.SafetensorsWriter, gguf_rewrite.GGUFRewrite):
+        writer.copy = timed("raw copies of untouched tensors", writer.copy)
     hasher = safetensors_writer._PrefixHasher
     hasher._run = timed("sha256 (hasher threads)", hasher._run)
     original = execute.write_tensors

@@ -197,3 +197,21 @@ def test_bfloat16_input_to_bf16_keeps_its_bits(llama_cpp):
     expected = llama_cpp.quantize(x.astype(np.float32), T.BF16)
     assert np.array_equal(ggml.quantize(x, T.BF16), expected.reshape(64, -1))
     assert not np.array_equal(expected.view(np.uint16), bits)  # the NaNs did change
+
+
+def test_bf16_of_any_float32_bits(llama_cpp):
+    """BF16 from float32 equals llama.cpp's ggml_fp32_to_bf16 on every kind of bit pattern: all
+    65536 low halves (so every rounding tie, both ways) under subnormal, normal, largest-finite,
+    infinite and NaN high halves of both signs, and random bits (NaN payloads included)."""
+    high = np.array(
+        [0x0000, 0x0001, 0x007F, 0x0080, 0x3F80, 0x3FFF, 0x7F7F, 0x7F80, 0x7F81, 0x7FC0, 0x7FFF],
+        dtype=np.uint32,
+    )
+    high = np.concatenate([high, high | 0x8000])
+    bits = (high[:, None] << 16 | np.arange(1 << 16, dtype=np.uint32)).reshape(-1, ROW)
+    rng = np.random.default_rng(4)
+    random = rng.integers(0, 2**32, (256, ROW), dtype=np.uint64).astype(np.uint32)
+    x = np.concatenate([bits, random]).view(np.float32)
+    assert np.array_equal(
+        ggml.quantize(x, T.BF16), llama_cpp.quantize(x, T.BF16).reshape(x.shape[0], -1)
+    )

@@ -215,8 +215,8 @@ def test_gguf_base_gives_the_same_file_tensors(cli, tmp_path, base_f32):
     assert "saved copy of the base's model.embed_tokens.weight" in refused.err
 
 
-def test_wrong_gguf_base_is_refused_by_name(cli, tmp_path):
-    """A GGUF base without the adapter's tensors, or with other shapes: every misfit named."""
+def _other_base(tmp_path: Path) -> Path:
+    """A GGUF Llama with one q projection of another shape and none of the other tensors."""
     base = tmp_path / "other.gguf"
     writer = gguf.GGUFWriter(base, "llama")
     writer.add_block_count(CONFIG["num_hidden_layers"])
@@ -226,8 +226,15 @@ def test_wrong_gguf_base_is_refused_by_name(cli, tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return base
+
+
+def test_wrong_gguf_base_is_refused_by_name(cli, tmp_path):
+    """A GGUF base without the adapter's tensors, or with other shapes: every misfit named."""
     out = tmp_path / "a.gguf"
-    result = cli("export-adapter", ADAPTERS / "llama-rslora", "--base", base, "-o", out)
+    result = cli(
+        "export-adapter", ADAPTERS / "llama-rslora", "--base", _other_base(tmp_path), "-o", out
+    )
     assert result.code == 2
     assert result.err.startswith("Error: llama-rslora does not fit the base")
     assert "model.layers.0.self_attn.q_proj makes a delta of shape [64, 64]" in result.err
@@ -288,15 +295,20 @@ def test_outtypes_are_the_converters(cli, tmp_path, converted, outtype):
         assert np.array_equal(np.asarray(tensor.data).view(np.uint8), expected.view(np.uint8))
 
 
-def test_nonfinite_adapter_is_refused_and_nothing_written(cli, tmp_path):
-    """NaN in a factor: one Error line naming the module, no output (not even a partial one)."""
+def _nonfinite_adapter(tmp_path: Path, value: float) -> Path:
+    """llama-lora with one element of a lora_B set to `value` (NaN or Inf)."""
     from safetensors.numpy import load_file, save_file
 
-    adapter = Path(shutil.copytree(ADAPTERS / "llama-lora", tmp_path / "nan"))
+    adapter = Path(shutil.copytree(ADAPTERS / "llama-lora", tmp_path / "nonfinite"))
     weights = load_file(adapter / "adapter_model.safetensors")
-    key = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"
-    weights[key][3, 1] = np.nan
+    weights["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"][3, 1] = value
     save_file(weights, adapter / "adapter_model.safetensors")
+    return adapter
+
+
+def test_nonfinite_adapter_is_refused_and_nothing_written(cli, tmp_path):
+    """NaN in a factor: one Error line naming the module, no output (not even a partial one)."""
+    adapter = _nonfinite_adapter(tmp_path, np.nan)
     out = tmp_path / "out" / "a.gguf"
     result = cli("export-adapter", adapter, "--base", LLAMA, "-o", out)
     assert result.code == 2
@@ -317,3 +329,73 @@ def test_export_never_imports_torch(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
     assert out.is_file()
+
+
+@pytest.mark.parametrize(
+    ("adapter", "extra"),
+    [("llama-patterns", ("--outtype", "q8_0", "-w", "0.5")), ("llama-embed", ())],
+)
+def test_dry_run_lists_what_a_real_run_writes(cli, tmp_path, adapter, extra):
+    """--dry-run: the tensors (names, types, shapes, bytes) and scales the real run then writes,
+    as gguf-py reads its file; nothing is written."""
+    out = tmp_path / "out" / "a.gguf"
+    args = ("export-adapter", ADAPTERS / adapter, "--base", LLAMA, "-o", out, *extra)
+    dry = cli(*args, "--dry-run", "--json")
+    assert dry.code == 0, dry.err
+    assert not out.parent.exists() or not list(out.parent.iterdir())
+    planned = json.loads(dry.out)
+    assert planned["dry_run"] is True and planned["bytes_written"] == 0
+    real = cli(*args, "--json")
+    assert real.code == 0, real.err
+    summary = json.loads(real.out)
+    assert planned["scales"] == summary["scales"] and planned["lora_pairs"] == summary["lora_pairs"]
+    written = [
+        {
+            "name": t.name,
+            "type": t.tensor_type.name,
+            "shape": [int(n) for n in reversed(t.shape)],
+            "bytes": int(t.n_bytes),
+        }
+        for t in gguf.GGUFReader(out).tensors
+    ]
+    assert planned["tensors"] == written
+    assert planned["tensor_bytes"] == sum(t["bytes"] for t in written)
+    types = {t["type"] for t in written}
+    assert planned["tensor_types"] == {k: sum(t["type"] == k for t in written) for k in types}
+    text = cli(*args, "--dry-run", "--overwrite")
+    assert text.code == 0 and "dry run, nothing written" in text.out
+    assert all(t["name"] in text.out for t in written)
+
+
+@pytest.mark.parametrize(
+    "case", ["dora", "tokens", "lora-bias", "nan", "exists", "wrong-base", "name"]
+)
+def test_dry_run_refuses_as_a_real_run(cli, tmp_path, case):
+    """Every refusal of a real run (what a pair cannot carry, NaN/Inf factors, an existing
+    output, a base that does not fit, a name that is not .gguf) is the dry run's too, with the
+    same one Error line and exit 2; neither writes anything."""
+    adapter, base, out = ADAPTERS / "llama-lora", LLAMA, tmp_path / "out" / "a.gguf"
+    if case in ("dora", "tokens"):
+        adapter = ADAPTERS / f"llama-{case}"
+    elif case == "nan":
+        adapter = _nonfinite_adapter(tmp_path, np.inf)
+    elif case == "exists":
+        out.parent.mkdir()
+        out.write_bytes(b"keep")
+    elif case == "lora-bias":
+        adapter = ADAPTERS / "gpt2-lora"
+    elif case == "wrong-base":
+        base = _other_base(tmp_path)
+    else:
+        out = out.with_suffix(".bin")
+    args = ("export-adapter", adapter, "--base", base, "-o", out)
+    dry, real = cli(*args, "--dry-run"), cli(*args)
+    assert dry.code == real.code == 2
+    errors = [line for line in dry.err.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and errors == [
+        line for line in real.err.splitlines() if line.startswith("Error:")
+    ]
+    left = sorted(p.name for p in out.parent.iterdir()) if out.parent.exists() else []
+    assert left == (["a.gguf"] if case == "exists" else [])
+    if case == "exists":
+        assert out.read_bytes() == b"keep"

@@ -67,12 +67,14 @@ def merge_rows(w0: np.ndarray, factors: list[Factor], out: np.ndarray, first: in
     rows, cols = w0.shape
     step = block_rows(cols)
     acc_buffer, delta_buffer = _scratch(step * cols)
+    in_place = out is w0 and w0.dtype == np.float32  # accumulate in W0's rows: no copies
     with np.errstate(all="ignore"):  # NaN and overflow merge as IEEE says (--allow-nonfinite)
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
-            acc = acc_buffer[: (r1 - r0) * cols].reshape(r1 - r0, cols)
+            acc = w0[r0:r1] if in_place else acc_buffer[: (r1 - r0) * cols].reshape(r1 - r0, cols)
             delta = delta_buffer[: (r1 - r0) * cols].reshape(r1 - r0, cols)
-            np.copyto(acc, w0[r0:r1])  # bfloat16 -> float32 is exact
+            if not in_place:
+                np.copyto(acc, w0[r0:r1])  # bfloat16 -> float32 is exact
             for f in factors:
                 # rows of W this block and dW share
                 lo, hi = max(first + r0, f.at), min(first + r1, f.at + f.rows)
@@ -84,7 +86,8 @@ def merge_rows(w0: np.ndarray, factors: list[Factor], out: np.ndarray, first: in
                 else:
                     np.matmul(f.b[d0:d1], f.a, out=d)
                 acc[lo - first - r0 : hi - first - r0] += d
-            np.copyto(out[r0:r1], acc, casting="unsafe")  # the one rounding, to nearest even
+            if not in_place:
+                np.copyto(out[r0:r1], acc, casting="unsafe")  # the one rounding, nearest even
 
 
 def _scratch(n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -367,6 +367,7 @@ def quantize_command(
 @click.option("-w", "--weight", type=float, default=1.0, show_default=True, help="Adapter weight.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Load a .bin pickle adapter.")
+@click.option("--dry-run", is_flag=True, help="Check everything, list the tensors, write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--quiet", "-q", is_flag=True, help="No summary.")
 def export_adapter_command(adapter, base, output, as_json, quiet, **options):
@@ -377,12 +378,29 @@ def export_adapter_command(adapter, base, output, as_json, quiet, **options):
     summary = result.summary()
     if as_json:
         click.echo(json.dumps(summary))
+    elif result.dry_run:
+        _print_export_plan(summary)
     elif not quiet:
         scales = ", ".join(f"{s:g}" for s in summary["scales"])
         click.echo(
             f"Exported {summary['lora_pairs']} LoRA pairs ({summary['outtype']}, scales {scales} "
             f"folded into lora_b) in {summary['seconds']:.2f} s -> {result.output}"
         )
+
+
+def _print_export_plan(summary: dict) -> None:
+    scales = ", ".join(f"{s:g}" for s in summary["scales"])
+    click.echo(
+        f"export-adapter would write {summary['lora_pairs']} LoRA pairs ({summary['outtype']}, "
+        f"scales {scales} folded into lora_b; {summary['tensor_bytes']:,} bytes of tensors) to "
+        f"{summary['output']} (dry run, nothing written)"
+    )
+    table = Table()
+    for column in ("tensor", "type", "shape", "bytes"):
+        table.add_column(column, overflow="fold")
+    for t in summary["tensors"]:
+        table.add_row(t["name"], t["type"], str(t["shape"]), str(t["bytes"]))
+    Console().print(table)
 
 
 def _bar_wanted(quiet: bool, as_json: bool, options: MergeOptions) -> bool:

@@ -9,7 +9,7 @@ DoRA, biases, trainable tokens, tied embeddings) is refused with the advice to m
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,8 +28,8 @@ from loramerge.gguf_names import (
 )
 from loramerge.plan import build_plan
 from loramerge.quant import ggml
-from loramerge.sink.atomic import AtomicFile
-from loramerge.sink.gguf_adapter import GGUFAdapterFile, Pair
+from loramerge.sink.atomic import AtomicFile, check_replaceable
+from loramerge.sink.gguf_adapter import GGUFAdapterFile, Pair, Slot, adapter_slots, describe
 from loramerge.source.checkpoint import open_weights
 from loramerge.source.gguf_file import GGUFModel
 from loramerge.source.model_folder import read_config
@@ -47,6 +47,7 @@ class ExportOptions:
     weight: float = 1.0
     overwrite: bool = False
     allow_pickle: bool = False
+    dry_run: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,16 +62,18 @@ class _Target:
 
 @dataclass
 class ExportResult:
-    """What export-adapter wrote."""
+    """What export-adapter wrote (or, for a dry run, would write: `tensors`, nothing written)."""
 
     output: Path
     record: dict
     bytes_written: int
     seconds: float
+    tensors: list[Slot] = field(default_factory=list)
+    dry_run: bool = False
 
     def summary(self) -> dict:
         """The JSON object `--json` prints."""
-        return {
+        summary = {
             "command": "export-adapter",
             "output": str(self.output),
             "bytes_written": self.bytes_written,
@@ -79,6 +82,15 @@ class ExportResult:
             "scales": self.record["adapters"][0]["scales"],
             "outtype": self.record["output"]["outtype"],
         }
+        if self.dry_run:
+            summary["dry_run"] = True
+            summary["tensor_types"] = self.record["output"]["tensor_types"]
+            summary["tensor_bytes"] = sum(t.nbytes for t in self.tensors)
+            summary["tensors"] = [
+                {"name": t.name, "type": t.qtype.name, "shape": list(t.shape), "bytes": t.nbytes}
+                for t in self.tensors
+            ]
+        return summary
 
 
 def export_adapter(
@@ -104,6 +116,8 @@ def export_adapter(
                 raise LoramergeError(f"output {output} would overwrite input {path}")
         record = _record(loaded, base, config, targets, options)
         pairs = [Pair(t.name, t.shape, t.module.rank) for t in targets]
+        if options.dry_run:
+            return _dry_run(loaded, output, record, targets, pairs, names, options, start)
         with AtomicFile(output, overwrite=options.overwrite) as out:
             sink = GGUFAdapterFile(
                 out.path, pairs, names, config, options.outtype, loaded.path.name, record
@@ -111,11 +125,7 @@ def export_adapter(
             try:
                 for target in targets:
                     module = target.module
-                    a, b = loaded.weights.read(module.a_key), loaded.weights.read(module.b_key)
-                    if not (np.isfinite(a).all() and np.isfinite(b).all()):
-                        raise LoramergeError(
-                            f"{loaded.path}: NaN or Inf in the LoRA factors of {module.module}"
-                        )
+                    a, b = _factors(loaded, module)
                     term = factor(a, b, target.coef, module.transposed)
                     # dW = B @ A in the base tensor's layout (embeddings store (B @ A)^T)
                     a, b = (term.b.T, term.a.T) if module.transposed else (term.a, term.b)
@@ -130,6 +140,35 @@ def export_adapter(
     finally:
         loaded.close()
     return ExportResult(output, record, size, time.perf_counter() - start)
+
+
+def _dry_run(
+    adapter: Adapter,
+    output: Path,
+    record: dict,
+    targets: list[_Target],
+    pairs: list[Pair],
+    names: TensorNames,
+    options: ExportOptions,
+    start: float,
+) -> ExportResult:
+    """Every check a real run makes (the output, the factors, the types), and the tensors it
+    would write; nothing is written."""
+    check_replaceable(output.absolute(), options.overwrite, folder=False)
+    for target in targets:
+        _factors(adapter, target.module)
+    slots = adapter_slots(pairs, names, options.outtype)
+    record["output"] = describe(slots, options.outtype, names.arch.name)
+    tensors = [s for pair in slots.values() for s in pair]
+    return ExportResult(output, record, 0, time.perf_counter() - start, tensors, dry_run=True)
+
+
+def _factors(adapter: Adapter, module: LoraModule) -> tuple[np.ndarray, np.ndarray]:
+    """A module's (A, B), refused when either holds NaN or Inf."""
+    a, b = adapter.weights.read(module.a_key), adapter.weights.read(module.b_key)
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise LoramergeError(f"{adapter.path}: NaN or Inf in the LoRA factors of {module.module}")
+    return a, b
 
 
 def _refuse_unexportable(adapter: Adapter) -> None:
@@ -321,7 +360,7 @@ def _record(
         "adapters": [
             {
                 "source": hub.source_name(adapter.path),
-                "sha256": adapter.sha256(),
+                "sha256": None if options.dry_run else adapter.sha256(),
                 "weight": options.weight,
                 "rank": adapter.rank,
                 "alpha": adapter.alpha,

@@ -39,11 +39,7 @@ class AtomicFolder:
         self._lock = _acquire(self._lock_path, self.final)
         try:
             self.recovered = _clean_stale(self.final)
-            if self.final.exists() and not overwrite:
-                raise LoramergeError(f"{self.final} already exists; pass --overwrite to replace it")
-            if self.final.exists() and self.final.is_dir() != self.is_folder:
-                kind = "a folder" if self.is_folder else "a file"
-                raise LoramergeError(f"{self.final} exists and is not {kind}")
+            check_replaceable(self.final, overwrite, self.is_folder)
             self.path = parent / f".{self.final.name}{TEMP_MARK}{os.getpid()}"
             self._create()
         except OSError as exc:
@@ -108,6 +104,14 @@ class AtomicFile(AtomicFolder):
 
     def _flush(self) -> None:
         fsync_file(self.path)
+
+
+def check_replaceable(final: Path, overwrite: bool, folder: bool) -> None:
+    """Refuse an output that exists, unless --overwrite and it is of the kind to be written."""
+    if final.exists() and not overwrite:
+        raise LoramergeError(f"{final} already exists; pass --overwrite to replace it")
+    if final.exists() and final.is_dir() != folder:
+        raise LoramergeError(f"{final} exists and is not {'a folder' if folder else 'a file'}")
 
 
 def _remove(path: Path) -> None:

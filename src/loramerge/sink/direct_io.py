@@ -37,8 +37,9 @@ _local = threading.local()
 class PositionalFile:
     """A file open for positional writes, direct where possible; thread-safe."""
 
-    def __init__(self, path: Path, size: int) -> None:
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    def __init__(self, path: Path, size: int, *, existing: bool = False) -> None:
+        create = 0 if existing else os.O_CREAT | os.O_EXCL  # existing: a header is written
+        self.fd = os.open(path, os.O_WRONLY | create, 0o644)
         self._direct = -1  # stays open until close(), even once direct writes are given up
         self._use_direct = False
         self._block = ALIGN
@@ -163,6 +164,26 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
     """
     if _SYNC_FILE_RANGE is not None:
         _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+
+
+def copy_range(src_fd: int, dst_fd: int, src_offset: int, dst_offset: int, nbytes: int) -> None:
+    """Copy bytes between files with `copy_file_range` (they never enter this process), by
+    pread and pwrite where the kernel will not; then start their writeback."""
+    done = 0
+    while done < nbytes:
+        size = min(nbytes - done, _CHUNK)
+        try:
+            moved = os.copy_file_range(src_fd, dst_fd, size, src_offset + done, dst_offset + done)
+        except OSError:
+            moved = 0  # cross-device or unsupported: fall back to read + write
+        if moved == 0:
+            data = os.pread(src_fd, size, src_offset + done)
+            if not data:
+                raise OSError(errno.EIO, "source file ended early")
+            _pwrite_all(dst_fd, memoryview(data), dst_offset + done)
+            moved = len(data)
+        done += moved
+    start_writeback(dst_fd, dst_offset, nbytes)
 
 
 def _pwrite_all(fd: int, view: memoryview, position: int) -> None:

@@ -47,10 +47,51 @@ class Pair:
 
 
 @dataclass(frozen=True)
-class _Slot:
-    name: str  # GGUF tensor name
+class Slot:
+    """One tensor of the adapter file: GGUF name, type, shape (numpy order)."""
+
+    name: str
     qtype: gguf.GGMLQuantizationType
-    shape: tuple[int, ...]  # numpy order
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its data."""
+        return int(np.prod(self.shape[:-1])) * ggml.row_bytes(self.qtype, self.shape[-1])
+
+
+def adapter_slots(
+    pairs: list[Pair], names: TensorNames, outtype: str
+) -> dict[str, tuple[Slot, Slot]]:
+    """Each pair's (lora_a, lora_b) tensors by target, in the order they are written."""
+    if outtype not in OUTTYPES:
+        raise LoramergeError(f"unknown --outtype {outtype!r}; choose from {', '.join(OUTTYPES)}")
+    default = DEFAULT_TYPE[GGUF_TYPES[outtype][0]]
+    slots = {}
+    for pair in pairs:
+        gname = names.gguf_name(pair.target)
+        out, cols = pair.shape
+        a_shape, b_shape = (out, pair.rank), (cols, pair.rank)  # token_embd: flipped
+        if gname != TOKEN_EMBD:
+            a_shape, b_shape = (pair.rank, cols), (out, pair.rank)
+        slots[pair.target] = tuple(
+            Slot(n, converter_type(n, s, default), s)
+            for n, s in ((f"{gname}.lora_a", a_shape), (f"{gname}.lora_b", b_shape))
+        )
+    return slots  # type: ignore[return-value]
+
+
+def describe(slots: dict[str, tuple[Slot, Slot]], outtype: str, arch: str) -> dict:
+    """The `output` part of the provenance record (and of a dry run's report)."""
+    types = Counter(s.qtype.name for pair in slots.values() for s in pair)
+    return {
+        "format": "gguf-lora",
+        "outtype": outtype,
+        "architecture": arch,
+        "lora_pairs": len(slots),
+        "adapter.lora.alpha": ALPHA,
+        "tensor_types": dict(sorted(types.items())),
+    }
 
 
 class GGUFAdapterFile:
@@ -66,24 +107,9 @@ class GGUFAdapterFile:
         name: str,
         record: dict,
     ) -> None:
-        if outtype not in OUTTYPES:
-            raise LoramergeError(
-                f"unknown --outtype {outtype!r}; choose from {', '.join(OUTTYPES)}"
-            )
         arch = names.arch
         self._arch, self._config = arch, config
-        default = DEFAULT_TYPE[GGUF_TYPES[outtype][0]]
-        self._slots: dict[str, tuple[_Slot, _Slot]] = {}
-        for pair in pairs:
-            gname = names.gguf_name(pair.target)
-            out, cols = pair.shape
-            a_shape, b_shape = (out, pair.rank), (cols, pair.rank)  # token_embd: flipped
-            if gname != TOKEN_EMBD:
-                a_shape, b_shape = (pair.rank, cols), (out, pair.rank)
-            self._slots[pair.target] = tuple(  # type: ignore[assignment]
-                _Slot(n, converter_type(n, s, default), s)
-                for n, s in ((f"{gname}.lora_a", a_shape), (f"{gname}.lora_b", b_shape))
-            )
+        self._slots = adapter_slots(pairs, names, outtype)
         self._writer = gguf.GGUFWriter(None, arch.name)
         writer = self._writer
         writer.add_type(gguf.GGUFType.ADAPTER)
@@ -91,21 +117,12 @@ class GGUFAdapterFile:
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, ALPHA)
         writer.add_name(name)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        slots = [s for pair in self._slots.values() for s in pair]
-        self.description = {
-            "format": "gguf-lora",
-            "outtype": outtype,
-            "architecture": arch.name,
-            "lora_pairs": len(self._slots),
-            "adapter.lora.alpha": ALPHA,
-            "tensor_types": dict(sorted(Counter(s.qtype.name for s in slots).items())),
-        }
+        self.description = describe(self._slots, outtype, arch.name)
         record = {**record, "output": self.description}
         writer.add_string(PROVENANCE_KEY, json.dumps(record, sort_keys=True))
-        for slot in slots:
-            nbytes = int(np.prod(slot.shape[:-1])) * ggml.row_bytes(slot.qtype, slot.shape[-1])
+        for slot in (s for pair in self._slots.values() for s in pair):
             writer.add_tensor_info(
-                slot.name, slot.shape, np.dtype(np.float32), nbytes, raw_dtype=slot.qtype
+                slot.name, slot.shape, np.dtype(np.float32), slot.nbytes, raw_dtype=slot.qtype
             )
         writer.write_header_to_file(path)
         writer.write_kv_data_to_file()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,6 +30,7 @@ from loramerge.gguf_names import (
 )
 from loramerge.quant import ggml
 from loramerge.quant.ggml_types import GGUF_TYPES, ModelInfo, tensor_types
+from loramerge.sink.direct_io import PositionalFile
 from loramerge.sink.gguf_metadata import extra_tensors, write_hyperparameters, write_tokenizer
 from loramerge.sink.safetensors_writer import Entry
 
@@ -53,7 +53,7 @@ class BlockSink:
     at its own offset (so any order, any thread), a few whole rows at a time where conversion
     keeps rows in place."""
 
-    _fd: int
+    _file: PositionalFile
     _data_start: int
     _slots: dict[str, tuple[gguf.GGMLQuantizationType, int, int]]  # (type, offset, bytes)
     _shapes: dict[str, tuple[int, ...]]  # the Hugging Face layout's shape
@@ -61,8 +61,7 @@ class BlockSink:
     _config: dict
 
     def _open(self, path: Path, data_bytes: int) -> None:
-        self._fd = os.open(path, os.O_RDWR)
-        os.ftruncate(self._fd, self._data_start + data_bytes)
+        self._file = PositionalFile(path, self._data_start + data_bytes, existing=True)
         self._written: set[str] = set()
         self._filled: dict[str, int] = {}  # bytes of a tensor written so far
         self.files: list[str] = []
@@ -100,7 +99,7 @@ class BlockSink:
         at = self._data_start + offset + row * row_bytes
         filled = self._filled.get(name, 0)
         for piece in ggml.iter_quantize(values, qtype):  # no whole-tensor copy held
-            pwrite_all(self._fd, memoryview(piece), at)
+            self._file.write(memoryview(piece), at)
             at += piece.size
             filled += piece.size
         self._filled[name] = filled
@@ -119,9 +118,7 @@ class BlockSink:
 
     def abort(self) -> None:
         """Close the file."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._file.close()
 
 
 class GGUFFile(BlockSink):
@@ -202,10 +199,3 @@ class GGUFFile(BlockSink):
     def copy(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
         """Never called (nothing is copyable)."""
         raise AssertionError(f"GGUF output converts every tensor; {name} cannot be copied")
-
-
-def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    """os.pwrite until every byte is written."""
-    while data:
-        done = os.pwrite(fd, data, offset)
-        data, offset = data[done:], offset + done

@@ -11,7 +11,6 @@ adapter touches is copied as its raw blocks; any other is converted back to the 
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +30,11 @@ from loramerge.gguf_format import (
 )
 from loramerge.gguf_names import architecture
 from loramerge.quant.ggml_types import GGUF_TYPES, ModelInfo, tensor_types
-from loramerge.sink.gguf_file import PROVENANCE_KEY, BlockSink, pwrite_all
+from loramerge.sink.direct_io import copy_range
+from loramerge.sink.gguf_file import PROVENANCE_KEY, BlockSink
 from loramerge.sink.safetensors_writer import Entry
 
 FILE_TYPE_KEY = "general.file_type"
-_CHUNK = 16 << 20  # bytes per read when copying blocks
 
 
 @dataclass(frozen=True)
@@ -121,7 +120,7 @@ class GGUFRewrite(BlockSink):
         self._slots = {name: (r.qtype, r.offset, r.nbytes) for name, (r, _) in self._places.items()}
         self._shapes = {e.name: e.shape for e in entries}
         self._open(path, offset)
-        pwrite_all(self._fd, memoryview(head), 0)
+        self._file.write(memoryview(head), 0)
         self.order = [by_gguf[n] for n in header.tensors]
 
     def copyable(self, name: str) -> bool:
@@ -133,10 +132,8 @@ class GGUFRewrite(BlockSink):
         record, _ = self._places[name]
         if nbytes != record.nbytes:
             raise LoramergeError(f"{name}: {nbytes} bytes to copy, {record.nbytes} expected")
-        at = self._data_start + record.offset
-        for start in range(0, nbytes, _CHUNK):
-            data = os.pread(src_fd, min(_CHUNK, nbytes - start), src_offset + start)
-            if not data:
-                raise LoramergeError(f"{name}: the base file ended early")
-            pwrite_all(self._fd, memoryview(data), at + start)
+        try:
+            copy_range(src_fd, self._file.fd, src_offset, self._data_start + record.offset, nbytes)
+        except OSError as exc:
+            raise LoramergeError(f"{name}: copying from the base failed: {exc}") from None
         self._written.add(name)

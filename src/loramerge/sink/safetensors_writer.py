@@ -22,9 +22,13 @@ from pathlib import Path
 
 from loramerge import dtypes
 from loramerge.errors import LoramergeError
-from loramerge.sink.direct_io import ALIGN, PositionalFile, aligned_buffer, start_writeback
+from loramerge.sink.direct_io import (
+    ALIGN,
+    PositionalFile,
+    aligned_buffer,
+    copy_range,
+)
 
-_CHUNK = 64 << 20
 _COPY_CHUNK = 16 << 20  # untouched tensors pass through memory in pieces this size
 _HASH_CHUNK = 4 << 20  # small reads stay in cache and keep the hasher's memory low
 _SPARES = 4  # buffers kept for copies of bytes written ahead of a gap
@@ -150,23 +154,7 @@ class SafetensorsWriter:
 
     def _copy_in_kernel(self, src_fd: int, src_offset: int, nbytes: int, position: int):
         """`copy_file_range`: the bytes never enter this process."""
-        done = 0
-        while done < nbytes:
-            size = min(nbytes - done, _CHUNK)
-            try:
-                moved = os.copy_file_range(
-                    src_fd, self._file.fd, size, src_offset + done, position + done
-                )
-            except OSError:
-                moved = 0  # cross-device or unsupported: fall back to read + write
-            if moved == 0:
-                data = os.pread(src_fd, size, src_offset + done)
-                if not data:
-                    raise OSError(errno.EIO, "source file ended early")
-                self._file.write(memoryview(data), position + done)
-                moved = len(data)
-            done += moved
-        start_writeback(self._file.fd, position, nbytes)
+        copy_range(src_fd, self._file.fd, src_offset, position, nbytes)
 
     def _hashed(self, position: int, view: memoryview) -> None:
         """Hand bytes just written to the hasher; once this returns, `view` may be reused."""

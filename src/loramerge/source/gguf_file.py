@@ -176,10 +176,13 @@ class GGUFWeights:
         return values
 
     def read_part(self, name: str, start: int, stop: int, into: np.ndarray) -> np.ndarray:
-        """Elements [start, stop) of the flattened tensor as float32 in the HF layout: only
-        those rows dequantized where the layout keeps rows in place, else the whole tensor."""
-        cols = self._record(name).shape[-1]
+        """Elements [start, stop) of the flattened tensor as float32 in the HF layout (in `into`):
+        only those rows dequantized where the layout keeps rows in place, else the whole tensor."""
+        shape = self._record(name).shape
+        cols = shape[-1]
         if start % cols or stop % cols or not row_local(self.arch, name, self.config):
+            if start == 0 and stop == int(np.prod(shape, dtype=np.int64)):
+                return self.read(name, into).reshape(-1)  # the whole tensor: no second copy
             return copy_into(self.read(name).reshape(-1)[start:stop], into)
         out = into[: (stop - start) * 4].view(np.float32).reshape(-1, cols)
         self._rows(name, start // cols, out)
@@ -205,7 +208,7 @@ class GGUFWeights:
             r1 = min(out.shape[0], r0 + step)
             raw = np.empty((r1 - r0) * row_bytes, np.uint8)
             read_exact(model.fd, memoryview(raw), start + r0 * row_bytes, self.path)
-            out[r0:r1] = ggml.dequantize(raw.reshape(r1 - r0, row_bytes), record.qtype)
+            ggml.dequantize(raw.reshape(r1 - r0, row_bytes), record.qtype, out=out[r0:r1])
 
     def raw(self, name: str) -> tuple[int, int]:
         """(offset, nbytes) of a tensor's stored blocks."""

@@ -78,7 +78,7 @@ def iter_quantize(data: np.ndarray, qtype: GGMLQuantizationType) -> Iterator[np.
             if same:
                 yield _quiet_nans(blocks[at : at + step].view(np.uint16)).reshape(-1).view(np.uint8)
                 continue
-            x = blocks[at : at + step].astype(np.float32)
+            x = blocks[at : at + step].astype(np.float32, copy=False)  # encoders only read x
             yield (encode(x) if encode else x).reshape(-1).view(np.uint8)
 
 
@@ -88,8 +88,11 @@ def _quiet_nans(bits: np.ndarray) -> np.ndarray:
     return np.where(nan, bits | 64, bits) if nan.any() else bits
 
 
-def dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    """uint8 array (*rows, row_bytes) -> float32 (*rows, n): llama.cpp's dequantize_row_*."""
+def dequantize(
+    data: np.ndarray, qtype: GGMLQuantizationType, out: np.ndarray | None = None
+) -> np.ndarray:
+    """uint8 array (*rows, row_bytes) -> float32 (*rows, n): llama.cpp's dequantize_row_*
+    (into `out`, a contiguous float32 array of as many elements, if given)."""
     raw = np.ascontiguousarray(data).view(np.uint8)
     size, type_size = GGML_QUANT_SIZES[qtype]
     if raw.shape[-1] % type_size:
@@ -97,12 +100,22 @@ def dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
             f"{raw.shape[-1]} bytes per row is not a whole number of {qtype.name} blocks"
         )
     n = raw.shape[-1] // type_size * size
-    if qtype == T.F32:
+    if qtype == T.F32 and out is None:
         return raw.view(np.float32).reshape(*raw.shape[:-1], n)
-    decode = _CODECS[qtype][1]
     blocks = raw.reshape(-1, type_size)
-    out = np.empty((blocks.shape[0], size), np.float32)
+    if out is None:
+        out = np.empty((*raw.shape[:-1], n), np.float32)
+    elif not out.flags.c_contiguous or out.dtype != np.float32:
+        raise ValueError("dequantize writes into a contiguous float32 array")
+    flat = out.reshape(blocks.shape[0], size)  # a view: `out` is contiguous
+    if qtype == T.F32:
+        flat[...] = blocks.view(np.float32)
+        return out.reshape(*raw.shape[:-1], n)
+    if qtype == T.BF16:  # no intermediate: the bfloat16 bits become the float32s' high halves
+        np.left_shift(blocks.view(np.uint16), 16, out=flat.view(np.uint32), dtype=np.uint32)
+        return out.reshape(*raw.shape[:-1], n)
+    decode = _CODECS[qtype][1]
     step = max(1, CHUNK // size)
     for at in range(0, blocks.shape[0], step):
-        out[at : at + step] = decode(blocks[at : at + step]).reshape(-1, size)
+        flat[at : at + step] = decode(blocks[at : at + step]).reshape(-1, size)
     return out.reshape(*raw.shape[:-1], n)

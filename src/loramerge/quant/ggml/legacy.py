@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 
 from .common import F32, fp16, half_at, u8
@@ -36,11 +37,13 @@ def quantize_f16(x: np.ndarray) -> np.ndarray:
 
 
 def quantize_bf16(x: np.ndarray) -> np.ndarray:
-    """ggml_compute_fp32_to_bf16: nearest even, NaNs made quiet."""
-    u = np.ascontiguousarray(x, F32).view(np.uint32)
-    nan = (u & 0x7FFFFFFF) > 0x7F800000
-    rounded = (u.astype(np.uint64) + (0x7FFF + ((u >> 16) & 1))) >> 16
-    h = np.where(nan, (u >> 16) | 64, rounded).astype(np.uint16)
+    """ggml_compute_fp32_to_bf16: nearest even (ml_dtypes' cast), NaNs' high bits made quiet."""
+    x = np.ascontiguousarray(x, F32)
+    with np.errstate(invalid="ignore"):
+        h = x.astype(ml_dtypes.bfloat16).view(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():  # ml_dtypes writes one canonical NaN; ggml keeps the payload's high bits
+        h[nan] = (x.view(np.uint32)[nan] >> 16).astype(np.uint16) | 64
     return h.view(np.uint8)
 
 
@@ -100,7 +103,7 @@ def dequantize_f16(b: np.ndarray) -> np.ndarray:
 
 def dequantize_bf16(b: np.ndarray) -> np.ndarray:
     """bfloat16 back to float32 (the high half of the bits)."""
-    return (np.ascontiguousarray(b).view(np.uint16).astype(np.uint32) << 16).view(F32)
+    return np.left_shift(np.ascontiguousarray(b).view(np.uint16), 16, dtype=np.uint32).view(F32)
 
 
 def dequantize_q8_0(b: np.ndarray) -> np.ndarray:
