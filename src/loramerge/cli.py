@@ -395,12 +395,12 @@ def _print_export_plan(summary: dict) -> None:
         f"scales {scales} folded into lora_b; {summary['tensor_bytes']:,} bytes of tensors) to "
         f"{summary['output']} (dry run, nothing written)"
     )
-    table = Table()
+    table = _table()
     for column in ("tensor", "type", "shape", "bytes"):
         table.add_column(column, overflow="fold")
     for t in summary["tensors"]:
         table.add_row(t["name"], t["type"], str(t["shape"]), str(t["bytes"]))
-    Console().print(table)
+    _console().print(table)
 
 
 def _bar_wanted(quiet: bool, as_json: bool, options: MergeOptions) -> bool:

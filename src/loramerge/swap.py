@@ -282,7 +282,7 @@ def _rebuild_job(swap: _Swap, base: Path) -> Job:
             f"rebuilding from --base needs every adapter that stays inside; not found: {missing}"
         )
     inside = kept + [r.path for r in swap.removals]
-    weights = [e["weight"] for e in swap.kept] + [r.weight for r in swap.removals]
+    inside_weights = [e["weight"] for e in swap.kept] + [r.weight for r in swap.removals]
     allow_pickle = swap.options.allow_pickle
 
     def check_source() -> None:
@@ -290,7 +290,7 @@ def _rebuild_job(swap: _Swap, base: Path) -> Job:
 
         qlora = (swap.record or {}).get("qlora_base")
         check = verify_weights(
-            swap.merged, base, inside, weights, allow_pickle=allow_pickle, qlora_base=qlora
+            swap.merged, base, inside, inside_weights, allow_pickle=allow_pickle, qlora_base=qlora
         )
         if not check.passed and not swap.force:
             worst = ", ".join(f"{t.name} ({t.note or t.kind})" for t in check.failures()[:5])
