@@ -90,7 +90,8 @@ class Float64Distance:
         allowance: np.ndarray | None = None,
     ) -> None:
         """A block whose expected value is base + delta, summed in float64; base in the scale."""
-        expected = np.asarray(base).astype(np.float64) + np.asarray(delta).reshape(base.shape)
+        with np.errstate(invalid="ignore"):  # inf + -inf is NaN, as the check has it
+            expected = np.asarray(base).astype(np.float64) + np.asarray(delta).reshape(base.shape)
         self.add(candidate, expected, [base, *through], allowance)
 
     def add_identical(self, elements: int) -> None:

@@ -125,7 +125,8 @@ class Distance:
         allow = None if allowance is None else np.asarray(allowance).reshape(-1)
         delta = np.asarray(delta, np.float64).reshape(-1)
         if not self._add_compiled(flat, allow, delta):
-            expected = base.astype(np.float64) + delta.reshape(base.shape)
+            with np.errstate(all="ignore"):  # NaN and inf as IEEE says
+                expected = base.astype(np.float64) + delta.reshape(base.shape)
             self.add(candidate, expected, [base, *through], allowance)
 
     def add_identical(self, elements: int) -> None:
