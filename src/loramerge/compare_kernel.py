@@ -9,42 +9,10 @@ so nothing needs deciding in float32 first. Imported only when a check runs.
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
 from numba import njit, types
-from numba.extending import intrinsic, overload
+from numba.extending import overload
 
-# The figures, in the order `measure` returns them in its `out` array.
-FIELDS = ("exact", "nonfinite", "max_abs", "max_ulp", "max_ulp_at_value", "max_ulp_judged", "sq")
-
-
-@intrinsic
-def _float_bits(typingctx, v):
-    """The integer whose bits are the float v (C's memcpy): int64 for float64, int32 for
-    float32."""
-    widths = {types.float64: 64, types.float32: 32}
-    if v not in widths:
-        return None
-    width = widths[v]
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(width))
-
-    return getattr(types, f"int{width}")(v), codegen
-
-
-@intrinsic
-def _float32_of(typingctx, v):
-    """The float32 whose bits are the low 32 bits of the integer v."""
-    if not isinstance(v, types.Integer):
-        return None
-
-    def codegen(context, builder, signature, args):
-        low = args[0]
-        if v.bitwidth > 32:
-            low = builder.trunc(low, ir.IntType(32))
-        return builder.bitcast(low, ir.FloatType())
-
-    return types.float32(v), codegen
+from loramerge.bitcast import float32_of, float64_of, float_bits
 
 
 def _widened(x):
@@ -54,7 +22,7 @@ def _widened(x):
 @overload(_widened, inline="always")
 def _widened_typed(x):
     if x == types.uint16:
-        return lambda x: np.float64(_float32_of(np.int64(x) << 16))
+        return lambda x: np.float64(float32_of(np.int64(x) << 16))
     return lambda x: np.float64(x)
 
 
@@ -66,19 +34,7 @@ def _is_nearest(got, want):
 def _is_nearest_typed(got, want):
     if got == types.uint16:
         return lambda got, want: np.int64(got) == _bf16_nearest(want)
-    return lambda got, want: _float_bits(np.float32(want)) == _float_bits(got)
-
-
-@intrinsic
-def _float64_of(typingctx, v):
-    """The float64 whose bits are the int64 v."""
-    if v != types.int64:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.DoubleType())
-
-    return types.float64(v), codegen
+    return lambda got, want: float_bits(np.float32(want)) == float_bits(got)
 
 
 _ABS = 0x7FFFFFFFFFFFFFFF
@@ -92,7 +48,7 @@ def _per_spacing(bits: int, mantissa: int, emin: int) -> float:
     magnitude is not finite (spacing inf)."""
     biased = bits >> 52
     exponent = max(biased - 1023, emin) - mantissa
-    return _float64_of(np.int64(1023 - exponent) << 52) if biased < 2047 else 0.0
+    return float64_of(np.int64(1023 - exponent) << 52) if biased < 2047 else 0.0
 
 
 @njit(inline="always")
@@ -101,7 +57,7 @@ def _bf16_nearest(want: float) -> int:
     nearest even (bfloat16's own cast, NaN apart: a NaN is compared as NaN)."""
     single = np.float32(want)
     back = np.float64(single)
-    bits = np.int64(_float_bits(single)) & 0xFFFFFFFF
+    bits = np.int64(float_bits(single)) & 0xFFFFFFFF
     if abs(back) > abs(want):
         bits -= 1
     if back != want:
@@ -114,8 +70,9 @@ def _bf16_nearest(want: float) -> int:
 @njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
 def measure(got, want, delta, scale, allowance, mantissa, emin, out):
     """Fold every element of `got` (uint16 bfloat16 bits or float32) against `want` (the same,
-    or float64), plus `delta` (float64) when it is not empty, into `out` (see FIELDS): counts
-    add, maxima take the larger, `sq` adds the squared errors.
+    or float64), plus `delta` (float64) when it is not empty, into `out`: (exact, nonfinite,
+    max_abs, max_ulp, max_ulp_at_value, max_ulp_judged, squared error); counts and the squared
+    error add, maxima take the larger.
 
     `scale`: an array (uint16 bfloat16 bits, float32 or float64) whose magnitudes join |want|
     in the ulp scale; empty: `want`'s own array is the scale (W0 when `delta` is given);
@@ -135,35 +92,35 @@ def measure(got, want, delta, scale, allowance, mantissa, emin, out):
 def _fold(got, want, delta, scale, allowance, mantissa, emin, out, split, scaled, judged_by):
     """`measure`'s loop; without an allowance the judged maximum is the ulp maximum."""
     exact, nonfinite = 0, 0
-    max_abs, max_ulp = _float_bits(out[2]), 0  # max_ulp: this call's, so judged can share it
-    max_at_value, max_judged = _float_bits(out[4]), _float_bits(out[5])
+    max_abs, max_ulp = float_bits(out[2]), 0  # max_ulp: this call's, so judged can share it
+    max_at_value, max_judged = float_bits(out[4]), float_bits(out[5])
     sq = 0.0
     for i in range(got.size):
         value = _widened(got[i])
         given = _widened(want[i])
         w = given + delta[i] if split else given
-        value_bits = _float_bits(value) & _ABS
-        want_bits = _float_bits(w) & _ABS
+        value_bits = float_bits(value) & _ABS
+        want_bits = float_bits(w) & _ABS
         nonfinite += (value_bits >= _INF) & (want_bits < _INF)
         error = abs(value - w)
         error = error if error < np.inf else 0.0  # nan_to_num(nan=0, posinf=0)
         other = _widened(scale[i]) if scaled else given
-        magnitude = max(want_bits, _float_bits(other) & _ABS)
+        magnitude = max(want_bits, float_bits(other) & _ABS)
         per = _per_spacing(magnitude, mantissa, emin)
-        max_abs = max(max_abs, _float_bits(error))
-        max_ulp = max(max_ulp, _float_bits(error * per))
+        max_abs = max(max_abs, float_bits(error))
+        max_ulp = max(max_ulp, float_bits(error * per))
         if judged_by:
             beyond = error - allowance[i]
             beyond = beyond if beyond > 0.0 else 0.0  # a NaN allowance counts as 0
-            max_judged = max(max_judged, _float_bits(beyond * per))
+            max_judged = max(max_judged, float_bits(beyond * per))
         at_value = error * _per_spacing(want_bits, mantissa, emin)
-        max_at_value = max(max_at_value, _float_bits(at_value))
+        max_at_value = max(max_at_value, float_bits(at_value))
         exact += _is_nearest(got[i], w) | ((value_bits > _INF) & (want_bits > _INF))
         sq += error * error
     out[0] += exact
     out[1] += nonfinite
-    out[2] = _float64_of(max_abs)
-    out[3] = max(out[3], _float64_of(max_ulp))
-    out[4] = _float64_of(max_at_value)
-    out[5] = _float64_of(max_judged if judged_by else max(max_judged, max_ulp))
+    out[2] = float64_of(max_abs)
+    out[3] = max(out[3], float64_of(max_ulp))
+    out[4] = float64_of(max_at_value)
+    out[5] = float64_of(max_judged if judged_by else max(max_judged, max_ulp))
     out[6] += sq

@@ -11,9 +11,9 @@ no reassociation).
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.extending import intrinsic
+from numba import njit
+
+from loramerge.bitcast import float_bits
 
 from .common import F32, GROUP_MAX_EPS
 
@@ -21,22 +21,10 @@ MAGIC = F32(12582912.0)  # 1.5 * 2**23
 TILE = 256  # columns per tile: a tile's float32 working set stays within L2
 
 
-@intrinsic
-def _bits(typingctx, v):
-    """The int32 whose bits are the float32 v (C's memcpy)."""
-    if v != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.int32(types.float32), codegen
-
-
 @njit(inline="always")
 def _nearest_int(v: np.float32) -> int:
     """ggml's nearest_int: the low mantissa bits of v + 1.5 * 2**23, as an integer."""
-    return (_bits(v + MAGIC) & 0x7FFFFF) - 0x400000
+    return (float_bits(v + MAGIC) & 0x7FFFFF) - 0x400000
 
 
 @njit(inline="always")

@@ -1,0 +1,49 @@
+"""A float's bits as an integer and back, inside numba-compiled code (C's memcpy): the one
+set of bit casts the compiled quantizers and the compiled check share."""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+
+@intrinsic
+def float_bits(typingctx, v):
+    """The integer whose bits are the float v: int64 for float64, int32 for float32."""
+    widths = {types.float64: 64, types.float32: 32}
+    if v not in widths:
+        return None
+    width = widths[v]
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(width))
+
+    return getattr(types, f"int{width}")(v), codegen
+
+
+@intrinsic
+def float32_of(typingctx, v):
+    """The float32 whose bits are the low 32 bits of the integer v."""
+    if not isinstance(v, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        low = args[0]
+        if v.bitwidth > 32:
+            low = builder.trunc(low, ir.IntType(32))
+        return builder.bitcast(low, ir.FloatType())
+
+    return types.float32(v), codegen
+
+
+@intrinsic
+def float64_of(typingctx, v):
+    """The float64 whose bits are the int64 v."""
+    if v != types.int64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return types.float64(v), codegen
