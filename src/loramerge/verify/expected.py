@@ -135,9 +135,7 @@ def _blocks(
                 np.copyto(acc, w0[r0:r1])
                 if magnitude:
                     np.abs(acc, out=acc)
-                _add_terms(acc, delta, r0, r1, factors)
-            else:  # the first term's product lands in acc itself
-                _add_terms(acc, delta, r0, r1, factors, fresh=True)
+            _add_terms(acc, delta, r0, r1, factors, fresh=not start_from_w0)
         yield r0, r1, acc
 
 
