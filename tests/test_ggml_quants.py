@@ -199,6 +199,21 @@ def test_bfloat16_input_to_bf16_keeps_its_bits(llama_cpp):
     assert not np.array_equal(expected.view(np.uint16), bits)  # the NaNs did change
 
 
+@pytest.mark.parametrize("at", [0, ggml.CHUNK - 1, ggml.CHUNK, 3 * ggml.CHUNK - 1])
+def test_bfloat16_lone_nan_in_any_chunk(llama_cpp, at):
+    """One signaling NaN among finite bfloat16 values, in the first, a middle or the last chunk
+    of a tensor written in one piece: quieted as llama.cpp does, every other bit kept."""
+    rng = np.random.default_rng(5)
+    bits = rng.integers(0, 0x7F80, 3 * ggml.CHUNK, dtype=np.uint16)
+    bits |= rng.integers(0, 2, bits.size, dtype=np.uint16) << 15
+    bits[at] = 0xFF81
+    x = bits.reshape(-1, ROW).view(ml_dtypes.bfloat16)
+    expected = llama_cpp.quantize(x.astype(np.float32), T.BF16)
+    got = ggml.quantize(x, T.BF16)
+    assert np.array_equal(got, expected.reshape(got.shape))
+    assert got.view(np.uint16).reshape(-1)[at] == 0xFFC1
+
+
 def test_bf16_of_any_float32_bits(llama_cpp):
     """BF16 from float32 equals llama.cpp's ggml_fp32_to_bf16 on every kind of bit pattern: all
     65536 low halves (so every rounding tie, both ways) under subnormal, normal, largest-finite,

@@ -200,6 +200,43 @@ def test_verify_catches_a_wrong_merge(cli, tmp_path, wide, bases):
     assert {"Q4_K", "Q6_K"} <= failed, failed
 
 
+def test_verify_holds_bf16_to_half_an_ulp(cli, tmp_path, wide, bases):
+    """A BF16 merge with one merged element moved a single ulp away from the truth fails verify:
+    the bound is half a bfloat16 ulp plus the float32 merge's error, with no 16-bit slack (the
+    merge rounds to the file's type once)."""
+    import shutil
+
+    model_dir, adapter = wide
+    config = json.loads((model_dir / "config.json").read_text())
+    base = bases[("loramerge", "bf16")]
+    out = tmp_path / "merged.gguf"
+    assert cli("merge", base, adapter, "-o", out).code == 0
+    name = "blk.0.ffn_down.weight"
+    tensor = _tensors(out)[name]
+    assert tensor.tensor_type == T.BF16
+    w0 = _tensors(base)[name]
+    truth = (
+        gguf.quants.dequantize(np.asarray(w0.data), T.BF16).astype(np.float64)
+        + _deltas(adapter, config)[name].reshape(tuple(reversed(w0.shape.tolist())))
+    ).reshape(-1)
+    bits = _bytes(tensor).view(np.uint16).copy()
+    got = (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    i = int(np.argmax(np.abs(truth)))
+    # one step away from the truth: the magnitude grows when the stored value is at or above it
+    away = (got[i] >= truth[i]) == (got[i] >= 0)
+    bits[i] += 1 if away else -1
+    broken = tmp_path / "broken.gguf"
+    shutil.copyfile(out, broken)
+    with open(broken, "r+b") as fh:
+        fh.seek(int(tensor.data_offset) + 2 * i)
+        fh.write(bits[i : i + 1].tobytes())
+    assert cli("verify", out, "--base", base, "--adapter", adapter).code == 0
+    result = cli("verify", broken, "--base", base, "--adapter", adapter, "--json")
+    assert result.code == 1, result.out
+    failed = [t["name"] for t in json.loads(result.out)["tensors"] if not t["passed"]]
+    assert failed == ["model.layers.0.mlp.down_proj.weight"]
+
+
 def test_gguf_type_changes_the_output_type(cli, tmp_path, wide, bases):
     """--gguf-type q4_k_m on a BF16 base: llama.cpp's choice per tensor (ggml_types, checked
     against llama-quantize in test_ggml_types.py), each within its bound (verify)."""
@@ -218,6 +255,63 @@ def test_gguf_type_changes_the_output_type(cli, tmp_path, wide, bases):
     assert fields["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
     check = cli("verify", out, "--base", base, "--adapter", adapter, "--json")
     assert check.code == 0, check.out
+
+
+def test_retyped_merge_is_quantized_from_float32(cli, tmp_path, wide, bases):
+    """--gguf-type q8_0 on a BF16 base: the merged tensors are quantized from the float32 merge
+    (llama.cpp's Q8_0 of the float64 truth in float32), not from a bfloat16 rounding of it; the
+    untouched ones are the Q8_0 of their bfloat16 values."""
+    model_dir, adapter = wide
+    config = json.loads((model_dir / "config.json").read_text())
+    base = bases[("loramerge", "bf16")]
+    out = tmp_path / "q8.gguf"
+    assert cli("merge", base, adapter, "-o", out, "--gguf-type", "q8_0").code == 0
+    before, after = _tensors(base), _tensors(out)
+    deltas = _deltas(adapter, config)
+    same = total = 0
+    for name, merged in after.items():
+        if merged.tensor_type != T.Q8_0:
+            continue
+        w0 = gguf.quants.dequantize(np.asarray(before[name].data), before[name].tensor_type)
+        values = w0.astype(np.float64)
+        if name in deltas:
+            values += deltas[name].reshape(w0.shape)
+        want = _reference_blocks(values.astype(np.float32), T.Q8_0).reshape(-1, 34)
+        blocks = (_bytes(merged).reshape(-1, 34) == want).all(axis=1)
+        if name not in deltas:
+            assert blocks.all(), name
+            continue
+        same, total = same + int(blocks.sum()), total + blocks.size
+    assert total and same >= 0.99 * total, f"{same}/{total} merged Q8_0 blocks as llama.cpp's"
+
+
+def test_bf16_tensors_read_as_their_bits(bases):
+    """A BF16 GGUF base reads as bfloat16: the stored bits, q/k rows back in Hugging Face order
+    (gguf's own reader and convert_hf_to_gguf.py's permutation as the oracle)."""
+    import ml_dtypes
+
+    from loramerge.source.gguf_file import GGUFWeights
+
+    base = bases[("loramerge", "bf16")]
+    stored = _tensors(base)
+    weights = GGUFWeights(base)
+    try:
+        native = {n for n, t in weights.tensors.items() if t.dtype == "BF16"}
+        assert native == {
+            hf for hf, g in weights.gguf_names.items() if stored[g].tensor_type == T.BF16
+        }
+        for hf in native:
+            values = weights.read(hf)
+            assert values.dtype == ml_dtypes.bfloat16, hf
+            bits = _bytes(stored[weights.gguf_names[hf]]).view(np.uint16).reshape(values.shape)
+            heads = {"q_proj": "num_attention_heads", "k_proj": "num_key_value_heads"}
+            proj = next((p for p in heads if f".{p}." in hf), None)
+            got = values.view(np.uint16)
+            if proj:
+                got = permute_qk(got, weights.config[heads[proj]])
+            assert np.array_equal(got, bits), hf
+    finally:
+        weights.close()
 
 
 def test_rebase_through_the_record(cli, tmp_path, wide, bases):

@@ -181,6 +181,8 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
                 opened.append(load_adapter(path, allow_pickle=options.allow_pickle))
             # the record's hashes of the adapters, read while the plan is built and checked
             digests = [] if options.dry_run else [sha256_started(a.weights.files) for a in opened]
+            if stored.gguf is not None and options.gguf_type and out_dtype is None:
+                out_dtype = "F32"  # retyped: quantized from the float32 merge, not a bf16 one
             plan = build_plan(checkpoint, config, opened, job.weights, out_dtype, job.undo)
             plan.notes.extend(source_notes)
             if not options.allow_nonfinite:

@@ -69,8 +69,9 @@ class BlockSink:
         self.config_updates: dict = {}
 
     def position(self, name: str) -> int:
-        """Any buffer alignment will do: tensors are converted before writing."""
-        return 0
+        """File offset of a tensor's blocks (values already in the stored type go out as they
+        are, from memory aligned like the file when the caller allocates it so)."""
+        return self._data_start + self._slots[name][1]
 
     def copy_stored(self, name: str, stored) -> bool:
         """Never takes stored NF4 parts (GGUF converts every tensor)."""

@@ -5,8 +5,9 @@ read with `pread` (more when the vocabulary is long); tensor data is read with `
 2 GB file costs one tensor's memory at a time and nothing stays mapped.
 
 `GGUFModel` speaks GGUF names and layout; `GGUFWeights` is the same file as a checkpoint in the
-Hugging Face names and layout (float32, q/k rows un-permuted, Gemma norms minus one), through the
-same name map the GGUF sink writes with.
+Hugging Face names and layout (q/k rows un-permuted, Gemma norms minus one), through the same name
+map the GGUF sink writes with: BF16 tensors as bfloat16 (their bits, as a safetensors checkpoint
+reads), every other type dequantized to float32.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import json
 import os
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from loramerge.errors import LoramergeError
 from loramerge.gguf_format import GGUFFormatError, Header, NeedMore, TensorRecord, parse_header
@@ -120,7 +123,8 @@ def _read_header(path: Path, fd: int) -> Header:
 
 
 class GGUFWeights:
-    """A GGUF model file read as a checkpoint: Hugging Face names and layout, float32 values.
+    """A GGUF model file read as a checkpoint: Hugging Face names and layout, BF16 tensors as
+    bfloat16 and the rest as float32.
 
     Tensors the name map does not know keep their GGUF names (and are only ever copied).
     """
@@ -151,8 +155,15 @@ class GGUFWeights:
                     f"{rotary} heads"
                 )
             self.gguf_names[hf] = gname
-            nbytes = int(np.prod(record.shape, dtype=np.int64)) * 4
-            self.tensors[hf] = TensorInfo(hf, self.path, "F32", record.shape, 0, nbytes)
+            dtype = "BF16" if self._native(hf, record) else "F32"
+            nbytes = int(np.prod(record.shape, dtype=np.int64)) * (2 if dtype == "BF16" else 4)
+            self.tensors[hf] = TensorInfo(hf, self.path, dtype, record.shape, 0, nbytes)
+
+    def _native(self, hf_name: str, record: TensorRecord) -> bool:
+        """Whether a tensor reads as its stored bfloat16 bits: BF16 but for a Gemma norm (its
+        stored w + 1, minus one, is not a bfloat16 in general)."""
+        norm = self.arch.norm_offset and hf_name.endswith("norm.weight")
+        return record.qtype == GGMLQuantizationType.BF16 and not norm
 
     @property
     def fd(self) -> int:
@@ -160,14 +171,15 @@ class GGUFWeights:
         return self.model.fd
 
     def read(self, name: str, into: np.ndarray | None = None) -> np.ndarray:
-        """One tensor dequantized to float32 in the HF layout (into a view of `into`, if given).
+        """One tensor in the HF layout, in its dtype (into a view of `into`, if given).
 
         Rows are read and dequantized a bounded chunk at a time, straight into the result.
         """
         record = self._record(name)
-        numel = int(np.prod(record.shape, dtype=np.int64))
-        buffer = np.empty(numel * 4, np.uint8) if into is None else into[: numel * 4]
-        out = buffer.view(np.float32).reshape(-1, record.shape[-1])
+        dtype = self._dtype(name)
+        nbytes = int(np.prod(record.shape, dtype=np.int64)) * dtype.itemsize
+        buffer = np.empty(nbytes, np.uint8) if into is None else into[:nbytes]
+        out = buffer.view(dtype).reshape(-1, record.shape[-1])
         self._rows(name, 0, out)
         values = out.reshape(record.shape)
         converted = from_gguf_values(self.arch, name, values, self.config)
@@ -176,15 +188,16 @@ class GGUFWeights:
         return values
 
     def read_part(self, name: str, start: int, stop: int, into: np.ndarray) -> np.ndarray:
-        """Elements [start, stop) of the flattened tensor as float32 in the HF layout (in `into`):
-        only those rows dequantized where the layout keeps rows in place, else the whole tensor."""
+        """Elements [start, stop) of the flattened tensor in the HF layout (in `into`): only those
+        rows read where the layout keeps rows in place, else the whole tensor."""
         shape = self._record(name).shape
         cols = shape[-1]
         if start % cols or stop % cols or not row_local(self.arch, name, self.config):
             if start == 0 and stop == int(np.prod(shape, dtype=np.int64)):
                 return self.read(name, into).reshape(-1)  # the whole tensor: no second copy
             return copy_into(self.read(name).reshape(-1)[start:stop], into)
-        out = into[: (stop - start) * 4].view(np.float32).reshape(-1, cols)
+        dtype = self._dtype(name)
+        out = into[: (stop - start) * dtype.itemsize].view(dtype).reshape(-1, cols)
         self._rows(name, start // cols, out)
         return out.reshape(-1)
 
@@ -196,14 +209,22 @@ class GGUFWeights:
             )
         return record
 
+    def _dtype(self, name: str) -> np.dtype:
+        """The dtype a tensor reads as."""
+        return np.dtype(ml_dtypes.bfloat16 if self.tensors[name].dtype == "BF16" else np.float32)
+
     def _rows(self, name: str, first: int, out: np.ndarray) -> None:
-        """Dequantize stored rows first .. first + len(out) into `out`, a chunk at a time."""
+        """Stored rows first .. first + len(out) into `out`: as they are for a native tensor,
+        else dequantized a chunk at a time."""
         model, gname = self.model, self.gguf_names[name]
         record = model.tensors[gname]
         rows = int(np.prod(record.shape[:-1], dtype=np.int64))
         row_bytes = record.nbytes // max(1, rows)
-        step = max(1, _CHUNK_ELEMENTS // record.shape[-1])
         start = model.offset(gname) + first * row_bytes
+        if out.dtype != np.float32:
+            read_exact(model.fd, memoryview(out.reshape(-1).view(np.uint8)), start, self.path)
+            return
+        step = max(1, _CHUNK_ELEMENTS // record.shape[-1])
         for r0 in range(0, out.shape[0], step):
             r1 = min(out.shape[0], r0 + step)
             raw = np.empty((r1 - r0) * row_bytes, np.uint8)

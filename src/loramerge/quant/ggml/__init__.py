@@ -64,8 +64,8 @@ def quantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
 def iter_quantize(data: np.ndarray, qtype: GGMLQuantizationType) -> Iterator[np.ndarray]:
     """quantize's bytes in order, a bounded chunk at a time (flat uint8 arrays), for streaming.
 
-    Only one chunk is widened to float32 at a time, whatever the input's float dtype; BF16 from
-    bfloat16 keeps the input's bits.
+    Only one chunk is widened to float32 at a time, whatever the input's float dtype; F32 from
+    float32 and BF16 from bfloat16 without NaNs are the input's own bytes, in one piece.
     """
     row_bytes(qtype, data.shape[-1])
     size, type_size = GGML_QUANT_SIZES[qtype]
@@ -73,6 +73,9 @@ def iter_quantize(data: np.ndarray, qtype: GGMLQuantizationType) -> Iterator[np.
     step = max(1, CHUNK // size)
     encode = _CODECS[qtype][0] if qtype != T.F32 else None
     same = qtype == T.BF16 and blocks.dtype.name == "bfloat16"
+    if (qtype == T.F32 and blocks.dtype == np.float32) or (same and not _any_nan(blocks)):
+        yield blocks.reshape(-1).view(np.uint8)
+        return
     with np.errstate(all="ignore"):
         for at in range(0, blocks.shape[0], step):
             if same:
@@ -80,6 +83,18 @@ def iter_quantize(data: np.ndarray, qtype: GGMLQuantizationType) -> Iterator[np.
                 continue
             x = blocks[at : at + step].astype(np.float32, copy=False)  # encoders only read x
             yield (encode(x) if encode else x).reshape(-1).view(np.uint8)
+
+
+def _any_nan(values: np.ndarray) -> bool:
+    """Whether bfloat16 values hold a NaN: |bits| above inf's, a chunk at a time."""
+    bits = values.reshape(-1).view(np.uint16)
+    magnitude = np.empty(min(bits.size, CHUNK), np.uint16)
+    for at in range(0, bits.size, CHUNK):
+        piece = magnitude[: min(CHUNK, bits.size - at)]
+        np.bitwise_and(bits[at : at + CHUNK], 0x7FFF, out=piece)
+        if piece.max() > 0x7F80:
+            return True
+    return False
 
 
 def _quiet_nans(bits: np.ndarray) -> np.ndarray:
