@@ -12,7 +12,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from loramerge.bitcast import float32_of, float64_of, float_bits
+from loramerge.intrinsics import float32_of, float64_of, float_bits, wide_vectors
 
 
 def _widened(x):
@@ -81,6 +81,7 @@ def measure(got, want, delta, scale, allowance, mantissa, emin, out):
     the maxima are integer maxima of bits, and a NaN or inf in the scale (exponent 2047) wins
     such a maximum as np.maximum lets it win.
     """
+    wide_vectors()
     split, scaled = delta.size > 0, scale.size > 0
     if allowance.size > 0:  # each call below is inlined with its flag a constant
         _fold(got, want, delta, scale, allowance, mantissa, emin, out, split, scaled, True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from loramerge.bitcast import float_bits
+from loramerge.intrinsics import float_bits
 
 from .common import F32, GROUP_MAX_EPS
 

@@ -1,5 +1,5 @@
-"""A float's bits as an integer and back, inside numba-compiled code (C's memcpy): the one
-set of bit casts the compiled quantizers and the compiled check share."""
+"""The numba intrinsics the compiled quantizers and the compiled check share: a float's bits as
+an integer and back (C's memcpy), and the vector width hint."""
 
 from __future__ import annotations
 
@@ -47,3 +47,20 @@ def float64_of(typingctx, v):
         return builder.bitcast(args[0], ir.DoubleType())
 
     return types.float64(v), codegen
+
+
+@intrinsic
+def wide_vectors(typingctx):
+    """Let LLVM vectorize the calling function with 512-bit registers where the CPU has them.
+
+    Its default tuning keeps AVX-512 CPUs to 256 bits (clang's -mprefer-vector-width); the
+    compiled check runs about 1.4x faster at 512 (measured on a Xeon of family 6, model 207).
+    CPUs without AVX-512 ignore the hint. llvmlite knows no string attributes, so the
+    attribute goes into the function's attribute set as the text LLVM reads.
+    """
+
+    def codegen(context, builder, signature, args):
+        set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        return context.get_dummy_value()
+
+    return types.none(), codegen
