@@ -53,8 +53,9 @@ def float64_of(typingctx, v):
 def wide_vectors(typingctx):
     """Let LLVM vectorize the calling function with 512-bit registers where the CPU has them.
 
-    Its default tuning keeps AVX-512 CPUs to 256 bits (clang's -mprefer-vector-width); the
-    compiled check runs about 1.4x faster at 512 (measured on a Xeon of family 6, model 207).
+    Its default tuning keeps AVX-512 CPUs to 256 bits (clang's -mprefer-vector-width). At 512,
+    on a Xeon of family 6, model 207: the compiled check 1.4x faster, Q8_0 1.35x, Q4_K 1.14x;
+    the bytes are the same (no fastmath in the quantizers: each lane computes as C does).
     CPUs without AVX-512 ignore the hint. llvmlite knows no string attributes, so the
     attribute goes into the function's attribute set as the text LLVM reads.
     """

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from loramerge.intrinsics import float_bits
+from loramerge.intrinsics import float_bits, wide_vectors
 
 from .common import F32, GROUP_MAX_EPS
 
@@ -43,6 +43,7 @@ def make_qkx2_quants(
     use_mad: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """make_qkx2_quants per column: (scale, the_min, L) for x ~ scale * L - the_min."""
+    wide_vectors()
     n, count = x.shape
     scale = np.zeros(count, F32)
     the_min = np.zeros(count, F32)
@@ -175,6 +176,7 @@ def _qx_sums(x, t0, m, nmax, iscale, lq, sumlx, suml2):
 @njit(cache=True, nogil=True, error_model="numpy")
 def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """make_qx_quants(rmse_type=1, no weights) per column: (scale, L + nmax)."""
+    wide_vectors()
     n, count = x.shape
     scale = np.zeros(count, F32)
     L = np.zeros((n, count), np.int32)
@@ -228,6 +230,7 @@ def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
 @njit(cache=True, nogil=True, error_model="numpy")
 def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """make_q3_quants(do_rmse=true) per column: (scale, L + nmax), refined element by element."""
+    wide_vectors()
     n, count = x.shape
     scale = np.zeros(count, F32)
     L = np.zeros((n, count), np.int32)
@@ -272,6 +275,7 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
 @njit(cache=True, nogil=True, error_model="numpy")
 def quantize_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """quantize_row_q8_0_ref on blocks (rows of 32): (d, q) with q = roundf(x * (1 / d))."""
+    wide_vectors()
     n, size = x.shape
     d = np.empty(n, F32)
     q = np.empty((n, size), np.int8)
