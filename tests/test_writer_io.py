@@ -175,3 +175,25 @@ def test_read_buffer_is_placed_at_the_asked_phase():
         buffer = read_buffer(10_000, phase)
         assert buffer.size == 10_000 and buffer.ctypes.data % 4096 == phase
         assert np.shares_memory(buffer, read_buffer(100, phase))  # one buffer, reused
+
+
+def test_outputs_read_back_at_once_are_written_through_the_cache(tmp_path, monkeypatch):
+    """Direct writes for a plain merge; through the page cache when the command reads the file
+    back at once (`--verify`, unmerge's drift report), so the check does not read the disk."""
+    from loramerge.swap import unmerge
+
+    opened = []
+    real = direct_io.PositionalFile.__init__
+
+    def spy(self, path, size, **kwargs):
+        opened.append(kwargs.get("cached", False))
+        real(self, path, size, **kwargs)
+
+    monkeypatch.setattr(direct_io.PositionalFile, "__init__", spy)
+    adapter = ADAPTERS / "llama-lora"
+    merge(LLAMA, [adapter], tmp_path / "plain", MergeOptions())
+    assert opened == [False]
+    merge(LLAMA, [adapter], tmp_path / "verified", MergeOptions(verify=True))
+    assert opened[1:] == [True]
+    result = unmerge(tmp_path / "plain", [adapter], tmp_path / "unmerged")
+    assert result.drift["measured"] and opened[2:] == [True]

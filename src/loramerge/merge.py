@@ -151,6 +151,9 @@ class Job:
     # The models this output is computed from by subtraction (the source, then its own), newest
     # first: their magnitudes count in the ulp scale of every check, and the record keeps them.
     verify_through: list[Path] = field(default_factory=list)
+    # Whether the caller reads the output back once it is written (unmerge's drift report), as
+    # `--verify` does: it is then written through the page cache.
+    read_back: bool = False
     # Sources of adapters taken out that are not among `adapters` (a rebuild from the base).
     removed: list[str] = field(default_factory=list)
     # Run once the output is written and before it is renamed into place; raising keeps it out
@@ -227,6 +230,7 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
                     replace(options.quant, device=device),
                     config,
                     info,
+                    cached=job.verify_against is not None and (options.verify or job.read_back),
                 )
                 norms: dict[tuple[int, str], np.ndarray] = {}
                 route = Route(device, options.compute_dtype, job.norms, norms)

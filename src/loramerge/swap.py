@@ -190,6 +190,7 @@ def _subtract_job(swap: _Swap) -> Job:
             swap.merged,
             *(Path(p) for p in (swap.record or {}).get("computed_from", [])),
         ],
+        read_back=True,  # the drift report, when the base is at hand
     )
     stored = _stored_norms(swap.merged, swap.record)
     kept_targets = {t for e in swap.kept for t in e.get("targets", [])}

@@ -9,6 +9,8 @@ the caller's memory when its address is aligned the same way, else through a sta
 and unaligned ends written through the cache. The two never share a filesystem block, so the
 file stays coherent. Filesystems without `O_DIRECT`
 (tmpfs, some network filesystems) and any direct write the kernel refuses fall back to buffered.
+A file the command reads back at once (`merge --verify`, unmerge's drift report) is written
+buffered: reading it from the page cache costs less than the copy into it saves.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ _local = threading.local()
 class PositionalFile:
     """A file open for positional writes, direct where possible; thread-safe."""
 
-    def __init__(self, path: Path, size: int, *, existing: bool = False) -> None:
+    def __init__(self, path: Path, size: int, *, existing: bool = False, cached: bool = False):
+        """`cached`: write through the page cache, for a file that is read back at once."""
         create = 0 if existing else os.O_CREAT | os.O_EXCL  # existing: a header is written
         self.fd = os.open(path, os.O_WRONLY | create, 0o644)
         self._direct = -1  # stays open until close(), even once direct writes are given up
@@ -46,7 +49,7 @@ class PositionalFile:
         self._lock = threading.Lock()
         try:
             os.ftruncate(self.fd, size)  # direct writes then land inside the file, in any order
-            self._direct = _open_direct(path)
+            self._direct = -1 if cached else _open_direct(path)
             self._block = _block_size(self.fd)
             whole = self._block <= _MAX_BLOCK and self._block & (self._block - 1) == 0
             self._use_direct = self._direct >= 0 and whole

@@ -46,21 +46,21 @@ class Sink(Protocol):
     def abort(self) -> None: ...
 
 
-def _safetensors(folder, entries, max_shard_bytes, options, config, info) -> Sink:
-    return ShardedWriter(folder, entries, max_shard_bytes, {"format": "pt"})
+def _safetensors(folder, entries, max_shard_bytes, options, config, info, cached) -> Sink:
+    return ShardedWriter(folder, entries, max_shard_bytes, {"format": "pt"}, cached=cached)
 
 
-def _nf4(folder, entries, max_shard_bytes, options, config, info) -> Sink:
-    return NF4Folder(folder, entries, max_shard_bytes, options, config)
+def _nf4(folder, entries, max_shard_bytes, options, config, info, cached) -> Sink:
+    return NF4Folder(folder, entries, max_shard_bytes, options, config, cached)
 
 
-def _gguf(path, entries, max_shard_bytes, options, config, info) -> Sink:
+def _gguf(path, entries, max_shard_bytes, options, config, info, cached) -> Sink:
     if info.base is not None:  # a GGUF base: its file again, merged tensors replaced
-        return GGUFRewrite(path, entries, config, info.base, info.gguf_type, info.record)
-    return GGUFFile(path, entries, config, info)
+        return GGUFRewrite(path, entries, config, info.base, info.gguf_type, info.record, cached)
+    return GGUFFile(path, entries, config, info, cached)
 
 
-Factory = Callable[[Path, list[Entry], int, NF4Options, dict | None, GGUFInfo], Sink]
+Factory = Callable[[Path, list[Entry], int, NF4Options, dict | None, GGUFInfo, bool], Sink]
 FORMATS: dict[str, Factory] = {
     "safetensors": _safetensors,
     "nf4": _nf4,
@@ -77,8 +77,10 @@ def open_sink(
     options: NF4Options,
     config: dict | None,
     info: GGUFInfo,
+    cached: bool = False,
 ) -> Sink:
-    """The sink of format `to`, writing into `folder` (the file, for a single-file format)."""
+    """The sink of format `to`, writing into `folder` (the file, for a single-file format);
+    `cached`: the command reads the output back at once (write it through the page cache)."""
     if to not in FORMATS:
         raise LoramergeError(f"unknown output format {to!r}; choose from {', '.join(FORMATS)}")
-    return FORMATS[to](folder, entries, max_shard_bytes, options, config, info)
+    return FORMATS[to](folder, entries, max_shard_bytes, options, config, info, cached)

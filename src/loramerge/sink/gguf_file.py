@@ -60,8 +60,10 @@ class BlockSink:
     _arch: Architecture
     _config: dict
 
-    def _open(self, path: Path, data_bytes: int) -> None:
-        self._file = PositionalFile(path, self._data_start + data_bytes, existing=True)
+    def _open(self, path: Path, data_bytes: int, cached: bool) -> None:
+        self._file = PositionalFile(
+            path, self._data_start + data_bytes, existing=True, cached=cached
+        )
         self._written: set[str] = set()
         self._filled: dict[str, int] = {}  # bytes of a tensor written so far
         self.files: list[str] = []
@@ -125,7 +127,14 @@ class BlockSink:
 class GGUFFile(BlockSink):
     """The GGUF sink: `path` is the (temporary) file to fill."""
 
-    def __init__(self, path: Path, entries: list[Entry], config: dict | None, info: GGUFInfo):
+    def __init__(
+        self,
+        path: Path,
+        entries: list[Entry],
+        config: dict | None,
+        info: GGUFInfo,
+        cached: bool = False,
+    ):
         if info.gguf_type is None:
             info = replace(info, gguf_type="f16")
         if info.gguf_type not in GGUF_TYPES:
@@ -187,7 +196,7 @@ class GGUFFile(BlockSink):
         (file,) = writer.fout
         self._data_start = writer.ggml_pad(file.tell(), writer.data_alignment)
         file.close()
-        self._open(path, offset)
+        self._open(path, offset, cached)
         self.order = list(kept)
         self._shapes = {name: shape for name, _, shape, _ in layout}
         for name, values in extras.items():

@@ -56,6 +56,7 @@ class GGUFRewrite(BlockSink):
         base: GGUFBase,
         gguf_type: str | None,
         record: dict,
+        cached: bool = False,
     ) -> None:
         header = base.header
         self._arch, self._config = architecture(config), config
@@ -119,7 +120,7 @@ class GGUFRewrite(BlockSink):
         self._data_start = align(len(head), header.alignment)
         self._slots = {name: (r.qtype, r.offset, r.nbytes) for name, (r, _) in self._places.items()}
         self._shapes = {e.name: e.shape for e in entries}
-        self._open(path, offset)
+        self._open(path, offset, cached)
         self._file.write(memoryview(head), 0)
         self.order = [by_gguf[n] for n in header.tensors]
 

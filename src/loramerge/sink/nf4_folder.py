@@ -115,6 +115,7 @@ class NF4Folder:
         max_shard_bytes: int,
         options: NF4Options,
         config: dict | None,
+        cached: bool = False,
     ) -> None:
         if options.blocksize not in nf4.BLOCKSIZES:
             raise LoramergeError(f"--blocksize must be one of {nf4.BLOCKSIZES}")
@@ -128,7 +129,7 @@ class NF4Folder:
         # A weight's parts lie in several regions (the file is ordered by item size), so the
         # shards are hashed from the file, not from copies held until the order catches up.
         self._writer = ShardedWriter(
-            folder, stored, max_shard_bytes, {"format": "pt"}, late, hash_from_file=True
+            folder, stored, max_shard_bytes, {"format": "pt"}, late, True, cached
         )
         owner = {p.name: e.name for e in entries for p in _parts(e, options)}
         # the shape of the matrix quantized: (out, in) for a Conv1D weight stored (in, out)

@@ -76,10 +76,12 @@ class SafetensorsWriter:
         entries: list[Entry],
         metadata: dict[str, str],
         hash_from_file: bool = False,
+        cached: bool = False,
     ) -> None:
         """`hash_from_file`: hash bytes by reading them back once everything before them is
         in, instead of from memory (for writers whose file order is far from their write order,
-        where copies held ahead of a gap would grow to the file's size)."""
+        where copies held ahead of a gap would grow to the file's size); `cached`: the file is
+        read back at once (`direct_io.PositionalFile`)."""
         self.path = Path(path)
         self._hash_from_file = hash_from_file
         header: dict[str, object] = {"__metadata__": metadata}
@@ -110,7 +112,7 @@ class SafetensorsWriter:
         self.sha256 = ""
         head = memoryview(len(raw).to_bytes(8, "little") + raw)
         with self._io_errors():
-            self._file = PositionalFile(self.path, start + offset)
+            self._file = PositionalFile(self.path, start + offset, cached=cached)
             self._file.write(head, 0)
             self._hasher = _PrefixHasher(self.path, start + offset)
         self._hasher.completed(0, start, head)

@@ -31,6 +31,7 @@ class ShardedWriter:
         metadata: dict,
         late: tuple[str, ...] = (),
         hash_from_file: bool = False,
+        cached: bool = False,
     ):
         self.folder = Path(folder)
         shards = [aligned_order(s) for s in split_shards(entries, max_shard_bytes)]
@@ -47,11 +48,14 @@ class ShardedWriter:
         self._weight_map: dict[str, str] = {}
         self._total = sum(e.nbytes for e in entries)
         self._metadata = metadata
+        self._cached = cached
         self._late: dict[str, bytes | None] = dict.fromkeys(late)
         self._late_lock = threading.Lock()
         try:
             for name, shard in zip(self.files[: len(shards)], shards, strict=True):
-                writer = SafetensorsWriter(self.folder / name, shard, metadata, hash_from_file)
+                writer = SafetensorsWriter(
+                    self.folder / name, shard, metadata, hash_from_file, cached
+                )
                 self._writers.append(writer)
                 for entry in shard:
                     self._owner[entry.name] = writer
@@ -116,7 +120,9 @@ class ShardedWriter:
         if missing:
             raise RuntimeError(f"never written: {missing[:5]}")
         entries = [Entry(name, "U8", (len(data),)) for name, data in self._late.items()]
-        writer = SafetensorsWriter(self.folder / self.files[-1], entries, self._metadata)
+        writer = SafetensorsWriter(
+            self.folder / self.files[-1], entries, self._metadata, cached=self._cached
+        )
         self._writers.append(writer)
         for name, data in self._late.items():
             writer.write(name, data)

@@ -7,7 +7,8 @@ weights exactly. Each element is checked against
 
 where `slack` is how far the values the file was quantized from may sit from the float64
 expected ones: the rounding of a 16-bit merge (tolerance ulps of the source dtype; of float32
-for a GGUF base, merged straight into the file's type) and the error of a float32 merge. The format bounds (derived in docs/verify.md):
+for a GGUF base, merged straight into the file's type) and the error of a float32 merge. The
+format bounds (derived in docs/verify.md):
 
 - F32, F16, BF16 storage: half an ulp of the stored type at |expected|, plus the slack;
 - GGUF 32-element types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1): a multiple of the block's stored scale
