@@ -16,10 +16,10 @@ import json
 import os
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 from gguf import GGMLQuantizationType
 
+from loramerge import dtypes
 from loramerge.errors import LoramergeError
 from loramerge.gguf_format import GGUFFormatError, Header, NeedMore, TensorRecord, parse_header
 from loramerge.gguf_names import (
@@ -176,7 +176,7 @@ class GGUFWeights:
         Rows are read and dequantized a bounded chunk at a time, straight into the result.
         """
         record = self._record(name)
-        dtype = self._dtype(name)
+        dtype = dtypes.to_numpy(self.tensors[name].dtype)
         nbytes = int(np.prod(record.shape, dtype=np.int64)) * dtype.itemsize
         buffer = np.empty(nbytes, np.uint8) if into is None else into[:nbytes]
         out = buffer.view(dtype).reshape(-1, record.shape[-1])
@@ -196,7 +196,7 @@ class GGUFWeights:
             if start == 0 and stop == int(np.prod(shape, dtype=np.int64)):
                 return self.read(name, into).reshape(-1)  # the whole tensor: no second copy
             return copy_into(self.read(name).reshape(-1)[start:stop], into)
-        dtype = self._dtype(name)
+        dtype = dtypes.to_numpy(self.tensors[name].dtype)
         out = into[: (stop - start) * dtype.itemsize].view(dtype).reshape(-1, cols)
         self._rows(name, start // cols, out)
         return out.reshape(-1)
@@ -209,9 +209,6 @@ class GGUFWeights:
             )
         return record
 
-    def _dtype(self, name: str) -> np.dtype:
-        """The dtype a tensor reads as."""
-        return np.dtype(ml_dtypes.bfloat16 if self.tensors[name].dtype == "BF16" else np.float32)
 
     def _rows(self, name: str, first: int, out: np.ndarray) -> None:
         """Stored rows first .. first + len(out) into `out`: as they are for a native tensor,
