@@ -209,7 +209,6 @@ class GGUFWeights:
             )
         return record
 
-
     def _rows(self, name: str, first: int, out: np.ndarray) -> None:
         """Stored rows first .. first + len(out) into `out`: as they are for a native tensor,
         else dequantized a chunk at a time."""
