@@ -314,11 +314,13 @@ def test_bf16_tensors_read_as_their_bits(bases):
         weights.close()
 
 
-def test_rebase_through_the_record(cli, tmp_path, wide, bases):
+@pytest.mark.parametrize("kind", ["q8_0", "bf16"])
+def test_rebase_through_the_record(cli, tmp_path, wide, bases, kind):
     """rebase --base BASE.gguf: the record says what is inside; the rebuilt file's tensors are
-    byte for byte those of merging the new adapter straight into the base."""
+    byte for byte those of merging the new adapter straight into the base (a BF16 base read as
+    bfloat16 as much as a quantized one)."""
     model_dir, adapter = wide
-    base = bases[("loramerge", "q8_0")]
+    base = bases[("loramerge", kind)]
     merged, direct, rebased = (tmp_path / f"{n}.gguf" for n in ("merged", "direct", "rebased"))
     half = ("-w", "0.5")
     assert cli("merge", base, adapter, "-o", merged).code == 0
@@ -335,9 +337,12 @@ def test_rebase_through_the_record(cli, tmp_path, wide, bases):
     assert result.code == 0, result.err
     drift = json.loads(result.out)["drift"]
     assert drift["measured"] and drift["max_bound_ratio"] > 0
+    if kind == "bf16":  # stored twice: two roundings of at most half an ulp at the largest
+        # magnitude it passed through, against half an ulp, plus float32 arithmetic (2^-16 ulp)
+        assert drift["max_bound_ratio"] <= 2 + 2**-10
     print(
-        f"\nunmerge by subtraction (quantized twice): worst error {drift['max_bound_ratio']:.3g}x "
-        f"one Q8_0 quantization's bound of the base"
+        f"\nunmerge by subtraction (stored twice): worst error {drift['max_bound_ratio']:.6g}x "
+        f"one {kind} rounding's bound of the base"
     )
 
 

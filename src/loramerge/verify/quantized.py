@@ -42,7 +42,7 @@ from loramerge.source.gguf_file import GGUFWeights
 Bound = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # (dequantized float64 values in the Hugging Face layout, its bound, the stored type's name)
 Dequantized = tuple[torch.Tensor, Bound, str]
-_FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 GRID_F32 = 2.0**-20  # float32 arithmetic of a K-quant's quantizer and dequantizer, relative
 
 
@@ -95,8 +95,8 @@ class GGUFCandidate:
                 np.ascontiguousarray(unpermute_qk(array, heads) if heads else array)
             )
 
-        if kind in _FLOAT_TYPES:
-            bound = _float_bound(_FLOAT_TYPES[kind])
+        if kind in FLOAT_TYPES:
+            bound = _float_bound(FLOAT_TYPES[kind])
         elif qtype in bounds.LEGACY:
             per_element = to_hf(bounds.block_bound(model.read_blocks(gname), qtype))
             bound = lambda expected, slack, b=per_element: b + slack  # noqa: E731

@@ -182,18 +182,21 @@ def verify_weights(
             f"the record says the merge read the base through NF4 (--qlora-base, blocksize "
             f"{qlora_base['blocksize']}): checked against dequant(NF4(W0)) + the adapters"
         )
-    quantized = open_quantized(candidate, allow_pickle)
-    if quantized is not None:
-        with _open_base(base, allow_pickle, qlora_base) as base_ck:
-            try:
-                _check_all_quantized(
-                    report, quantized, base_ck, config, adapters, weights, progress
-                )
-            finally:
-                quantized.close()
-        return report
     if through is None:
         through = [Path(p) for p in (record or {}).get("computed_from", [])]
+    quantized = open_quantized(candidate, allow_pickle)
+    if quantized is not None:
+        with ExitStack() as stack:
+            stack.callback(quantized.close)
+            base_ck = stack.enter_context(_open_base(base, allow_pickle, qlora_base))
+            via = [
+                stack.enter_context(open_weights(p, stem="model", allow_pickle=allow_pickle))
+                for p in _at_hand(through, report)
+            ]
+            _check_all_quantized(
+                report, quantized, base_ck, config, adapters, weights, progress, via
+            )
+        return report
     if tolerance_ulp is None:  # each earlier rounding may have left up to half an ulp
         report.tolerance_ulp += 0.5 * max(len(through) - 1, 0)
     through = _at_hand(through, report)
@@ -309,8 +312,11 @@ def _extras(names: list[str]) -> list[TensorCheck]:
     return [TensorCheck(n, "extra", passed=False, note="not in base + adapters") for n in names]
 
 
-def _check_all_quantized(report, reader, base_ck, config, adapters, weights, progress) -> None:
-    """The weight check of a GGUF or NF4 candidate: each tensor against its format's bound."""
+def _check_all_quantized(
+    report, reader, base_ck, config, adapters, weights, progress, via: list[Checkpoint]
+) -> None:
+    """The weight check of a GGUF or NF4 candidate: each tensor against its format's bound
+    (`via`: the models it was computed from by subtraction, for the ulps of float storage)."""
     from loramerge.verify.quantized import NF4Candidate
 
     opened = [load_adapter(a) for a in adapters]
@@ -327,11 +333,12 @@ def _check_all_quantized(report, reader, base_ck, config, adapters, weights, pro
             located.add(name)
             if isinstance(reader, NF4Candidate) and not reader.quantized(tensor.name):
                 report.tensors.append(
-                    _check(tensor, base_ck, reader.checkpoint, opened, report.tolerance_ulp, [])
+                    _check(tensor, base_ck, reader.checkpoint, opened, report.tolerance_ulp, via)
                 )
             else:
                 identical = _same_blocks(tensor, base_ck, reader)
-                check = _check_quantized(tensor, base_ck, reader, opened, report.tolerance_ulp)
+                tol = report.tolerance_ulp
+                check = _check_quantized(tensor, base_ck, reader, opened, tol, via)
                 if identical is not None:  # kept in its type: the blocks must be the base's
                     check.exact_share, check.passed = float(identical), identical
                     check.note = "" if identical else "blocks differ from the base tensor"
@@ -344,12 +351,16 @@ def _check_all_quantized(report, reader, base_ck, config, adapters, weights, pro
             adapter.close()
 
 
-def _check_quantized(plan, base, reader, adapters, tol: float) -> TensorCheck:
+def _check_quantized(
+    plan, base, reader, adapters, tol: float, via: list[Checkpoint]
+) -> TensorCheck:
     """|dequantized - expected| <= format bound(expected, slack), elementwise; the slack is tol
-    ulps of the source dtype plus the float32 merge's own error bound."""
+    ulps of the source dtype plus the float32 merge's own error bound. A float file computed by
+    subtraction from `via` has its half ulp taken at the largest magnitude it passed through, as
+    every other candidate's ulps are."""
     import torch
 
-    from loramerge.verify.quantized import ulp_of
+    from loramerge.verify.quantized import FLOAT_TYPES, ulp_of
 
     values, bound, kind = reader.read(plan.name, tuple(plan.shape))
     values = as_matrix(values, plan)
@@ -364,7 +375,13 @@ def _check_quantized(plan, base, reader, adapters, tol: float) -> TensorCheck:
     slack = tol * ulp_of(scale, source)
     for r0, r1, allowance in allowances or ():
         slack[r0:r1] += torch.from_numpy(allowance)
-    allowed = bound(expected, slack)
+    at = expected
+    if kind in FLOAT_TYPES:
+        for model in via:
+            if plan.name in model.tensors and tuple(model.tensors[plan.name].shape) == plan.shape:
+                passed = np.abs(np.asarray(model.read(plan.name), np.float64))
+                at = torch.maximum(at.abs(), as_matrix(torch.from_numpy(passed), plan))
+    allowed = bound(at, slack)
     error = (values - expected).abs()
     finite = bool(torch.isfinite(values).all())
     ratio = float((error / allowed).max()) if error.numel() else 0.0
