@@ -499,7 +499,8 @@ def test_hostile_input(tmp_path, name):
 
 
 def _valid_gguf() -> bytes:
-    """A small llama GGUF written by gguf-py: scalars, strings, arrays, F32/Q8_0/Q4_K tensors."""
+    """A small llama GGUF written by gguf-py: scalars, strings, arrays, F32/BF16/Q8_0/Q4_K
+    tensors (a BF16 k projection, read as its bits with its rows un-permuted)."""
     import tempfile
 
     import gguf
@@ -522,6 +523,8 @@ def _valid_gguf() -> bytes:
         for name, shape, qtype in [
             ("token_embd.weight", (3, 32), T.Q8_0),
             ("blk.0.attn_q.weight", (32, 32), T.F32),
+            ("blk.0.attn_k.weight", (32, 32), T.BF16),
+            ("blk.0.ffn_up.weight", (4, 32), T.BF16),
             ("blk.0.ffn_down.weight", (2, 256), T.Q4_K),
             ("output_norm.weight", (32,), T.F32),
         ]:
@@ -560,7 +563,12 @@ def test_valid_gguf_reads(tmp_path):
     path = tmp_path / "v.gguf"
     path.write_bytes(VALID_GGUF)
     with open_weights(path, stem="model", allow_pickle=False) as checkpoint:
-        assert len(checkpoint.tensors) == 4
+        assert len(checkpoint.tensors) == 6
+        bf16 = {n for n, t in checkpoint.tensors.items() if t.dtype == "BF16"}
+        assert bf16 == {
+            "model.layers.0.self_attn.k_proj.weight",
+            "model.layers.0.mlp.up_proj.weight",
+        }
     read_gguf(path)
 
 
