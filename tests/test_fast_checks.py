@@ -171,6 +171,64 @@ def test_float32_candidates_with_an_allowance_match_the_float64_pass():
     _assert_same(fast, full)
 
 
+def _neighbourhoods(dtype: np.dtype, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(candidate, float64 value) pairs around every rounding decision of `dtype`: for each
+    candidate (every bfloat16 pattern, or 50,000 random float32 ones, plus the edges), the
+    value itself, its ties with both neighbours and one float64 ulp either side of them, and
+    the same values with the sign flipped (a zero keeps its sign)."""
+    uint = np.dtype(f"u{dtype.itemsize}")
+    if dtype.itemsize == 2:
+        patterns = np.arange(1 << 16, dtype=np.uint32).astype(uint)
+    else:
+        edges = [0, 1, 2, 0x007FFFFF, 0x00800000, 0x7F7FFFFF, 0x7F800000, 0x7FC00000]
+        patterns = np.concatenate([rng.integers(0, 1 << 32, 50000), edges]).astype(np.uint64)
+        patterns = np.concatenate([patterns, patterns | 0x80000000]).astype(uint)
+    got = patterns.view(dtype)
+    finite = np.isfinite(got.astype(np.float64))
+    values = [got.astype(np.float64)]
+    for way in (np.inf, -np.inf):
+        with np.errstate(all="ignore"):
+            other = np.nextafter(got, np.array(way, dtype)).astype(np.float64)
+            tie = np.where(finite, (values[0] + other) / 2, values[0])  # past the top: to inf
+            values += [tie, np.nextafter(tie, np.inf), np.nextafter(tie, -np.inf)]
+    values = np.concatenate(values)
+    values = np.concatenate([values, -values])
+    candidates = np.concatenate([got] * (values.size // got.size))
+    others = rng.random(candidates.size) < 0.2  # and some candidates for another value
+    candidates[others] = rng.choice(got, int(others.sum()))
+    return candidates, values
+
+
+@pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float32)], ids=["bfloat16", "float32"])
+def test_the_compiled_pass_knows_each_correctly_rounded_element(dtype):
+    """Every element the compiled pass counts as correctly rounded is the torch rounding the
+    merge uses, one element at a time: ties both ways, a float64 ulp off them, subnormals,
+    signed zeros, the overflow to inf and NaN."""
+    from loramerge import compare_kernel
+
+    rng = np.random.default_rng(21)
+    got, want = _neighbourhoods(dtype, rng)
+    with np.errstate(all="ignore"):
+        right = _rounded(want, dtype)
+    uint = np.dtype(f"u{dtype.itemsize}")
+    truth = (got.view(uint) == right.view(uint)) | (
+        np.isnan(got.astype(np.float64)) & np.isnan(want)
+    )
+    bits = got.view(np.uint16) if dtype == BF16 else got
+    mantissa, emin = (7, -126) if dtype == BF16 else (23, -126)
+    empty = np.empty(0)
+    decided = np.empty(got.size, bool)
+    for i in range(got.size):
+        out = np.zeros(7)
+        compare_kernel.measure(
+            bits[i : i + 1], want[i : i + 1], empty, empty, empty, mantissa, emin, out
+        )
+        decided[i] = out[0] == 1
+    wrong = np.flatnonzero(decided != truth)
+    assert wrong.size == 0, [(got[i], want[i], truth[i]) for i in wrong[:5]]
+    assert 0.1 < truth.mean() < 0.9
+
+
 def _perturbed(got: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """`got` with about 5% of elements moved one ulp up or down (any float format)."""
     bits = got.view(np.dtype(f"u{got.dtype.itemsize}"))

@@ -178,8 +178,10 @@ def test_read_buffer_is_placed_at_the_asked_phase():
 
 
 def test_outputs_read_back_at_once_are_written_through_the_cache(tmp_path, monkeypatch):
-    """Direct writes for a plain merge; through the page cache when the command reads the file
-    back at once (`--verify`, unmerge's drift report), so the check does not read the disk."""
+    """Direct writes for a plain merge, and for checks measured inside the pass (`--verify` and
+    unmerge's drift report of bfloat16 merges); through the page cache when the command reads
+    the file back at once (`--verify` of a float32 output), so the check does not read the
+    disk."""
     from loramerge.swap import unmerge
 
     opened = []
@@ -194,6 +196,8 @@ def test_outputs_read_back_at_once_are_written_through_the_cache(tmp_path, monke
     merge(LLAMA, [adapter], tmp_path / "plain", MergeOptions())
     assert opened == [False]
     merge(LLAMA, [adapter], tmp_path / "verified", MergeOptions(verify=True))
-    assert opened[1:] == [True]
+    assert opened[1:] == [False]
+    merge(LLAMA, [adapter], tmp_path / "f32", MergeOptions(verify=True, dtype="float32"))
+    assert opened[2:] == [True]
     result = unmerge(tmp_path / "plain", [adapter], tmp_path / "unmerged")
-    assert result.drift["measured"] and opened[2:] == [True]
+    assert result.drift["measured"] and opened[3:] == [False]

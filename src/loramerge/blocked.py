@@ -11,6 +11,7 @@ float16 and CUDA go through torch.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,11 +59,18 @@ def block_rows(cols: int) -> int:
     return max(1, BLOCK_ELEMENTS // max(cols, 1))
 
 
-def merge_rows(w0: np.ndarray, factors: list[Factor], out: np.ndarray, first: int = 0) -> None:
+def merge_rows(
+    w0: np.ndarray,
+    factors: list[Factor],
+    out: np.ndarray,
+    first: int = 0,
+    check: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+) -> None:
     """out = W0 + sum of the factors, rounded once to out's dtype; `out` may be `w0` itself.
 
     `w0` holds rows `first` onwards of W (a part of a bigger tensor; `first` a multiple of
-    `block_rows`).
+    `block_rows`). `check` (rows of a 16-bit out only) is shown each block as it is made:
+    (its first row in W, W0's rows, the rounded rows), before they overwrite W0's.
     """
     rows, cols = w0.shape
     step = block_rows(cols)
@@ -86,8 +94,23 @@ def merge_rows(w0: np.ndarray, factors: list[Factor], out: np.ndarray, first: in
                 else:
                     np.matmul(f.b[d0:d1], f.a, out=d)
                 acc[lo - first - r0 : hi - first - r0] += d
-            if not in_place:
+            if in_place:
+                continue
+            if check is None:
                 np.copyto(out[r0:r1], acc, casting="unsafe")  # the one rounding, nearest even
+                continue
+            rounded = _rounded(out.dtype, acc.size).reshape(acc.shape)
+            np.copyto(rounded, acc, casting="unsafe")
+            check(first + r0, w0[r0:r1], rounded)
+            np.copyto(out[r0:r1], rounded)
+
+
+def _rounded(dtype: np.dtype, n: int) -> np.ndarray:
+    """This thread's buffer for a block rounded to `dtype` before it is checked."""
+    buffer = getattr(_local, "rounded", None)
+    if buffer is None or buffer.dtype != dtype or buffer.size < n:
+        buffer = _local.rounded = np.empty(n, dtype)
+    return buffer[:n]
 
 
 def _scratch(n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,9 +1,10 @@
 """The weight check's float64 pass over every element, compiled with numba (one pass, no
 temporaries): the figures `compare.Distance` keeps, for bfloat16 and float32 candidates.
 
-Each element is measured exactly as `compare._settle` measures it with numpy (the error in
-float64, ulps from exponent bits, the correctly rounded value by rounding to odd in float32),
-so nothing needs deciding in float32 first. Imported only when a check runs.
+Each element gets the figures `compare._settle` computes with numpy (the error in float64, ulps
+from exponent bits; whether it is the correctly rounded value, decided here from its error in
+ulps at the value rather than by rounding again), so nothing needs deciding in float32 first.
+Imported only when a check runs.
 """
 
 from __future__ import annotations
@@ -26,15 +27,15 @@ def _widened_typed(x):
     return lambda x: np.float64(x)
 
 
-def _is_nearest(got, want):
-    """Whether `got` is `want` (float64) rounded once to got's format (typed below)."""
+def _last_bit(got):
+    """The lowest mantissa bit of a candidate element (typed below): 0 when it is even."""
 
 
-@overload(_is_nearest, inline="always")
-def _is_nearest_typed(got, want):
+@overload(_last_bit, inline="always")
+def _last_bit_typed(got):
     if got == types.uint16:
-        return lambda got, want: np.int64(got) == _bf16_nearest(want)
-    return lambda got, want: float_bits(np.float32(want)) == float_bits(got)
+        return lambda got: np.int64(got) & 1
+    return lambda got: np.int64(float_bits(got)) & 1
 
 
 _ABS = 0x7FFFFFFFFFFFFFFF
@@ -45,24 +46,10 @@ _INF = 0x7FF0000000000000
 def _per_spacing(bits: int, mantissa: int, emin: int) -> float:
     """1 / the format's spacing at the magnitude whose float64 bits (sign cleared) are `bits`
     (`compare.ulp`): a power of two, so x times it is exactly x / spacing; 0 where the
-    magnitude is not finite (spacing inf)."""
+    magnitude is not finite (spacing inf). The spacing's biased exponent is
+    max(biased, 1023 + emin) - mantissa, so its reciprocal's is 2046 + mantissa minus that."""
     biased = bits >> 52
-    exponent = max(biased - 1023, emin) - mantissa
-    return float64_of(np.int64(1023 - exponent) << 52) if biased < 2047 else 0.0
-
-
-@njit(inline="always")
-def _bf16_nearest(want: float) -> int:
-    """`compare.round_once(want, bfloat16)` as uint16 bits: float32 rounded to odd, then to
-    nearest even (bfloat16's own cast, NaN apart: a NaN is compared as NaN)."""
-    single = np.float32(want)
-    back = np.float64(single)
-    bits = np.int64(float_bits(single)) & 0xFFFFFFFF
-    if abs(back) > abs(want):
-        bits -= 1
-    if back != want:
-        bits |= 1
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
+    return float64_of((2046 + mantissa - max(biased, 1023 + emin)) << 52) if biased < 2047 else 0.0
 
 
 # fastmath "reassoc" alone: only the squared error's sum may be reordered (so it vectorizes);
@@ -83,15 +70,28 @@ def measure(got, want, delta, scale, allowance, mantissa, emin, out):
     """
     wide_vectors()
     split, scaled = delta.size > 0, scale.size > 0
-    if allowance.size > 0:  # each call below is inlined with its flag a constant
+    # each call below is inlined with its flags constants, so the loop tests none of them
+    if allowance.size > 0:
         _fold(got, want, delta, scale, allowance, mantissa, emin, out, split, scaled, True)
+    elif split and not scaled:  # a merged tensor: W0 + its terms
+        _fold(got, want, delta, scale, allowance, mantissa, emin, out, True, False, False)
+    elif scaled and not split:  # an unmerged one against the base, the merged model its scale
+        _fold(got, want, delta, scale, allowance, mantissa, emin, out, False, True, False)
     else:
         _fold(got, want, delta, scale, allowance, mantissa, emin, out, split, scaled, False)
 
 
 @njit(inline="always", fastmath={"reassoc"})
 def _fold(got, want, delta, scale, allowance, mantissa, emin, out, split, scaled, judged_by):
-    """`measure`'s loop; without an allowance the judged maximum is the ulp maximum."""
+    """`measure`'s loop; without an allowance the judged maximum is the ulp maximum.
+
+    An element is the correctly rounded value of w when it is nearer than half a spacing at
+    |w| (no other number of the format is: the spacing below |w|'s binade is finer only under
+    its lower end, w's own side), or exactly half when its last bit is even (a tie goes to the
+    even neighbour), with w's sign (a zero keeps it); a finite element's error near that half
+    is exact in float64. Non-finite: inf is right from |w| >= `overflow` (the largest finite
+    number plus half its spacing; both formats top out at 2^128), NaN from NaN."""
+    overflow = float_bits((2.0 - 2.0 ** (-mantissa - 1)) * 2.0**127)
     exact, nonfinite = 0, 0
     max_abs, max_ulp = float_bits(out[2]), 0  # max_ulp: this call's, so judged can share it
     max_at_value, max_judged = float_bits(out[4]), float_bits(out[5])
@@ -116,7 +116,13 @@ def _fold(got, want, delta, scale, allowance, mantissa, emin, out, split, scaled
             max_judged = max(max_judged, float_bits(beyond * per))
         at_value = error * _per_spacing(want_bits, mantissa, emin)
         max_at_value = max(max_at_value, float_bits(at_value))
-        exact += _is_nearest(got[i], w) | ((value_bits > _INF) & (want_bits > _INF))
+        same_sign = (float_bits(value) ^ float_bits(w)) >= 0
+        half = (at_value < 0.5) | ((at_value == 0.5) & (_last_bit(got[i]) == 0))
+        finite = (value_bits < _INF) & (want_bits < _INF)
+        rounds_up = (value_bits == _INF) & (want_bits >= overflow) & (want_bits <= _INF)
+        exact += ((finite & half) | rounds_up) & same_sign | (value_bits > _INF) & (
+            want_bits > _INF
+        )
         sq += error * error
     out[0] += exact
     out[1] += nonfinite

@@ -79,6 +79,9 @@ class Route:
     compute: str  # "float32" or "float64"
     norms_in: dict[tuple[int, str], np.ndarray]
     norms_out: dict[tuple[int, str], np.ndarray]
+    # (tensor, its stored dtype) -> a hook shown each block numpy merges (`blocked.merge_rows`),
+    # or None: the checks done inside the pass (`verify.in_pass`)
+    check: Callable[[TensorPlan, str], Callable | None] | None = None
 
     def by_numpy(self, plan: TensorPlan, stored_dtype: str) -> bool:
         """Whether numpy computes this tensor: plain LoRA on a bf16/f32 matrix (or a bare dtype
@@ -252,8 +255,10 @@ def _write_tensor(
         return
     itemsize = dtypes.itemsize(plan.dtype)
     granule = writer.granule(plan.name)
-    if route.by_numpy(plan, base.tensors[plan.source].dtype):
-        parts = _merge_numpy(writer, plan, base, adapters, granule)
+    stored_dtype = base.tensors[plan.source].dtype
+    if route.by_numpy(plan, stored_dtype):
+        hook = route.check(plan, stored_dtype) if route.check else None
+        parts = _merge_numpy(writer, plan, base, adapters, granule, hook)
     else:
         from loramerge import transform  # torch; imported (once) only when some tensor needs it
 
@@ -276,10 +281,15 @@ def _write_tensor(
 
 
 def _merge_numpy(
-    writer: Sink, plan: TensorPlan, base: Checkpoint, adapters: list[Adapter], granule: int
+    writer: Sink,
+    plan: TensorPlan,
+    base: Checkpoint,
+    adapters: list[Adapter],
+    granule: int,
+    hook: Callable | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Plain LoRA on a bf16/f32 matrix with `blocked`, as (flat start, values) parts of rows,
-    each merged in place in the read buffer if it can."""
+    each merged in place in the read buffer if it can; `hook` sees every block merged."""
     out_dtype = dtypes.to_numpy(plan.dtype)
     rows, cols = matrix_shape(plan, plan.shape)
     step = part_rows(rows, cols, out_dtype.itemsize, granule)
@@ -305,5 +315,5 @@ def _merge_numpy(
             continue
         w0 = w0.reshape(r1 - r0, cols)
         out = w0 if w0.dtype == out_dtype else np.empty(w0.shape, dtype=out_dtype)
-        blocked.merge_rows(w0, factors, out, first=r0)
+        blocked.merge_rows(w0, factors, out, first=r0, check=hook)
         yield start, out

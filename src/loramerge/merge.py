@@ -156,9 +156,15 @@ class Job:
     read_back: bool = False
     # Sources of adapters taken out that are not among `adapters` (a rebuild from the base).
     removed: list[str] = field(default_factory=list)
-    # Run once the output is written and before it is renamed into place; raising keeps it out
-    # (a rebuild checks its source here, after the merge, so the two never hold memory at once).
-    before_commit: Callable[[], None] | None = None
+    # Run once the output is written and before it is renamed into place, with the rows of
+    # `source_check` measured in the pass; raising keeps the output out (a rebuild checks its
+    # source here).
+    before_commit: Callable[[dict], None] | None = None
+    # A merged model to check against the source + adapters inside the pass, as (model,
+    # adapters, weights, the models it was computed from): a rebuild's source.
+    source_check: tuple[Path, list[Path], list[float], list[Path]] | None = None
+    # The rows of the output's check measured in the pass (`verify_against`), by tensor.
+    checked: dict = field(default_factory=dict)
 
 
 def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> MergeResult:
@@ -222,6 +228,8 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
                     record,
                     gguf_base,
                 )
+                checks = _pass_checks(job, options, stored, checkpoint, to)
+                read_back = job.verify_against is not None and (options.verify or job.read_back)
                 writer = open_sink(
                     to,
                     out.path,
@@ -230,10 +238,12 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
                     replace(options.quant, device=device),
                     config,
                     info,
-                    cached=job.verify_against is not None and (options.verify or job.read_back),
+                    # through the page cache when a check reads it back (not measured in the pass)
+                    cached=read_back and not checks.measures_output(plan, checkpoint),
                 )
                 norms: dict[tuple[int, str], np.ndarray] = {}
-                route = Route(device, options.compute_dtype, job.norms, norms)
+                hooks = checks.hook if checks.any else None
+                route = Route(device, options.compute_dtype, job.norms, norms, hooks)
                 try:
                     result.bytes_written = write_tensors(
                         writer, plan, checkpoint, opened, route, progress
@@ -241,7 +251,9 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
                     writer.finish()
                 except BaseException:
                     writer.abort()
+                    checks.close()
                     raise
+                job.checked, source_rows = checks.results()
                 result.files = [job.output.name] if single else list(writer.files)
                 record["output"] = writer.description
                 result.record = record
@@ -256,7 +268,7 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
                         result.verification = _verify(
                             out.path, *job.verify_against, options, job.verify_through
                         )
-                    _before_commit(job)
+                    _before_commit(job, source_rows)
                     out.commit()
                     return _finished(result, start)
                 stored = {**job.carried_norms, **_norm_keys(norms, entries)}
@@ -264,7 +276,7 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
                     record["dora_norms"] = write_norms(out.path, stored)
                 if options.verify and job.verify_against:
                     result.verification = record["verification"] = _verify(
-                        out.path, *job.verify_against, options, job.verify_through
+                        out.path, *job.verify_against, options, job.verify_through, job.checked
                     )
                 record["files"] = dict(writer.hashes)
                 if missing:
@@ -275,7 +287,7 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
                     record["notes"].append(f"no side files: {missing}")
                 updates = {**plan.config_updates, **writer.config_updates}
                 _write_side_files(out.path, side_from, config, updates, record, tokenizer_from)
-                _before_commit(job)
+                _before_commit(job, source_rows)
                 out.commit()
         finally:
             for adapter in opened:
@@ -283,10 +295,68 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
     return _finished(result, start)
 
 
-def _before_commit(job: Job) -> None:
+def _before_commit(job: Job, source_rows: dict) -> None:
     """The job's last word on a written output (`Job.before_commit`), if it has one."""
     if job.before_commit is not None:
-        job.before_commit()
+        job.before_commit(source_rows)
+
+
+class _PassChecks:
+    """The checks measured inside the pass (`verify.in_pass`): the output's and the source's."""
+
+    def __init__(self, output=None, source=None) -> None:
+        self._output, self._source = output, source
+        self.any = output is not None or source is not None
+
+    def measures_output(self, plan: Plan, checkpoint: Checkpoint) -> bool:
+        """Whether the output's check measures merged tensors in the pass (so reads few back)."""
+        return self._output is not None and any(
+            self._output.measures(t, checkpoint.tensors[t.source].dtype)
+            for t in plan.tensors
+            if t.modified
+        )
+
+    def hook(self, plan: TensorPlan, stored_dtype: str):
+        """Both checks' block hooks for a tensor, as one (None when neither measures it)."""
+        hooks = [c.hook(plan, stored_dtype) for c in (self._output, self._source) if c is not None]
+        hooks = [h for h in hooks if h is not None]
+        if len(hooks) < 2:
+            return hooks[0] if hooks else None
+        return lambda *block: [h(*block) for h in hooks]
+
+    def results(self) -> tuple[dict, dict]:
+        """(the output check's rows, the source check's rows), and both checks closed."""
+        rows = tuple({} if c is None else c.results() for c in (self._output, self._source))
+        self.close()
+        return rows
+
+    def close(self) -> None:
+        """Close what the checks opened."""
+        for check in (self._output, self._source):
+            if check is not None:
+                check.close()
+
+
+def _pass_checks(job: Job, options: MergeOptions, stored, checkpoint, to: str) -> _PassChecks:
+    """The checks this job runs after its pass that can be measured inside it: the pass reads a
+    plain stored safetensors checkpoint, and writes one, on the CPU."""
+    plain = stored.gguf is None and checkpoint is stored and not is_nf4(stored)
+    if not plain or to != "safetensors" or options.qlora_base:
+        return _PassChecks()
+    from loramerge.verify.in_pass import PassCheck  # numba, loaded only when a check runs
+
+    output = source = None
+    if job.verify_against is not None and (options.verify or job.read_back):
+        base, adapters, weights = job.verify_against
+        output = PassCheck(
+            job.source, base, adapters, weights, job.verify_through, None, options.allow_pickle
+        )
+    if job.source_check is not None:
+        merged, adapters, weights, through = job.source_check
+        source = PassCheck(
+            job.source, job.source, adapters, weights, through, merged, options.allow_pickle
+        )
+    return _PassChecks(output, source)
 
 
 def _finished(result: MergeResult, start: float) -> MergeResult:
@@ -336,8 +406,11 @@ def _base_view(stored, config: dict | None, options: MergeOptions):
     ]
 
 
-def _verify(folder: Path, base: Path, adapters, weights, options: MergeOptions, through) -> dict:
-    """Run the weight check on what was just written; the verdict goes into the record."""
+def _verify(
+    folder: Path, base: Path, adapters, weights, options: MergeOptions, through, done=None
+) -> dict:
+    """Run the weight check on what was just written (`done`: the rows measured in the pass);
+    the verdict goes into the record."""
     from loramerge.verify import verify_weights  # torch, loaded only when a check runs
 
     report = verify_weights(
@@ -348,6 +421,7 @@ def _verify(folder: Path, base: Path, adapters, weights, options: MergeOptions, 
         allow_pickle=options.allow_pickle,
         through=through,
         qlora_base=_round_trip(options),
+        done=done,
     )
     return {
         "passed": report.passed,

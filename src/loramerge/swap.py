@@ -186,10 +186,7 @@ def _subtract_job(swap: _Swap) -> Job:
         swap.output,
         record=swap.record,
         verify_against=_base_at_hand(swap),
-        verify_through=[
-            swap.merged,
-            *(Path(p) for p in (swap.record or {}).get("computed_from", [])),
-        ],
+        verify_through=[swap.merged, *_computed_from(swap.record)],
         read_back=True,  # the drift report, when the base is at hand
     )
     stored = _stored_norms(swap.merged, swap.record)
@@ -252,7 +249,9 @@ def _drift(output: Path, job: Job, allow_pickle: bool) -> dict:
         }
     from loramerge.verify import verify_weights  # torch, loaded only when a check runs
 
-    report = verify_weights(output, *exact, allow_pickle=allow_pickle, through=job.verify_through)
+    report = verify_weights(
+        output, *exact, allow_pickle=allow_pickle, through=job.verify_through, done=job.checked
+    )
     changed = [t for t in report.tensors if t.exact_share < 1.0 or t.max_ulp > 0]
     total = sum(t.elements for t in report.tensors) or 1
     return {
@@ -286,12 +285,18 @@ def _rebuild_job(swap: _Swap, base: Path) -> Job:
     inside_weights = [e["weight"] for e in swap.kept] + [r.weight for r in swap.removals]
     allow_pickle = swap.options.allow_pickle
 
-    def check_source() -> None:
+    def check_source(done: dict | None = None) -> None:
         from loramerge.verify import verify_weights  # loaded only when a check runs
 
         qlora = (swap.record or {}).get("qlora_base")
         check = verify_weights(
-            swap.merged, base, inside, inside_weights, allow_pickle=allow_pickle, qlora_base=qlora
+            swap.merged,
+            base,
+            inside,
+            inside_weights,
+            allow_pickle=allow_pickle,
+            qlora_base=qlora,
+            done=done,
         )
         if not check.passed and not swap.force:
             worst = ", ".join(f"{t.name} ({t.note or t.kind})" for t in check.failures()[:5])
@@ -316,4 +321,10 @@ def _rebuild_job(swap: _Swap, base: Path) -> Job:
         verify_against=(base, adapters, weights),
         removed=[hub.source_name(r.path) for r in swap.removals],
         before_commit=None if swap.options.dry_run else check_source,
+        source_check=(swap.merged, inside, inside_weights, _computed_from(swap.record)),
     )
+
+
+def _computed_from(record: dict | None) -> list[Path]:
+    """The models a merged model's record says it was computed from by subtraction."""
+    return [Path(p) for p in (record or {}).get("computed_from", [])]

@@ -153,6 +153,7 @@ def verify_weights(
     progress: Callable[[int, int], None] | None = None,
     through: list[Path] | None = None,
     qlora_base: dict | None = None,
+    done: dict[str, TensorCheck] | None = None,
 ) -> VerifyReport:
     """Check CANDIDATE == BASE + sum w_i * adapter_i, tensor by tensor, against float64.
 
@@ -165,6 +166,9 @@ def verify_weights(
     magnitudes join max(|W0|, |expected|) in the ulp scale: each rounding the element went
     through was at that magnitude. The default tolerance is 1 ulp, plus 0.5 ulp for each of
     those earlier roundings beyond the first.
+
+    `done`: rows already measured, by tensor name (`in_pass.PassCheck`, which measured them
+    from the same bytes as the write's own pass); those tensors are not read again.
     """
     candidate, base = Path(candidate), Path(base)
     weights = list(weights or [1.0] * len(adapters))
@@ -197,8 +201,8 @@ def verify_weights(
                 report, quantized, base_ck, config, adapters, weights, progress, via
             )
         return report
-    if tolerance_ulp is None:  # each earlier rounding may have left up to half an ulp
-        report.tolerance_ulp += 0.5 * max(len(through) - 1, 0)
+    if tolerance_ulp is None:
+        report.tolerance_ulp = tolerance(len(through))
     through = _at_hand(through, report)
     opened: list[Adapter] = []
     with ExitStack() as stack:
@@ -228,8 +232,11 @@ def verify_weights(
                 _single_threaded_math(torch_too),
                 ThreadPoolExecutor(_workers()) as pool,
             ):
-                for tensor, result in zip(plan.tensors, pool.map(check, plan.tensors), strict=True):
-                    report.tensors.append(result)
+                done = done or {}
+                left = [t for t in plan.tensors if t.name not in done]
+                results = dict(zip((t.name for t in left), pool.map(check, left), strict=True))
+                for tensor in plan.tensors:
+                    report.tensors.append(done.get(tensor.name) or results[tensor.name])
                     if progress:
                         progress(tensor.nbytes, plan.nbytes)
             report.tensors += _extras(sorted(set(cand_ck.tensors) - planned))
@@ -295,17 +302,28 @@ def _single_threaded_math(torch_too: bool) -> Iterator[None]:
             torch.set_num_threads(previous)
 
 
+def tolerance(through: int) -> float:
+    """The default tolerance in ulps of a candidate computed through `through` models by
+    subtraction: 1, plus half an ulp for each earlier rounding beyond the first."""
+    return 1.0 + 0.5 * max(through - 1, 0)
+
+
+def models_at_hand(through: list[Path]) -> list[Path]:
+    """The models the candidate was computed from that still exist."""
+    return [Path(p) for p in through if Path(p).exists()]
+
+
 def _at_hand(through: list[Path], report: VerifyReport) -> list[Path]:
     """The models the candidate was computed from that still exist; the others are noted."""
+    at_hand = models_at_hand(through)
     for source in through:
-        if source.exists():
-            report.through.append(str(source))
-        else:
+        if Path(source) not in at_hand:
             report.notes.append(
                 f"computed by subtraction from {source}, which is not at hand: its magnitudes "
                 "are missing from the ulp scale, so ulps may be overstated"
             )
-    return [Path(p) for p in report.through]
+    report.through += [str(p) for p in at_hand]
+    return at_hand
 
 
 def _extras(names: list[str]) -> list[TensorCheck]:
@@ -445,11 +463,7 @@ def _check(
     distance = Distance()
     if not plan.modified:
         _compare_stored(distance, got, _Flat(base, plan.source), passed)
-        exact = distance.exact == distance.elements
-        # Computed from another model (an unmerge): its rounding may remain, within tolerance.
-        ok = exact or (bool(through) and distance.max_ulp <= tol and not distance.nonfinite)
-        note = "" if ok else "differs from the base tensor no adapter touches"
-        return _result(plan.name, "untouched", info.dtype, distance, ok, note)
+        return untouched_result(plan.name, info.dtype, distance, tol, bool(through))
     split = by_numpy(plan, base)  # blocks of the terms alone, W0 added as they are measured
     start, blocks, allowances = expected_blocks(
         plan, base, adapters, got.dtype.itemsize >= 4, split
@@ -463,11 +477,27 @@ def _check(
             distance.add_sum(candidate, start[r0:r1], block, through, allowance)
         else:
             distance.add(candidate, block, [start[r0:r1], *through], allowance)
+    return merged_result(plan.name, info.dtype, distance, tol)
+
+
+def merged_result(name: str, dtype: str, distance: Distance, tol: float) -> TensorCheck:
+    """The row of a merged tensor: within `tol` ulps beyond the arithmetic bound, all finite."""
     within = distance.max_ulp_judged <= tol and distance.nonfinite == 0
     note = "" if within else f"{distance.max_ulp_judged:.3g} ulp"
     if distance.nonfinite:
         note = f"{distance.nonfinite} non-finite values"
-    return _result(plan.name, "merged", info.dtype, distance, within, note)
+    return _result(name, "merged", dtype, distance, within, note)
+
+
+def untouched_result(
+    name: str, dtype: str, distance: Distance, tol: float, through: bool
+) -> TensorCheck:
+    """The row of a tensor no adapter touches: the base's bits, or, when the candidate was
+    computed from another model (an unmerge, `through`), within `tol` ulps of them."""
+    exact = distance.exact == distance.elements
+    ok = exact or (through and distance.max_ulp <= tol and not distance.nonfinite)
+    note = "" if ok else "differs from the base tensor no adapter touches"
+    return _result(name, "untouched", dtype, distance, ok, note)
 
 
 def _compare_stored(distance: Distance, got: _Flat, stored: _Flat, passed: list[_Flat]) -> None:

@@ -1,0 +1,215 @@
+"""The weight check done inside a write's own pass: each block of rows is measured as the merge
+produces it, from the rows the merge has just read, so the check reads nothing twice.
+
+A check names a candidate, a base, adapters and the models the candidate passed through; any of
+them may be what the pass itself reads (its source) or writes (its output). `--verify` checks
+the output against the source + adapters; an unmerge's drift report checks the output against
+the recorded base, the source in the ulp scale; a rebuild from `--base` checks the merged
+model it replaces against the source + the adapters inside. Each tensor the pass computes with
+numpy (`blocked.merge_rows`) is measured block by block with the same `Distance` calls as
+`weights._check` makes on the files, so its row is the one a check after the pass would give;
+every other tensor is left to that check (`verify_weights(done=...)`), which reads it back.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from loramerge.adapter import Adapter, load_adapter
+from loramerge.compare import Distance
+from loramerge.plan import Plan, TensorPlan, build_plan, matrix_shape
+from loramerge.source.checkpoint import Checkpoint, open_weights
+from loramerge.source.model_folder import read_config
+from loramerge.verify.expected import _add_terms, by_numpy
+from loramerge.verify.weights import (
+    TensorCheck,
+    _Flat,
+    merged_result,
+    models_at_hand,
+    tolerance,
+    untouched_result,
+)
+
+# What a role reads: the pass's source rows, its output rows, or a stored checkpoint.
+SOURCE, OUTPUT = "source", "output"
+# (first row of the block, the source's rows as read, the output's rows as written)
+RowHook = Callable[[int, np.ndarray, np.ndarray], None]
+
+_local = threading.local()
+
+
+class PassCheck:
+    """One weight check fed by the pass: `hook(plan)` gives each tensor's block hook, and
+    `results()` the rows of the tensors it measured whole."""
+
+    def __init__(
+        self,
+        source: Path,
+        base: Path,
+        adapters: list[Path],
+        weights: list[float],
+        through: list[Path],
+        candidate: Path | None = None,
+        allow_pickle: bool = False,
+    ) -> None:
+        """`source`: what the pass reads; `candidate`: None for the pass's output."""
+        self._pickle = allow_pickle
+        source = Path(source).resolve()
+        self._role_of = lambda p: SOURCE if Path(p).resolve() == source else Path(p)
+        self._opened: list[Checkpoint] = []
+        self._adapters: list[Adapter] = []
+        self._rows: dict[str, _Tensor] = {}
+        self.base = self._open(base)
+        self.candidate = OUTPUT if candidate is None else self._open(candidate)
+        at_hand = models_at_hand(through)
+        self.tolerance, self.through = tolerance(len(through)), [self._open(p) for p in at_hand]
+        base_ck = self._checkpoint(base)
+        self._adapters = [load_adapter(a, allow_pickle=allow_pickle) for a in adapters]
+        self.plan: Plan = build_plan(base_ck, read_config(base), self._adapters, weights, None)
+        self._by_name = {t.name: t for t in self.plan.tensors}
+        self._base_ck = base_ck
+
+    def _open(self, path: Path) -> str | Checkpoint:
+        role = self._role_of(path)
+        if role == SOURCE:
+            return SOURCE
+        checkpoint = open_weights(role, stem="model", allow_pickle=self._pickle)
+        self._opened.append(checkpoint)
+        return checkpoint
+
+    def _checkpoint(self, base: Path) -> Checkpoint:
+        if self.base != SOURCE:
+            return self.base
+        checkpoint = open_weights(base, stem="model", allow_pickle=self._pickle)
+        self._opened.append(checkpoint)
+        return checkpoint
+
+    def hook(self, plan: TensorPlan, source_dtype: str) -> RowHook | None:
+        """The block hook for a tensor the pass merges with numpy from `source_dtype` rows,
+        when this check can measure it there; None leaves it to the check after the pass."""
+        mine = self._measurable(plan, source_dtype)
+        return None if mine is None else _Tensor(self, mine, plan)
+
+    def measures(self, plan: TensorPlan, source_dtype: str) -> bool:
+        """Whether `hook` would measure this tensor in the pass."""
+        return self._measurable(plan, source_dtype) is not None
+
+    def _measurable(self, plan: TensorPlan, source_dtype: str) -> TensorPlan | None:
+        """This check's plan of the tensor, when its rows can be measured in the pass: bfloat16
+        all through, rows as the check sees them, plain LoRA (or none)."""
+        mine = self._by_name.get(plan.name)
+        if mine is None or source_dtype != "BF16" or plan.dtype != "BF16":
+            return None
+        stored = self._base_ck.tensors.get(mine.source)
+        if stored is None or stored.dtype != "BF16" or tuple(stored.shape) != tuple(plan.shape):
+            return None
+        if matrix_shape(mine, mine.shape) != matrix_shape(plan, plan.shape):
+            return None
+        if self.base == SOURCE and mine.source != plan.source:
+            return None
+        if mine.modified and not by_numpy(mine, self._base_ck):
+            return None
+        others = [(role, plan.name) for role in (self.candidate, *self.through)]
+        if not all(_holds(role, name, plan) for role, name in [(self.base, mine.source), *others]):
+            return None
+        return mine
+
+    def finished(self, tensor: _Tensor) -> None:
+        """Keep the row of a tensor whose every element was measured."""
+        self._rows[tensor.plan.name] = tensor.result()
+
+    def results(self) -> dict[str, TensorCheck]:
+        """The rows of the tensors measured in the pass, every element of them."""
+        return dict(self._rows)
+
+    def close(self) -> None:
+        """Close what this check opened."""
+        for adapter in self._adapters:
+            adapter.close()
+        for checkpoint in self._opened:
+            checkpoint.close()
+
+
+def _holds(role, name: str, plan: TensorPlan) -> bool:
+    """Whether a role gives the tensor's rows as stored bfloat16 (the pass's own always do)."""
+    if role in (SOURCE, OUTPUT):
+        return True
+    info = role.tensors.get(name)
+    return (
+        info is not None
+        and info.dtype == "BF16"
+        and tuple(info.shape) == tuple(plan.shape)
+        and role.raw(name) is not None
+        and getattr(role, "gguf", None) is None
+    )
+
+
+class _Tensor:
+    """One tensor's check, fed its blocks of rows in order by the worker that merges it."""
+
+    def __init__(self, check: PassCheck, mine: TensorPlan, plan: TensorPlan) -> None:
+        self.plan, self.distance = mine, Distance()
+        self._check, self._size = check, math.prod(plan.shape)
+        self._cols = matrix_shape(plan, plan.shape)[1]
+        self._reads = {
+            id(role): _Flat(role, plan.name if role is not check.base else mine.source)
+            for role in (check.base, check.candidate, *check.through)
+            if role not in (SOURCE, OUTPUT)
+        }
+        self._factors = []
+        for t in mine.lora:
+            read = check._adapters[t.adapter].weights.read
+            a, b = t.factors(read(t.module.a_key), read(t.module.b_key))
+            at = t.part.at if t.part else 0
+            self._factors.append(
+                (a.astype(np.float64), b.astype(np.float64) * t.coef, t.module.transposed, at)
+            )
+
+    def __call__(self, first: int, source: np.ndarray, output: np.ndarray) -> None:
+        rows = source.shape[0]
+        at, count = first * self._cols, rows * self._cols
+
+        def rows_of(role) -> np.ndarray:
+            if role == SOURCE:
+                return source.reshape(-1)
+            if role == OUTPUT:
+                return output.reshape(-1)
+            return self._reads[id(role)].read(at, count)
+
+        check = self._check
+        candidate, base = rows_of(check.candidate), rows_of(check.base)
+        through = [rows_of(role) for role in check.through]
+        if not self._factors:
+            if np.array_equal(candidate.view(np.uint16), base.view(np.uint16)):
+                self.distance.add_identical(count)
+            else:
+                self.distance.add_stored(candidate, base, through)
+        else:
+            terms, scratch = _scratch(count)
+            terms = terms.reshape(rows, self._cols)
+            _add_terms(terms, scratch, first, first + rows, self._factors, fresh=True)
+            self.distance.add_sum(candidate, base, terms, through)
+        if self.distance.elements == self._size:  # the last block: nothing more is held
+            self._check.finished(self)
+            self._factors, self._reads = [], {}
+
+    def result(self) -> TensorCheck:
+        """The tensor's row, as `weights._check` words it."""
+        tol = self._check.tolerance
+        if self.plan.modified:
+            return merged_result(self.plan.name, "BF16", self.distance, tol)
+        through = bool(self._check.through)
+        return untouched_result(self.plan.name, "BF16", self.distance, tol, through)
+
+
+def _scratch(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """This thread's two float64 block buffers (the terms, and the scratch they are summed in)."""
+    buffers = getattr(_local, "buffers", None)
+    if buffers is None or buffers[0].size < n:
+        buffers = _local.buffers = (np.empty(n, np.float64), np.empty(n, np.float64))
+    return buffers[0][:n], buffers[1][:n]

@@ -1,0 +1,122 @@
+"""The checks measured inside the write's pass (`verify.in_pass`): `merge --verify`, an unmerge's
+drift report and a rebuild's check of its source give, tensor by tensor, the rows a check that
+reads the written files back gives, and they catch what that check catches.
+
+Each test runs the command, keeps the rows measured in the pass (the `done` the command hands
+the check after it), and holds them against `verify_weights` run afresh on the files.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from conftest import ADAPTERS, GPT2, LLAMA
+from safetensors.numpy import load_file, save_file
+
+from loramerge.errors import LoramergeError
+from loramerge.merge import MergeOptions, merge
+from loramerge.swap import rebase, unmerge
+from loramerge.verify import weights as weight_check
+
+SAME = ("kind", "dtype", "elements", "exact_share", "max_abs", "max_ulp", "max_ulp_at_value")
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """The rows each weight check was handed as measured in the pass, call by call."""
+    calls = []
+    check = weight_check.verify_weights
+
+    def spy(*args, **kwargs):
+        calls.append(dict(kwargs.get("done") or {}))
+        return check(*args, **kwargs)
+
+    monkeypatch.setattr(weight_check, "verify_weights", spy)
+    return calls
+
+
+def _assert_rows_match(done: dict, report) -> None:
+    """Every row measured in the pass is the row the read-back check gives."""
+    rows = {t.name: t for t in report.tensors}
+    for name, mine in done.items():
+        theirs = rows[name]
+        for field in SAME:
+            assert getattr(mine, field) == getattr(theirs, field), (name, field)
+        assert mine.max_ulp_judged == theirs.max_ulp_judged, name
+        assert (mine.passed, mine.note) == (theirs.passed, theirs.note), name
+        # RMSE: a float sum in another order, so within N * 2^-53 relative
+        assert math.isclose(mine.rmse, theirs.rmse, rel_tol=mine.elements * 2.0**-53), name
+
+
+@pytest.mark.parametrize("chunk", ["", "4096"], ids=["whole", "parts"])
+@pytest.mark.parametrize(
+    "base, adapters, weights",
+    [
+        (LLAMA, ["llama-lora"], ()),
+        (LLAMA, ["llama-embed"], ()),  # an embedding's transposed term
+        (LLAMA, ["llama-lora", "llama-lora-b"], (1.0, -0.5)),
+        (LLAMA, ["llama-rslora", "llama-patterns"], (0.7, 1.3)),
+        (GPT2, ["gpt2-lora"], ()),  # Conv1D
+    ],
+)
+def test_merge_verify_rows_measured_in_the_pass(
+    tmp_path, monkeypatch, measured, base, adapters, weights, chunk
+):
+    monkeypatch.setenv("LORAMERGE_CHUNK_BYTES", chunk)
+    paths = [ADAPTERS / a for a in adapters]
+    out = tmp_path / "merged"
+    result = merge(base, paths, out, MergeOptions(weights=weights, verify=True))
+    assert result.verification["passed"]
+    (done,) = measured
+    assert done and all(t.kind == "merged" for t in done.values())
+    report = weight_check.verify_weights(out, base, paths, list(weights) or None)
+    merged = {t.name for t in report.tensors if t.kind == "merged"}
+    weights_merged = {n for n in merged if n.endswith(".weight")}  # biases go through torch
+    assert weights_merged <= set(done) <= merged
+    _assert_rows_match(done, report)
+
+
+def test_unmerge_drift_rows_measured_in_the_pass(tmp_path, measured):
+    merged = tmp_path / "merged"
+    merge(LLAMA, [ADAPTERS / "llama-lora", ADAPTERS / "llama-lora-b"], merged)
+    out = tmp_path / "unmerged"
+    result = unmerge(merged, [ADAPTERS / "llama-lora-b"], out)
+    (done,) = measured
+    assert done and result.drift["measured"]
+    report = weight_check.verify_weights(out, LLAMA, [ADAPTERS / "llama-lora"], through=[merged])
+    _assert_rows_match(done, report)
+    assert any(t.exact_share < 1.0 for t in done.values())  # the drift is really there
+    assert result.drift["max_ulp"] == max(t.max_ulp for t in report.tensors)
+
+
+def test_rebuild_source_rows_measured_in_the_pass(tmp_path, measured):
+    merged = tmp_path / "merged"
+    lora, rslora = ADAPTERS / "llama-lora", ADAPTERS / "llama-rslora"
+    merge(LLAMA, [lora], merged)
+    rebase(merged, [lora], [rslora], tmp_path / "rebased", base=LLAMA)
+    (done,) = measured
+    assert done
+    report = weight_check.verify_weights(merged, LLAMA, [lora])
+    _assert_rows_match(done, report)
+    assert report.passed
+
+
+def test_a_tampered_source_is_caught_in_the_pass(tmp_path, measured):
+    """One element of the merged model moved one ulp: the rebuild refuses it, and the tensor
+    holding it was measured in the pass, not read back."""
+    merged = tmp_path / "merged"
+    lora = ADAPTERS / "llama-lora"
+    merge(LLAMA, [lora], merged)
+    shard = merged / "model.safetensors"
+    tensors = load_file(shard)
+    name = "model.layers.1.self_attn.q_proj.weight"
+    bits = tensors[name].view(np.uint16)
+    bits[3, 5] += 1
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(LoramergeError, match="q_proj"):
+        rebase(merged, [lora], [lora], tmp_path / "rebased", base=LLAMA)
+    (done,) = measured
+    assert not done[name].passed and done[name].max_ulp >= 0.5
+    assert not (tmp_path / "rebased").exists()
