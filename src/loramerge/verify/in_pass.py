@@ -31,6 +31,7 @@ from loramerge.verify.weights import (
     _Flat,
     merged_result,
     models_at_hand,
+    same_bytes,
     tolerance,
     untouched_result,
 )
@@ -185,7 +186,7 @@ class _Tensor:
         candidate, base = rows_of(check.candidate), rows_of(check.base)
         through = [rows_of(role) for role in check.through]
         if not self._factors:
-            if np.array_equal(candidate.view(np.uint16), base.view(np.uint16)):
+            if same_bytes(candidate, base):
                 self.distance.add_identical(count)
             else:
                 self.distance.add_stored(candidate, base, through)

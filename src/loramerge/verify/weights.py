@@ -507,7 +507,7 @@ def _compare_stored(distance: Distance, got: _Flat, stored: _Flat, passed: list[
     for at in range(0, got.size, step):
         count = min(step, got.size - at)
         mine, theirs = got.read(at, count), stored.read(at, count)
-        if mine.dtype == theirs.dtype and _same_bytes(mine, theirs):
+        if mine.dtype == theirs.dtype and same_bytes(mine, theirs):
             distance.add_identical(count)
             continue
         scale = [p.read(at, count) for p in passed]
@@ -517,7 +517,7 @@ def _compare_stored(distance: Distance, got: _Flat, stored: _Flat, passed: list[
             distance.add(mine, theirs, scale)
 
 
-def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+def same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
     """Whether two arrays hold the same bytes; a piece that differs almost always differs in its
     first elements already (an unmerge's rounding residue), so those are compared first."""
     a, b = a.view(np.uint8), b.view(np.uint8)
