@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import ml_dtypes
 import numpy as np
 import pytest
 from conftest import ADAPTERS, GPT2, LLAMA
@@ -120,3 +121,43 @@ def test_a_tampered_source_is_caught_in_the_pass(tmp_path, measured):
     (done,) = measured
     assert not done[name].passed and done[name].max_ulp >= 0.5
     assert not (tmp_path / "rebased").exists()
+
+
+def test_a_checked_merge_writes_the_bytes_of_an_unchecked_one(tmp_path, monkeypatch):
+    """The pass rounds the blocks it checks with the compiled rounding: the same bytes."""
+    monkeypatch.setenv("LORAMERGE_CHUNK_BYTES", "4096")
+    paths = [ADAPTERS / "llama-lora", ADAPTERS / "llama-embed"]
+    merge(LLAMA, paths, tmp_path / "plain")
+    merge(LLAMA, paths, tmp_path / "checked", MergeOptions(verify=True))
+    for shard in (tmp_path / "plain").glob("*.safetensors"):
+        assert shard.read_bytes() == (tmp_path / "checked" / shard.name).read_bytes()
+
+
+def test_the_compiled_rounding_is_the_cast():
+    """Every bfloat16 pattern as the high half, with the low halves that decide a rounding
+    (0, 1, just under, on and over the tie, all ones) and random ones: NaN, inf, subnormals,
+    the carry into the exponent and past the largest number."""
+    from loramerge import compare_kernel
+
+    rng = np.random.default_rng(8)
+    high = np.arange(1 << 16, dtype=np.uint32) << 16
+    lows = [0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF, *rng.integers(0, 1 << 16, 10)]
+    values = np.concatenate([high | np.uint32(low) for low in lows]).view(np.float32)
+    with np.errstate(invalid="ignore"):
+        cast = values.astype(ml_dtypes.bfloat16).view(np.uint16)
+    mine = np.empty(values.size, np.uint16)
+    compare_kernel.round_to_bfloat16(values, mine)
+    assert np.array_equal(mine, cast)
+
+
+def test_rebuild_with_verify_measures_both_checks_in_one_pass(tmp_path, measured):
+    merged = tmp_path / "merged"
+    lora, rslora = ADAPTERS / "llama-lora", ADAPTERS / "llama-rslora"
+    merge(LLAMA, [lora], merged)
+    out = tmp_path / "rebased"
+    result = rebase(merged, [lora], [rslora], out, MergeOptions(verify=True), base=LLAMA)
+    assert result.verification["passed"]
+    output_rows, source_rows = measured
+    assert output_rows and source_rows
+    _assert_rows_match(output_rows, weight_check.verify_weights(out, LLAMA, [rslora]))
+    _assert_rows_match(source_rows, weight_check.verify_weights(merged, LLAMA, [lora]))

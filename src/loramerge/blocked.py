@@ -11,8 +11,8 @@ float16 and CUDA go through torch.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -22,6 +22,16 @@ DTYPES = frozenset({"BF16", "F32"})
 BLOCK_ELEMENTS = 1 << 18
 
 _local = threading.local()
+
+
+class BlockCheck(Protocol):
+    """A check shown each block `merge_rows` makes (`verify.in_pass`)."""
+
+    def round(self, acc: np.ndarray, into: np.ndarray) -> None:
+        """Round the float32 block into `into`, bit for bit as the cast to its dtype does."""
+
+    def __call__(self, first: int, w0: np.ndarray, rounded: np.ndarray) -> None:
+        """Measure a block: its first row in W, W0's rows, the rounded rows."""
 
 
 @dataclass(frozen=True)
@@ -64,13 +74,13 @@ def merge_rows(
     factors: list[Factor],
     out: np.ndarray,
     first: int = 0,
-    check: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+    check: BlockCheck | None = None,
 ) -> None:
     """out = W0 + sum of the factors, rounded once to out's dtype; `out` may be `w0` itself.
 
     `w0` holds rows `first` onwards of W (a part of a bigger tensor; `first` a multiple of
-    `block_rows`). `check` (rows of a 16-bit out only) is shown each block as it is made:
-    (its first row in W, W0's rows, the rounded rows), before they overwrite W0's.
+    `block_rows`). `check` (rows of a 16-bit out only) rounds each block (compiled, as its
+    kernels are loaded anyway) and is shown it before it overwrites W0's rows.
     """
     rows, cols = w0.shape
     step = block_rows(cols)
@@ -100,7 +110,7 @@ def merge_rows(
                 np.copyto(out[r0:r1], acc, casting="unsafe")  # the one rounding, nearest even
                 continue
             rounded = _rounded(out.dtype, acc.size).reshape(acc.shape)
-            np.copyto(rounded, acc, casting="unsafe")
+            check.round(acc, rounded)
             check(first + r0, w0[r0:r1], rounded)
             np.copyto(out[r0:r1], rounded)
 

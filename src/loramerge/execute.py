@@ -81,7 +81,7 @@ class Route:
     norms_out: dict[tuple[int, str], np.ndarray]
     # (tensor, its stored dtype) -> a hook shown each block numpy merges (`blocked.merge_rows`),
     # or None: the checks done inside the pass (`verify.in_pass`)
-    check: Callable[[TensorPlan, str], Callable | None] | None = None
+    check: Callable[[TensorPlan, str], blocked.BlockCheck | None] | None = None
 
     def by_numpy(self, plan: TensorPlan, stored_dtype: str) -> bool:
         """Whether numpy computes this tensor: plain LoRA on a bf16/f32 matrix (or a bare dtype
@@ -291,7 +291,7 @@ def _merge_numpy(
     base: Checkpoint,
     adapters: list[Adapter],
     granule: int,
-    hook: Callable | None = None,
+    hook: blocked.BlockCheck | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Plain LoRA on a bf16/f32 matrix with `blocked`, as (flat start, values) parts of rows,
     each merged in place in the read buffer if it can; `hook` sees every block merged."""

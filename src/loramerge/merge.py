@@ -320,9 +320,7 @@ class _PassChecks:
         """Both checks' block hooks for a tensor, as one (None when neither measures it)."""
         hooks = [c.hook(plan, stored_dtype) for c in (self._output, self._source) if c is not None]
         hooks = [h for h in hooks if h is not None]
-        if len(hooks) < 2:
-            return hooks[0] if hooks else None
-        return lambda *block: [h(*block) for h in hooks]
+        return hooks[0] if len(hooks) == 1 else (_Both(*hooks) if hooks else None)
 
     def results(self) -> tuple[dict, dict]:
         """(the output check's rows, the source check's rows), and both checks closed."""
@@ -335,6 +333,17 @@ class _PassChecks:
         for check in (self._output, self._source):
             if check is not None:
                 check.close()
+
+
+class _Both:
+    """Two checks shown the same blocks (a rebuild's source and, with --verify, its output)."""
+
+    def __init__(self, first, second) -> None:
+        self.round, self._checks = first.round, (first, second)
+
+    def __call__(self, *block) -> None:
+        for check in self._checks:
+            check(*block)
 
 
 def _pass_checks(job: Job, options: MergeOptions, stored, checkpoint, to: str) -> _PassChecks:

@@ -52,6 +52,16 @@ def expected_blocks(
 
         return torch_expected.expected_blocks(plan, base, adapters, allowance)
     w0 = StoredRows(base, plan)
+    factors = float64_factors(plan, adapters)
+    blocks = _blocks(w0, factors, start_from_w0=not split)
+    if not allowance:
+        return w0, blocks, None
+    return w0, blocks, _float32_allowance(w0, factors)
+
+
+def float64_factors(plan: TensorPlan, adapters: list[Adapter]) -> list[_Factor]:
+    """The tensor's plain LoRA terms in float64, each coefficient folded into B as the merge
+    folds it."""
     factors = []
     for t in plan.lora:
         read = adapters[t.adapter].weights.read
@@ -60,10 +70,7 @@ def expected_blocks(
         factors.append(
             (a.astype(np.float64), b.astype(np.float64) * t.coef, t.module.transposed, at)
         )
-    blocks = _blocks(w0, factors, start_from_w0=not split)
-    if not allowance:
-        return w0, blocks, None
-    return w0, blocks, _float32_allowance(w0, factors)
+    return factors
 
 
 class StoredRows:
@@ -135,11 +142,11 @@ def _blocks(
                 np.copyto(acc, w0[r0:r1])
                 if magnitude:
                     np.abs(acc, out=acc)
-            _add_terms(acc, delta, r0, r1, factors, fresh=not start_from_w0)
+            add_terms(acc, delta, r0, r1, factors, fresh=not start_from_w0)
         yield r0, r1, acc
 
 
-def _add_terms(
+def add_terms(
     acc: np.ndarray,
     delta: np.ndarray,
     r0: int,

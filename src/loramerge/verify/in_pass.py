@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from loramerge.compare import Distance
 from loramerge.plan import Plan, TensorPlan, build_plan, matrix_shape
 from loramerge.source.checkpoint import Checkpoint, open_weights
 from loramerge.source.model_folder import read_config
-from loramerge.verify.expected import _add_terms, by_numpy
+from loramerge.verify.expected import add_terms, by_numpy, float64_factors
 from loramerge.verify.weights import (
     TensorCheck,
     _Flat,
@@ -38,8 +37,6 @@ from loramerge.verify.weights import (
 
 # What a role reads: the pass's source rows, its output rows, or a stored checkpoint.
 SOURCE, OUTPUT = "source", "output"
-# (first row of the block, the source's rows as read, the output's rows as written)
-RowHook = Callable[[int, np.ndarray, np.ndarray], None]
 
 _local = threading.local()
 
@@ -90,7 +87,7 @@ class PassCheck:
         self._opened.append(checkpoint)
         return checkpoint
 
-    def hook(self, plan: TensorPlan, source_dtype: str) -> RowHook | None:
+    def hook(self, plan: TensorPlan, source_dtype: str) -> _Tensor | None:
         """The block hook for a tensor the pass merges with numpy from `source_dtype` rows,
         when this check can measure it there; None leaves it to the check after the pass."""
         mine = self._measurable(plan, source_dtype)
@@ -162,14 +159,7 @@ class _Tensor:
             for role in (check.base, check.candidate, *check.through)
             if role not in (SOURCE, OUTPUT)
         }
-        self._factors = []
-        for t in mine.lora:
-            read = check._adapters[t.adapter].weights.read
-            a, b = t.factors(read(t.module.a_key), read(t.module.b_key))
-            at = t.part.at if t.part else 0
-            self._factors.append(
-                (a.astype(np.float64), b.astype(np.float64) * t.coef, t.module.transposed, at)
-            )
+        self._factors = float64_factors(mine, check._adapters)
 
     def __call__(self, first: int, source: np.ndarray, output: np.ndarray) -> None:
         rows = source.shape[0]
@@ -193,11 +183,17 @@ class _Tensor:
         else:
             terms, scratch = _scratch(count)
             terms = terms.reshape(rows, self._cols)
-            _add_terms(terms, scratch, first, first + rows, self._factors, fresh=True)
+            add_terms(terms, scratch, first, first + rows, self._factors, fresh=True)
             self.distance.add_sum(candidate, base, terms, through)
         if self.distance.elements == self._size:  # the last block: nothing more is held
             self._check.finished(self)
             self._factors, self._reads = [], {}
+
+    def round(self, acc: np.ndarray, into: np.ndarray) -> None:
+        """The merge's rounding of a float32 block to bfloat16 (`compare_kernel`)."""
+        from loramerge import compare_kernel  # loaded by the first measurement anyway
+
+        compare_kernel.round_to_bfloat16(acc.reshape(-1), into.reshape(-1).view(np.uint16))
 
     def result(self) -> TensorCheck:
         """The tensor's row, as `weights._check` words it."""
