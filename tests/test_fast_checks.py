@@ -217,15 +217,20 @@ def test_the_compiled_pass_knows_each_correctly_rounded_element(dtype):
     bits = got.view(np.uint16) if dtype == BF16 else got
     mantissa, emin = (7, -126) if dtype == BF16 else (23, -126)
     empty = np.empty(0)
-    decided = np.empty(got.size, bool)
-    for i in range(got.size):
-        out = np.zeros(7)
-        compare_kernel.measure(
-            bits[i : i + 1], want[i : i + 1], empty, empty, empty, mantissa, emin, out
-        )
-        decided[i] = out[0] == 1
-    wrong = np.flatnonzero(decided != truth)
-    assert wrong.size == 0, [(got[i], want[i], truth[i]) for i in wrong[:5]]
+    minus_zero = np.full(got.size, -0.0)  # w + -0.0 is w, signed zeros and NaN included
+    # the expected value given whole, and as W0 + terms (the loop that assumes finite values
+    # first, measuring again in full when one is not)
+    for terms in (empty, minus_zero):
+        decided = np.empty(got.size, bool)
+        for i in range(got.size):
+            out = np.zeros(7)
+            split = terms[i : i + 1]
+            compare_kernel.measure(
+                bits[i : i + 1], want[i : i + 1], split, empty, empty, mantissa, emin, out
+            )
+            decided[i] = out[0] == 1
+        wrong = np.flatnonzero(decided != truth)
+        assert wrong.size == 0, [(got[i], want[i], truth[i]) for i in wrong[:5]]
     assert 0.1 < truth.mean() < 0.9
 
 

@@ -70,20 +70,28 @@ def measure(got, want, delta, scale, allowance, mantissa, emin, out):
     """
     wide_vectors()
     split, scaled = delta.size > 0, scale.size > 0
-    # each call below is inlined with its flags constants, so the loop tests none of them
+    # each call below is inlined with its flags constants, so the loop tests none of them; the
+    # common two first assume every value finite, and measure again in full if one is not
+    g, w, d, s, a, m, e, o = got, want, delta, scale, allowance, mantissa, emin, out
     if allowance.size > 0:
-        _fold(got, want, delta, scale, allowance, mantissa, emin, out, split, scaled, True)
+        _fold(g, w, d, s, a, m, e, o, split, scaled, True, False)
     elif split and not scaled:  # a merged tensor: W0 + its terms
-        _fold(got, want, delta, scale, allowance, mantissa, emin, out, True, False, False)
+        if not _fold(g, w, d, s, a, m, e, o, True, False, False, True):
+            _fold(g, w, d, s, a, m, e, o, True, False, False, False)
     elif scaled and not split:  # an unmerged one against the base, the merged model its scale
-        _fold(got, want, delta, scale, allowance, mantissa, emin, out, False, True, False)
+        if not _fold(g, w, d, s, a, m, e, o, False, True, False, True):
+            _fold(g, w, d, s, a, m, e, o, False, True, False, False)
     else:
-        _fold(got, want, delta, scale, allowance, mantissa, emin, out, split, scaled, False)
+        _fold(g, w, d, s, a, m, e, o, split, scaled, False, False)
 
 
 @njit(inline="always", fastmath={"reassoc"})
-def _fold(got, want, delta, scale, allowance, mantissa, emin, out, split, scaled, judged_by):
-    """`measure`'s loop; without an allowance the judged maximum is the ulp maximum.
+def _fold(
+    got, want, delta, scale, allowance, mantissa, emin, out, split, scaled, judged_by, finite
+):
+    """`measure`'s loop; without an allowance the judged maximum is the ulp maximum. With
+    `finite`, the loop leaves out what only non-finite values need, and when the candidate or
+    the expected value has one it folds nothing in and returns False.
 
     An element is the correctly rounded value of w when it is nearer than half a spacing at
     |w| (no other number of the format is: the spacing below |w|'s binade is finer only under
@@ -96,15 +104,19 @@ def _fold(got, want, delta, scale, allowance, mantissa, emin, out, split, scaled
     max_abs, max_ulp = float_bits(out[2]), 0  # max_ulp: this call's, so judged can share it
     max_at_value, max_judged = float_bits(out[4]), float_bits(out[5])
     sq = 0.0
+    largest = 0  # with `finite`: the largest magnitude, as bits, of either value
     for i in range(got.size):
         value = _widened(got[i])
         given = _widened(want[i])
         w = given + delta[i] if split else given
         value_bits = float_bits(value) & _ABS
         want_bits = float_bits(w) & _ABS
-        nonfinite += (value_bits >= _INF) & (want_bits < _INF)
         error = abs(value - w)
-        error = error if error < np.inf else 0.0  # nan_to_num(nan=0, posinf=0)
+        if finite:
+            largest = max(largest, max(value_bits, want_bits))
+        else:
+            nonfinite += (value_bits >= _INF) & (want_bits < _INF)
+            error = error if error < np.inf else 0.0  # nan_to_num(nan=0, posinf=0)
         other = _widened(scale[i]) if scaled else given
         magnitude = max(want_bits, float_bits(other) & _ABS)
         per = _per_spacing(magnitude, mantissa, emin)
@@ -118,12 +130,17 @@ def _fold(got, want, delta, scale, allowance, mantissa, emin, out, split, scaled
         max_at_value = max(max_at_value, float_bits(at_value))
         same_sign = (float_bits(value) ^ float_bits(w)) >= 0
         half = (at_value < 0.5) | ((at_value == 0.5) & (_last_bit(got[i]) == 0))
-        finite = (value_bits < _INF) & (want_bits < _INF)
-        rounds_up = (value_bits == _INF) & (want_bits >= overflow) & (want_bits <= _INF)
-        exact += ((finite & half) | rounds_up) & same_sign | (value_bits > _INF) & (
-            want_bits > _INF
-        )
+        if finite:
+            exact += half & same_sign
+        else:
+            both = (value_bits < _INF) & (want_bits < _INF)
+            rounds_up = (value_bits == _INF) & (want_bits >= overflow) & (want_bits <= _INF)
+            exact += ((both & half) | rounds_up) & same_sign | (value_bits > _INF) & (
+                want_bits > _INF
+            )
         sq += error * error
+    if finite and largest >= _INF:
+        return False
     out[0] += exact
     out[1] += nonfinite
     out[2] = float64_of(max_abs)
@@ -131,6 +148,7 @@ def _fold(got, want, delta, scale, allowance, mantissa, emin, out, split, scaled
     out[4] = float64_of(max_at_value)
     out[5] = float64_of(max_judged if judged_by else max(max_judged, max_ulp))
     out[6] += sq
+    return True
 
 
 @njit(cache=True, nogil=True)
