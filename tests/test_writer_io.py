@@ -178,26 +178,38 @@ def test_read_buffer_is_placed_at_the_asked_phase():
 
 
 def test_outputs_read_back_at_once_are_written_through_the_cache(tmp_path, monkeypatch):
-    """Direct writes for a plain merge, and for checks measured inside the pass (`--verify` and
-    unmerge's drift report of bfloat16 merges); through the page cache when the command reads
-    the file back at once (`--verify` of a float32 output), so the check does not read the
-    disk."""
+    """What a check reads back right after the write goes through the page cache, so the check
+    does not read the disk: the whole file for `--verify` of a float32 output; only the tensors
+    copied unchanged (in the kernel) when the merged ones are checked inside the pass (`--verify`
+    and unmerge's drift report of bfloat16 merges); nothing for a plain merge."""
+    from loramerge.sink import safetensors_writer
     from loramerge.swap import unmerge
 
-    opened = []
+    opened, copied = [], []
     real = direct_io.PositionalFile.__init__
+    in_kernel = safetensors_writer.copy_range
 
     def spy(self, path, size, **kwargs):
         opened.append(kwargs.get("cached", False))
         real(self, path, size, **kwargs)
 
+    def copy_spy(*args):
+        copied.append(args[-1])
+        in_kernel(*args)
+
     monkeypatch.setattr(direct_io.PositionalFile, "__init__", spy)
+    monkeypatch.setattr(safetensors_writer, "copy_range", copy_spy)
     adapter = ADAPTERS / "llama-lora"
+    probe = direct_io.PositionalFile(tmp_path / "probe", 4096)
+    direct = probe.direct  # whether O_DIRECT works here (else every copy is in the kernel)
+    probe.close()
     merge(LLAMA, [adapter], tmp_path / "plain", MergeOptions())
-    assert opened == [False]
+    assert opened[1:] == [False] and bool(copied) != direct
+    copied.clear()
     merge(LLAMA, [adapter], tmp_path / "verified", MergeOptions(verify=True))
-    assert opened[1:] == [False]
+    assert opened[2:] == [False] and copied  # the untouched tensors, copied in the kernel
     merge(LLAMA, [adapter], tmp_path / "f32", MergeOptions(verify=True, dtype="float32"))
-    assert opened[2:] == [True]
+    assert opened[3:] == [True]
+    copied.clear()
     result = unmerge(tmp_path / "plain", [adapter], tmp_path / "unmerged")
-    assert result.drift["measured"] and opened[3:] == [False]
+    assert result.drift["measured"] and opened[4:] == [False] and copied

@@ -19,6 +19,7 @@ from loramerge.execute import Progress, Route, resolve_device, write_tensors
 from loramerge.hashing import sha256_started
 from loramerge.plan import Plan, TensorPlan, build_plan
 from loramerge.sink.atomic import AtomicFile, AtomicFolder
+from loramerge.sink.direct_io import Cached
 from loramerge.sink.formats import SINGLE_FILE, open_sink
 from loramerge.sink.gguf_file import GGUFInfo
 from loramerge.sink.gguf_rewrite import GGUFBase
@@ -238,8 +239,9 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
                     replace(options.quant, device=device),
                     config,
                     info,
-                    # through the page cache when a check reads it back (not measured in the pass)
-                    cached=read_back and not checks.measures_output(plan, checkpoint),
+                    # what a check after the pass reads back goes through the page cache: all of
+                    # it, or only the tensors copied unchanged when the rest is checked in it
+                    cached=_cached(read_back, checks.measures_output(plan, checkpoint)),
                 )
                 norms: dict[tuple[int, str], np.ndarray] = {}
                 hooks = checks.hook if checks.any else None
@@ -293,6 +295,13 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
             for adapter in opened:
                 adapter.close()
     return _finished(result, start)
+
+
+def _cached(read_back: bool, measured_in_pass: bool) -> Cached:
+    """What of the output a check reads back once it is written (`direct_io.Cached`)."""
+    if not read_back:
+        return "none"
+    return "copies" if measured_in_pass else "all"
 
 
 def _before_commit(job: Job, source_rows: dict) -> None:

@@ -23,6 +23,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -34,6 +35,11 @@ _MAX_BLOCK = 1 << 20
 _CHUNK = 64 << 20  # bytes per write call
 _STAGING = 16 << 20  # bytes per staged direct write
 _local = threading.local()
+
+
+# What of a file the command reads back at once: nothing; the tensors copied unchanged (the rest
+# is checked inside the pass); or all of it. What is read back is written through the page cache.
+Cached = Literal["none", "copies", "all"]
 
 
 class PositionalFile:

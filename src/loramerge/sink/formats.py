@@ -19,6 +19,7 @@ import numpy as np
 
 from loramerge.errors import LoramergeError
 from loramerge.nf4_layout import StoredNF4
+from loramerge.sink.direct_io import Cached
 from loramerge.sink.gguf_file import GGUFFile, GGUFInfo
 from loramerge.sink.gguf_rewrite import GGUFRewrite
 from loramerge.sink.nf4_folder import NF4Folder, NF4Options
@@ -51,16 +52,17 @@ def _safetensors(folder, entries, max_shard_bytes, options, config, info, cached
 
 
 def _nf4(folder, entries, max_shard_bytes, options, config, info, cached) -> Sink:
-    return NF4Folder(folder, entries, max_shard_bytes, options, config, cached)
+    return NF4Folder(folder, entries, max_shard_bytes, options, config, cached != "none")
 
 
 def _gguf(path, entries, max_shard_bytes, options, config, info, cached) -> Sink:
+    cached = cached != "none"
     if info.base is not None:  # a GGUF base: its file again, merged tensors replaced
         return GGUFRewrite(path, entries, config, info.base, info.gguf_type, info.record, cached)
     return GGUFFile(path, entries, config, info, cached)
 
 
-Factory = Callable[[Path, list[Entry], int, NF4Options, dict | None, GGUFInfo, bool], Sink]
+Factory = Callable[[Path, list[Entry], int, NF4Options, dict | None, GGUFInfo, Cached], Sink]
 FORMATS: dict[str, Factory] = {
     "safetensors": _safetensors,
     "nf4": _nf4,
@@ -77,10 +79,11 @@ def open_sink(
     options: NF4Options,
     config: dict | None,
     info: GGUFInfo,
-    cached: bool = False,
+    cached: Cached = "none",
 ) -> Sink:
     """The sink of format `to`, writing into `folder` (the file, for a single-file format);
-    `cached`: the command reads the output back at once (write it through the page cache)."""
+    `cached`: what of the output the command reads back at once, written through the page
+    cache (`direct_io.Cached`)."""
     if to not in FORMATS:
         raise LoramergeError(f"unknown output format {to!r}; choose from {', '.join(FORMATS)}")
     return FORMATS[to](folder, entries, max_shard_bytes, options, config, info, cached)

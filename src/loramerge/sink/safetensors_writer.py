@@ -24,6 +24,7 @@ from loramerge import dtypes
 from loramerge.errors import LoramergeError
 from loramerge.sink.direct_io import (
     ALIGN,
+    Cached,
     PositionalFile,
     aligned_buffer,
     copy_range,
@@ -76,12 +77,13 @@ class SafetensorsWriter:
         entries: list[Entry],
         metadata: dict[str, str],
         hash_from_file: bool = False,
-        cached: bool = False,
+        cached: Cached = "none",
     ) -> None:
         """`hash_from_file`: hash bytes by reading them back once everything before them is
         in, instead of from memory (for writers whose file order is far from their write order,
-        where copies held ahead of a gap would grow to the file's size); `cached`: the file is
-        read back at once (`direct_io.PositionalFile`)."""
+        where copies held ahead of a gap would grow to the file's size); `cached`: what of the
+        file is read back at once (`direct_io.Cached`), written through the page cache: all of
+        it (`direct_io.PositionalFile`), or the tensors copied unchanged (in the kernel)."""
         self.path = Path(path)
         self._hash_from_file = hash_from_file
         header: dict[str, object] = {"__metadata__": metadata}
@@ -112,10 +114,11 @@ class SafetensorsWriter:
         self.sha256 = ""
         head = memoryview(len(raw).to_bytes(8, "little") + raw)
         with self._io_errors():
-            self._file = PositionalFile(self.path, start + offset, cached=cached)
+            self._file = PositionalFile(self.path, start + offset, cached=cached == "all")
             self._file.write(head, 0)
             self._hasher = _PrefixHasher(self.path, start + offset)
         self._hasher.completed(0, start, head)
+        self._copy_in_memory = self._file.direct and cached == "none"
 
     def position(self, name: str) -> int:
         """File offset where tensor `name`'s bytes go."""
@@ -134,7 +137,7 @@ class SafetensorsWriter:
         """Write tensor `name` by copying `nbytes` from another file."""
         position = self._claim(name, nbytes)
         with self._io_errors():
-            if self._file.direct:
+            if self._copy_in_memory:
                 self._copy_through_memory(src_fd, src_offset, nbytes, position)
                 return
             self._copy_in_kernel(src_fd, src_offset, nbytes, position)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from loramerge.sink.direct_io import Cached
 from loramerge.sink.safetensors_writer import Entry, SafetensorsWriter, aligned_order, split_shards
 
 SINGLE = "model.safetensors"
@@ -31,7 +32,7 @@ class ShardedWriter:
         metadata: dict,
         late: tuple[str, ...] = (),
         hash_from_file: bool = False,
-        cached: bool = False,
+        cached: Cached = "none",
     ):
         self.folder = Path(folder)
         shards = [aligned_order(s) for s in split_shards(entries, max_shard_bytes)]
