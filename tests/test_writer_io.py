@@ -210,6 +210,9 @@ def test_outputs_read_back_at_once_are_written_through_the_cache(tmp_path, monke
     assert opened[2:] == [False] and copied  # the untouched tensors, copied in the kernel
     merge(LLAMA, [adapter], tmp_path / "f32", MergeOptions(verify=True, dtype="float32"))
     assert opened[3:] == [True]
+    wide = MergeOptions(verify=True, compute_dtype="float64")  # torch's route: read back
+    merge(LLAMA, [adapter], tmp_path / "f64", wide)
+    assert opened[4:] == [True]
     copied.clear()
     result = unmerge(tmp_path / "plain", [adapter], tmp_path / "unmerged")
-    assert result.drift["measured"] and opened[4:] == [False] and copied
+    assert result.drift["measured"] and opened[5:] == [False] and copied

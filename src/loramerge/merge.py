@@ -229,7 +229,7 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
                     record,
                     gguf_base,
                 )
-                checks = _pass_checks(job, options, stored, checkpoint, to)
+                checks = _pass_checks(job, options, stored, checkpoint, to, device)
                 read_back = job.verify_against is not None and (options.verify or job.read_back)
                 writer = open_sink(
                     to,
@@ -355,11 +355,14 @@ class _Both:
             check(*block)
 
 
-def _pass_checks(job: Job, options: MergeOptions, stored, checkpoint, to: str) -> _PassChecks:
+def _pass_checks(
+    job: Job, options: MergeOptions, stored, checkpoint, to: str, device: str
+) -> _PassChecks:
     """The checks this job runs after its pass that can be measured inside it: the pass reads a
-    plain stored safetensors checkpoint, and writes one, on the CPU."""
+    plain stored safetensors checkpoint, and writes one, with numpy (on the CPU, in float32)."""
     plain = stored.gguf is None and checkpoint is stored and not is_nf4(stored)
-    if not plain or to != "safetensors" or options.qlora_base:
+    numpy = device == "cpu" and options.compute_dtype == "float32"
+    if not plain or not numpy or to != "safetensors" or options.qlora_base:
         return _PassChecks()
     from loramerge.verify.in_pass import PassCheck  # numba, loaded only when a check runs
 
