@@ -161,3 +161,26 @@ def test_rebuild_with_verify_measures_both_checks_in_one_pass(tmp_path, measured
     assert output_rows and source_rows
     _assert_rows_match(output_rows, weight_check.verify_weights(out, LLAMA, [rslora]))
     _assert_rows_match(source_rows, weight_check.verify_weights(merged, LLAMA, [lora]))
+
+
+def test_a_wrong_block_handed_to_the_writer_fails_the_check(tmp_path, monkeypatch, measured):
+    """The check measures the bytes the writer gets: one element rounded the wrong way in one
+    block of q_proj fails `merge --verify`, and the row names that tensor."""
+    from loramerge.verify import in_pass
+
+    rounding = in_pass._Tensor.round
+
+    def off_by_one(self, acc, into):
+        rounding(self, acc, into)
+        if self.plan.name.endswith("layers.0.self_attn.q_proj.weight"):
+            into.reshape(-1).view(np.uint16)[7] += 1
+
+    monkeypatch.setattr(in_pass._Tensor, "round", off_by_one)
+    lora = ADAPTERS / "llama-lora"
+    result = merge(LLAMA, [lora], tmp_path / "merged", MergeOptions(verify=True))
+    assert not result.verification["passed"]
+    (done,) = measured
+    wrong = [t for t in done.values() if not t.passed]
+    assert [t.name for t in wrong] == ["model.layers.0.self_attn.q_proj.weight"]
+    report = weight_check.verify_weights(tmp_path / "merged", LLAMA, [lora])
+    _assert_rows_match(done, report)  # the file holds what was checked
