@@ -152,8 +152,8 @@ class Job:
     # The models this output is computed from by subtraction (the source, then its own), newest
     # first: their magnitudes count in the ulp scale of every check, and the record keeps them.
     verify_through: list[Path] = field(default_factory=list)
-    # Whether the caller reads the output back once it is written (unmerge's drift report), as
-    # `--verify` does: it is then written through the page cache.
+    # Whether the caller checks the output against `verify_against` once it is written
+    # (unmerge's drift report), as `--verify` does.
     read_back: bool = False
     # Sources of adapters taken out that are not among `adapters` (a rebuild from the base).
     removed: list[str] = field(default_factory=list)
@@ -229,33 +229,33 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
                     record,
                     gguf_base,
                 )
-                checks = _pass_checks(job, options, stored, checkpoint, to, device)
-                read_back = job.verify_against is not None and (options.verify or job.read_back)
-                writer = open_sink(
-                    to,
-                    out.path,
-                    [Entry(t.name, t.dtype, t.shape) for t in plan.tensors],
-                    options.max_shard_size,
-                    replace(options.quant, device=device),
-                    config,
-                    info,
-                    # what a check after the pass reads back goes through the page cache: all of
-                    # it, or only the tensors copied unchanged when the rest is checked in it
-                    cached=_cached(read_back, checks.measures_output(plan, checkpoint)),
-                )
-                norms: dict[tuple[int, str], np.ndarray] = {}
-                hooks = checks.hook if checks.any else None
-                route = Route(device, options.compute_dtype, job.norms, norms, hooks)
-                try:
-                    result.bytes_written = write_tensors(
-                        writer, plan, checkpoint, opened, route, progress
+                with _pass_checks(job, options, stored, checkpoint, to, device) as checks:
+                    writer = open_sink(
+                        to,
+                        out.path,
+                        [Entry(t.name, t.dtype, t.shape) for t in plan.tensors],
+                        options.max_shard_size,
+                        replace(options.quant, device=device),
+                        config,
+                        info,
+                        # what a check after the pass reads back goes through the page cache:
+                        # all of it, or the tensors copied unchanged when the rest is checked in it
+                        cached=_cached(
+                            _output_checked(job, options), checks.measures_output(plan, checkpoint)
+                        ),
                     )
-                    writer.finish()
-                except BaseException:
-                    writer.abort()
-                    checks.close()
-                    raise
-                job.checked, source_rows = checks.results()
+                    norms: dict[tuple[int, str], np.ndarray] = {}
+                    hooks = checks.hook if checks.any else None
+                    route = Route(device, options.compute_dtype, job.norms, norms, hooks)
+                    try:
+                        result.bytes_written = write_tensors(
+                            writer, plan, checkpoint, opened, route, progress
+                        )
+                        writer.finish()
+                    except BaseException:
+                        writer.abort()
+                        raise
+                    job.checked, source_rows = checks.results()
                 result.files = [job.output.name] if single else list(writer.files)
                 record["output"] = writer.description
                 result.record = record
@@ -315,7 +315,19 @@ class _PassChecks:
 
     def __init__(self, output=None, source=None) -> None:
         self._output, self._source = output, source
-        self.any = output is not None or source is not None
+
+    def __enter__(self) -> _PassChecks:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for check in (self._output, self._source):
+            if check is not None:
+                check.close()
+
+    @property
+    def any(self) -> bool:
+        """Whether some check is measured in the pass."""
+        return self._output is not None or self._source is not None
 
     def measures_output(self, plan: Plan, checkpoint: Checkpoint) -> bool:
         """Whether the output's check measures merged tensors in the pass (so reads few back)."""
@@ -332,16 +344,8 @@ class _PassChecks:
         return hooks[0] if len(hooks) == 1 else (_Both(*hooks) if hooks else None)
 
     def results(self) -> tuple[dict, dict]:
-        """(the output check's rows, the source check's rows), and both checks closed."""
-        rows = tuple({} if c is None else c.results() for c in (self._output, self._source))
-        self.close()
-        return rows
-
-    def close(self) -> None:
-        """Close what the checks opened."""
-        for check in (self._output, self._source):
-            if check is not None:
-                check.close()
+        """(the output check's rows, the source check's rows)."""
+        return tuple({} if c is None else c.results() for c in (self._output, self._source))
 
 
 class _Both:
@@ -367,17 +371,23 @@ def _pass_checks(
     from loramerge.verify.in_pass import PassCheck  # numba, loaded only when a check runs
 
     output = source = None
-    if job.verify_against is not None and (options.verify or job.read_back):
+    pickle = options.allow_pickle
+    if _output_checked(job, options):
         base, adapters, weights = job.verify_against
         output = PassCheck(
-            job.source, base, adapters, weights, job.verify_through, None, options.allow_pickle
+            (job.source, stored), base, adapters, weights, job.verify_through, None, pickle
         )
     if job.source_check is not None:
         merged, adapters, weights, through = job.source_check
         source = PassCheck(
-            job.source, job.source, adapters, weights, through, merged, options.allow_pickle
+            (job.source, stored), job.source, adapters, weights, through, merged, pickle
         )
     return _PassChecks(output, source)
+
+
+def _output_checked(job: Job, options: MergeOptions) -> bool:
+    """Whether the output is checked once written: `--verify`, or the caller's own check."""
+    return job.verify_against is not None and (options.verify or job.read_back)
 
 
 def _finished(result: MergeResult, start: float) -> MergeResult:

@@ -9,8 +9,9 @@ the caller's memory when its address is aligned the same way, else through a sta
 and unaligned ends written through the cache. The two never share a filesystem block, so the
 file stays coherent. Filesystems without `O_DIRECT`
 (tmpfs, some network filesystems) and any direct write the kernel refuses fall back to buffered.
-A file the command reads back at once (`merge --verify`, unmerge's drift report) is written
-buffered: reading it from the page cache costs less than the copy into it saves.
+What a command reads back at once (`Cached`: the whole file, or only the tensors copied
+unchanged when the rest is checked inside the pass) is written buffered: reading it from the page
+cache costs less than the copy into it saves.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import numpy as np
 
 from loramerge.adapter import Adapter, load_adapter
 from loramerge.compare import Distance
-from loramerge.plan import Plan, TensorPlan, build_plan, matrix_shape
+from loramerge.plan import TensorPlan, build_plan, matrix_shape
 from loramerge.source.checkpoint import Checkpoint, open_weights
 from loramerge.source.model_folder import read_config
 from loramerge.verify.expected import add_terms, by_numpy, float64_factors
@@ -47,7 +47,7 @@ class PassCheck:
 
     def __init__(
         self,
-        source: Path,
+        source: tuple[Path, Checkpoint],
         base: Path,
         adapters: list[Path],
         weights: list[float],
@@ -55,35 +55,27 @@ class PassCheck:
         candidate: Path | None = None,
         allow_pickle: bool = False,
     ) -> None:
-        """`source`: what the pass reads; `candidate`: None for the pass's output."""
+        """`source`: what the pass reads (its path, and the checkpoint it reads it through);
+        `candidate`: None for the pass's output."""
+        self._source_path, self._source = Path(source[0]).resolve(), source[1]
         self._pickle = allow_pickle
-        source = Path(source).resolve()
-        self._role_of = lambda p: SOURCE if Path(p).resolve() == source else Path(p)
         self._opened: list[Checkpoint] = []
         self._adapters: list[Adapter] = []
-        self._rows: dict[str, _Tensor] = {}
-        self.base = self._open(base)
-        self.candidate = OUTPUT if candidate is None else self._open(candidate)
+        self._rows: dict[str, TensorCheck] = {}
+        self.base = self._role(base)
+        self.candidate = OUTPUT if candidate is None else self._role(candidate)
         at_hand = models_at_hand(through)
-        self.tolerance, self.through = tolerance(len(through)), [self._open(p) for p in at_hand]
-        base_ck = self._checkpoint(base)
+        self.tolerance, self.through = tolerance(len(through)), [self._role(p) for p in at_hand]
+        self._base_ck = self._source if self.base == SOURCE else self.base
         self._adapters = [load_adapter(a, allow_pickle=allow_pickle) for a in adapters]
-        self.plan: Plan = build_plan(base_ck, read_config(base), self._adapters, weights, None)
-        self._by_name = {t.name: t for t in self.plan.tensors}
-        self._base_ck = base_ck
+        plan = build_plan(self._base_ck, read_config(base), self._adapters, weights, None)
+        self._by_name = {t.name: t for t in plan.tensors}
 
-    def _open(self, path: Path) -> str | Checkpoint:
-        role = self._role_of(path)
-        if role == SOURCE:
+    def _role(self, path: Path) -> str | Checkpoint:
+        """SOURCE for the model the pass reads; any other, opened."""
+        if Path(path).resolve() == self._source_path:
             return SOURCE
-        checkpoint = open_weights(role, stem="model", allow_pickle=self._pickle)
-        self._opened.append(checkpoint)
-        return checkpoint
-
-    def _checkpoint(self, base: Path) -> Checkpoint:
-        if self.base != SOURCE:
-            return self.base
-        checkpoint = open_weights(base, stem="model", allow_pickle=self._pickle)
+        checkpoint = open_weights(path, stem="model", allow_pickle=self._pickle)
         self._opened.append(checkpoint)
         return checkpoint
 
