@@ -180,8 +180,9 @@ def test_read_buffer_is_placed_at_the_asked_phase():
 def test_outputs_read_back_at_once_are_written_through_the_cache(tmp_path, monkeypatch):
     """What a check reads back right after the write goes through the page cache, so the check
     does not read the disk: the whole file for `--verify` of a float32 output; only the tensors
-    copied unchanged (in the kernel) when the merged ones are checked inside the pass (`--verify`
-    and unmerge's drift report of bfloat16 merges); nothing for a plain merge."""
+    copied unchanged (in the kernel) when the merged ones are checked inside the pass and the
+    copies are not (unmerge's drift report, which reads the base); nothing for a plain merge, nor
+    for `--verify` of a bfloat16 merge, whose copies are checked in the pass too."""
     from loramerge.sink import safetensors_writer
     from loramerge.swap import unmerge
 
@@ -207,7 +208,7 @@ def test_outputs_read_back_at_once_are_written_through_the_cache(tmp_path, monke
     assert opened[1:] == [False] and bool(copied) != direct
     copied.clear()
     merge(LLAMA, [adapter], tmp_path / "verified", MergeOptions(verify=True))
-    assert opened[2:] == [False] and copied  # the untouched tensors, copied in the kernel
+    assert opened[2:] == [False] and not copied  # the untouched tensors too: from memory
     merge(LLAMA, [adapter], tmp_path / "f32", MergeOptions(verify=True, dtype="float32"))
     assert opened[3:] == [True]
     wide = MergeOptions(verify=True, compute_dtype="float64")  # torch's route: read back

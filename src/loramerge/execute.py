@@ -251,7 +251,11 @@ def _write_tensor(
 ) -> None:
     """Produce one output tensor and hand it to the writer part by part (raw bytes when
     untouched)."""
-    raw = _raw(plan, base, writer)
+    stored_dtype = base.tensors[plan.source].dtype
+    numpy = route.by_numpy(plan, stored_dtype)
+    # a check in the pass sees a tensor copied unchanged too, read and written from memory
+    hook = route.check(plan, stored_dtype) if numpy and route.check else None
+    raw = None if hook is not None else _raw(plan, base, writer)
     if raw is not None:
         writer.copy(plan.name, raw.fd, raw.offset, raw.nbytes)
         return
@@ -260,9 +264,7 @@ def _write_tensor(
         return
     itemsize = dtypes.itemsize(plan.dtype)
     granule = writer.granule(plan.name)
-    stored_dtype = base.tensors[plan.source].dtype
-    if route.by_numpy(plan, stored_dtype):
-        hook = route.check(plan, stored_dtype) if route.check else None
+    if numpy:
         parts = _merge_numpy(writer, plan, base, adapters, granule, hook)
     else:
         from loramerge import transform  # torch; imported (once) only when some tensor needs it
@@ -314,9 +316,12 @@ def _merge_numpy(
         phase = (writer.position(plan.name) + start * out_dtype.itemsize) % ALIGN
         buffer = read_buffer((stop - start) * in_itemsize, phase)
         w0 = base.read_part(plan.source, start, stop, buffer)
-        if not plan.lora:  # a pickled tensor as it is, or a bare dtype change (one rounding)
+        if not plan.lora:  # unchanged, a pickled tensor as it is, or a bare dtype change
             with np.errstate(all="ignore"):
-                yield start, w0.astype(out_dtype, copy=False)
+                values = w0.astype(out_dtype, copy=False)
+            if hook is not None:  # only ever unchanged (bfloat16 in and out)
+                hook(r0, w0.reshape(r1 - r0, cols), values.reshape(r1 - r0, cols))
+            yield start, values
             continue
         w0 = w0.reshape(r1 - r0, cols)
         out = w0 if w0.dtype == out_dtype else np.empty(w0.shape, dtype=out_dtype)

@@ -104,10 +104,16 @@ class PassCheck:
             return None
         if mine.modified and not by_numpy(mine, self._base_ck):
             return None
+        if not plan.modified and not self._at_hand():
+            return None  # a copy is cheaper checked after the pass, from the page cache
         others = [(role, plan.name) for role in (self.candidate, *self.through)]
         if not all(_holds(role, name, plan) for role, name in [(self.base, mine.source), *others]):
             return None
         return mine
+
+    def _at_hand(self) -> bool:
+        """Whether every model this check reads is one the pass holds (it reads nothing)."""
+        return all(role in (SOURCE, OUTPUT) for role in (self.base, self.candidate, *self.through))
 
     def finished(self, tensor: _Tensor) -> None:
         """Keep the row of a tensor whose every element was measured."""
@@ -166,13 +172,15 @@ class _Tensor:
 
         check = self._check
         candidate, base = rows_of(check.candidate), rows_of(check.base)
-        through = [rows_of(role) for role in check.through]
         if not self._factors:
-            if same_bytes(candidate, base):
+            # the rows the pass read are the rows it writes (a tensor copied unchanged)
+            if _same_memory(candidate, base) or same_bytes(candidate, base):
                 self.distance.add_identical(count)
             else:
+                through = [rows_of(role) for role in check.through]
                 self.distance.add_stored(candidate, base, through)
         else:
+            through = [rows_of(role) for role in check.through]
             terms, scratch = _scratch(count)
             terms = terms.reshape(rows, self._cols)
             add_terms(terms, scratch, first, first + rows, self._factors, fresh=True)
@@ -194,6 +202,11 @@ class _Tensor:
             return merged_result(self.plan.name, "BF16", self.distance, tol)
         through = bool(self._check.through)
         return untouched_result(self.plan.name, "BF16", self.distance, tol, through)
+
+
+def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two flat arrays are views of the same bytes."""
+    return a.dtype == b.dtype and a.size == b.size and a.ctypes.data == b.ctypes.data
 
 
 def _scratch(n: int) -> tuple[np.ndarray, np.ndarray]:
