@@ -43,13 +43,15 @@ _INF = 0x7FF0000000000000
 
 
 @njit(inline="always")
-def _per_spacing(bits: int, mantissa: int, emin: int) -> float:
+def _per_spacing(bits: int, mantissa: int, emin: int, finite: bool) -> float:
     """1 / the format's spacing at the magnitude whose float64 bits (sign cleared) are `bits`
     (`compare.ulp`): a power of two, so x times it is exactly x / spacing; 0 where the
-    magnitude is not finite (spacing inf). The spacing's biased exponent is
-    max(biased, 1023 + emin) - mantissa, so its reciprocal's is 2046 + mantissa minus that."""
+    magnitude is not finite (spacing inf), unless `finite` says it is. The spacing's biased
+    exponent is max(biased, 1023 + emin) - mantissa, so its reciprocal's is 2046 + mantissa
+    minus that."""
     biased = bits >> 52
-    return float64_of((2046 + mantissa - max(biased, 1023 + emin)) << 52) if biased < 2047 else 0.0
+    per = float64_of((2046 + mantissa - max(biased, 1023 + emin)) << 52)
+    return per if finite or biased < 2047 else 0.0
 
 
 # fastmath "reassoc" alone: only the squared error's sum may be reordered (so it vectorizes);
@@ -101,10 +103,11 @@ def _fold(
     number plus half its spacing; both formats top out at 2^128), NaN from NaN."""
     overflow = float_bits((2.0 - 2.0 ** (-mantissa - 1)) * 2.0**127)
     exact, nonfinite = 0, 0
+    # max_abs comes in finite (a non-finite error counts as 0 below), so with `finite` it ends
+    # inf or NaN (bits >= _INF) exactly when the candidate or the expected value has one
     max_abs, max_ulp = float_bits(out[2]), 0  # max_ulp: this call's, so judged can share it
     max_at_value, max_judged = float_bits(out[4]), float_bits(out[5])
     sq = 0.0
-    largest = 0  # with `finite`: the largest magnitude, as bits, of either value
     for i in range(got.size):
         value = _widened(got[i])
         given = _widened(want[i])
@@ -112,21 +115,20 @@ def _fold(
         value_bits = float_bits(value) & _ABS
         want_bits = float_bits(w) & _ABS
         error = abs(value - w)
-        if finite:
-            largest = max(largest, max(value_bits, want_bits))
-        else:
+        if not finite:
             nonfinite += (value_bits >= _INF) & (want_bits < _INF)
             error = error if error < np.inf else 0.0  # nan_to_num(nan=0, posinf=0)
         other = _widened(scale[i]) if scaled else given
         magnitude = max(want_bits, float_bits(other) & _ABS)
-        per = _per_spacing(magnitude, mantissa, emin)
+        # a scale array's own inf or NaN is not in the candidate or the expected value
+        per = _per_spacing(magnitude, mantissa, emin, finite and not scaled)
         max_abs = max(max_abs, float_bits(error))
         max_ulp = max(max_ulp, float_bits(error * per))
         if judged_by:
             beyond = error - allowance[i]
             beyond = beyond if beyond > 0.0 else 0.0  # a NaN allowance counts as 0
             max_judged = max(max_judged, float_bits(beyond * per))
-        at_value = error * _per_spacing(want_bits, mantissa, emin)
+        at_value = error * _per_spacing(want_bits, mantissa, emin, finite)
         max_at_value = max(max_at_value, float_bits(at_value))
         same_sign = (float_bits(value) ^ float_bits(w)) >= 0
         half = (at_value < 0.5) | ((at_value == 0.5) & (_last_bit(got[i]) == 0))
@@ -139,7 +141,7 @@ def _fold(
                 want_bits > _INF
             )
         sq += error * error
-    if finite and largest >= _INF:
+    if finite and max_abs >= _INF:
         return False
     out[0] += exact
     out[1] += nonfinite
