@@ -126,13 +126,16 @@ def test_a_tampered_source_is_caught_in_the_pass(tmp_path, measured):
 
 
 def test_a_checked_merge_writes_the_bytes_of_an_unchecked_one(tmp_path, monkeypatch):
-    """The pass rounds the blocks it checks with the compiled rounding: the same bytes."""
+    """The pass rounds the blocks it checks with the compiled rounding (and widens, adds and
+    rounds in one loop where one term reaches a block): the same bytes."""
     monkeypatch.setenv("LORAMERGE_CHUNK_BYTES", "4096")
-    paths = [ADAPTERS / "llama-lora", ADAPTERS / "llama-embed"]
-    merge(LLAMA, paths, tmp_path / "plain")
-    merge(LLAMA, paths, tmp_path / "checked", MergeOptions(verify=True))
-    for shard in (tmp_path / "plain").glob("*.safetensors"):
-        assert shard.read_bytes() == (tmp_path / "checked" / shard.name).read_bytes()
+    for i, adapters in enumerate([["llama-lora", "llama-embed"], ["llama-lora", "llama-lora-b"]]):
+        paths = [ADAPTERS / a for a in adapters]
+        plain, checked = tmp_path / f"plain-{i}", tmp_path / f"checked-{i}"
+        merge(LLAMA, paths, plain)
+        merge(LLAMA, paths, checked, MergeOptions(verify=True))
+        for shard in plain.glob("*.safetensors"):
+            assert shard.read_bytes() == (checked / shard.name).read_bytes()
 
 
 def test_the_compiled_rounding_is_the_cast():
@@ -149,6 +152,36 @@ def test_the_compiled_rounding_is_the_cast():
         cast = values.astype(ml_dtypes.bfloat16).view(np.uint16)
     mine = np.empty(values.size, np.uint16)
     compare_kernel.round_to_bfloat16(values, mine)
+    assert np.array_equal(mine, cast)
+
+
+def test_the_compiled_sum_is_widen_add_and_cast():
+    """W0 + one term rounded in one pass is the three passes' bits: every bfloat16 pattern as
+    W0 (NaN, inf, subnormals, zeros of both signs) plus terms that cancel it, keep it, tip it
+    past a tie, overflow it, are subnormal, zero, inf or NaN, and random ones."""
+    from loramerge import compare_kernel
+
+    rng = np.random.default_rng(9)
+    w0 = np.tile(np.arange(1 << 16, dtype=np.uint16), 12)
+    wide = (w0.astype(np.uint32) << 16).view(np.float32)
+    tie = np.float32(2.0**-9) * np.abs(wide)  # half a bfloat16 spacing, about
+    with np.errstate(all="ignore"):
+        terms = np.concatenate(
+            [
+                -wide[: 1 << 16],
+                np.zeros(1 << 16, np.float32),
+                tie[: 1 << 16],
+                -tie[: 1 << 16] * np.float32(1.0000001),
+                np.full(1 << 16, 3e38, np.float32),
+                np.full(1 << 16, 1e-45, np.float32),
+                np.full(1 << 16, np.inf, np.float32),
+                np.full(1 << 16, np.nan, np.float32),
+                rng.standard_normal(1 << 18).astype(np.float32),
+            ]
+        )
+        cast = (wide + terms).astype(ml_dtypes.bfloat16).view(np.uint16)
+    mine = np.empty(w0.size, np.uint16)
+    compare_kernel.round_sum_to_bfloat16(w0, terms, mine)
     assert np.array_equal(mine, cast)
 
 
@@ -170,14 +203,16 @@ def test_a_wrong_block_handed_to_the_writer_fails_the_check(tmp_path, monkeypatc
     block of q_proj fails `merge --verify`, and the row names that tensor."""
     from loramerge.verify import in_pass
 
-    rounding = in_pass._Tensor.round
+    def off_by_one(rounding):
+        def wrong(self, *block):
+            rounding(self, *block)
+            if self.plan.name.endswith("layers.0.self_attn.q_proj.weight"):
+                block[-1].reshape(-1).view(np.uint16)[7] += 1
 
-    def off_by_one(self, acc, into):
-        rounding(self, acc, into)
-        if self.plan.name.endswith("layers.0.self_attn.q_proj.weight"):
-            into.reshape(-1).view(np.uint16)[7] += 1
+        return wrong
 
-    monkeypatch.setattr(in_pass._Tensor, "round", off_by_one)
+    for method in ("round", "round_sum"):  # a block of one term, or of several
+        monkeypatch.setattr(in_pass._Tensor, method, off_by_one(getattr(in_pass._Tensor, method)))
     lora = ADAPTERS / "llama-lora"
     result = merge(LLAMA, [lora], tmp_path / "merged", MergeOptions(verify=True))
     assert not result.verification["passed"]

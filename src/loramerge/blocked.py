@@ -30,6 +30,10 @@ class BlockCheck(Protocol):
     def round(self, acc: np.ndarray, into: np.ndarray) -> None:
         """Round the float32 block into `into`, bit for bit as the cast to its dtype does."""
 
+    def round_sum(self, w0: np.ndarray, delta: np.ndarray, into: np.ndarray) -> None:
+        """Round W0's rows plus one float32 term into `into`: the bits of widening W0, adding
+        the term and `round`, in one pass."""
+
     def __call__(self, first: int, w0: np.ndarray, rounded: np.ndarray) -> None:
         """Measure a block: its first row in W, W0's rows, the rounded rows."""
 
@@ -89,30 +93,44 @@ def merge_rows(
     with np.errstate(all="ignore"):  # NaN and overflow merge as IEEE says (--allow-nonfinite)
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
-            acc = w0[r0:r1] if in_place else acc_buffer[: (r1 - r0) * cols].reshape(r1 - r0, cols)
-            delta = delta_buffer[: (r1 - r0) * cols].reshape(r1 - r0, cols)
-            if not in_place:
-                np.copyto(acc, w0[r0:r1])  # bfloat16 -> float32 is exact
-            for f in factors:
-                # rows of W this block and dW share
-                lo, hi = max(first + r0, f.at), min(first + r1, f.at + f.rows)
-                if lo >= hi:
+            block, n = w0[r0:r1], (r1 - r0) * cols
+            acc = block if in_place else acc_buffer[:n].reshape(r1 - r0, cols)
+            delta = delta_buffer[:n].reshape(r1 - r0, cols)
+            # (factor, its first row in the block, first row past it) for the rows of W they share
+            terms = [
+                (f, lo - first - r0, hi - first - r0)
+                for f in factors
+                for lo, hi in [(max(first + r0, f.at), min(first + r1, f.at + f.rows))]
+                if lo < hi
+            ]
+            if check is not None and len(terms) == 1 and terms[0][1:] == (0, r1 - r0):
+                _term(terms[0][0], first + r0 - terms[0][0].at, delta)
+                rounded = _rounded(out.dtype, n).reshape(block.shape)
+                check.round_sum(block, delta, rounded)  # widen, add and round in one pass
+            else:
+                if not in_place:
+                    np.copyto(acc, block)  # bfloat16 -> float32 is exact
+                for f, b0, b1 in terms:
+                    _term(f, first + r0 + b0 - f.at, delta[: b1 - b0])
+                    acc[b0:b1] += delta[: b1 - b0]
+                if in_place:
                     continue
-                d, d0, d1 = delta[: hi - lo], lo - f.at, hi - f.at
-                if f.transposed:  # rows d0:d1 of (B@A)^T are A[:, d0:d1]^T @ B^T
-                    np.matmul(f.a[:, d0:d1].T, f.b.T, out=d)
-                else:
-                    np.matmul(f.b[d0:d1], f.a, out=d)
-                acc[lo - first - r0 : hi - first - r0] += d
-            if in_place:
-                continue
-            if check is None:
-                np.copyto(out[r0:r1], acc, casting="unsafe")  # the one rounding, nearest even
-                continue
-            rounded = _rounded(out.dtype, acc.size).reshape(acc.shape)
-            check.round(acc, rounded)
-            check(first + r0, w0[r0:r1], rounded)
+                if check is None:
+                    np.copyto(out[r0:r1], acc, casting="unsafe")  # the one rounding, to even
+                    continue
+                rounded = _rounded(out.dtype, n).reshape(block.shape)
+                check.round(acc, rounded)
+            check(first + r0, block, rounded)
             np.copyto(out[r0:r1], rounded)
+
+
+def _term(f: Factor, d0: int, into: np.ndarray) -> None:
+    """Rows d0 onwards of the factor's dW, as many as `into` holds."""
+    d1 = d0 + into.shape[0]
+    if f.transposed:  # rows d0:d1 of (B@A)^T are A[:, d0:d1]^T @ B^T
+        np.matmul(f.a[:, d0:d1].T, f.b.T, out=into)
+    else:
+        np.matmul(f.b[d0:d1], f.a, out=into)
 
 
 def _rounded(dtype: np.dtype, n: int) -> np.ndarray:

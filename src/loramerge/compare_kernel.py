@@ -160,8 +160,24 @@ def round_to_bfloat16(values, out):
     sign; a carry past the largest finite number gives inf), in a quarter of its time."""
     wide_vectors()
     for i in range(values.size):
-        bits = np.uint32(float_bits(values[i])) & np.uint32(0xFFFFFFFF)
-        rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> 16
-        nan = np.uint32(0x7FC0) | ((bits >> np.uint32(16)) & np.uint32(0x8000))
-        is_nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-        out[i] = np.uint16(nan if is_nan else rounded)
+        out[i] = _bfloat16_bits(values[i])
+
+
+@njit(cache=True, nogil=True)
+def round_sum_to_bfloat16(w0, delta, out):
+    """out = the float32 sum of `w0` (uint16 bfloat16 bits) and float32 `delta`, rounded as
+    `round_to_bfloat16` rounds: the bits of widening, adding and rounding in three passes
+    (`blocked.merge_rows`), in one."""
+    wide_vectors()
+    for i in range(out.size):
+        out[i] = _bfloat16_bits(float32_of(np.int64(w0[i]) << 16) + delta[i])
+
+
+@njit(inline="always")
+def _bfloat16_bits(value):
+    """A float32 rounded to nearest even bfloat16, as its uint16 bits."""
+    bits = np.uint32(float_bits(value)) & np.uint32(0xFFFFFFFF)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> 16
+    nan = np.uint32(0x7FC0) | ((bits >> np.uint32(16)) & np.uint32(0x8000))
+    is_nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    return np.uint16(nan if is_nan else rounded)

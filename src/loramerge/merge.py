@@ -352,7 +352,7 @@ class _Both:
     """Two checks shown the same blocks (a rebuild's source and, with --verify, its output)."""
 
     def __init__(self, first, second) -> None:
-        self.round, self._checks = first.round, (first, second)
+        self.round, self.round_sum, self._checks = first.round, first.round_sum, (first, second)
 
     def __call__(self, *block) -> None:
         for check in self._checks:

@@ -195,6 +195,14 @@ class _Tensor:
 
         compare_kernel.round_to_bfloat16(acc.reshape(-1), into.reshape(-1).view(np.uint16))
 
+    def round_sum(self, w0: np.ndarray, delta: np.ndarray, into: np.ndarray) -> None:
+        """The merge's widening of bfloat16 rows, its one term added and the rounding."""
+        from loramerge import compare_kernel
+
+        compare_kernel.round_sum_to_bfloat16(
+            w0.reshape(-1).view(np.uint16), delta.reshape(-1), into.reshape(-1).view(np.uint16)
+        )
+
     def result(self) -> TensorCheck:
         """The tensor's row, as `weights._check` words it."""
         tol = self._check.tolerance
