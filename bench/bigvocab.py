@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""Peak memory on a checkpoint whose embedding alone is 4 GiB: merge, verify and unmerge.
+"""Peak memory on a checkpoint whose embedding alone is 4 GiB: merge, its checks and unmerge.
 
 The base is Llama-shaped with a 262,144 x 8,192 bf16 `embed_tokens` (the size class of the
 largest released vocabularies), tied to the output head (`tie_word_embeddings`, so the file
 holds it once), beside one decoder layer (hidden 8,192, MLP 1,024). The adapter is PEFT LoRA
-r=16 on `embed_tokens` (lora_embedding_A/B) and on all seven projections. Each command runs as
-its own process after a durable copy of the base, measured the same way (wall, ru_maxrss) in
-one run; `verify`'s verdict is the float64 check of the merge. Built under --workdir (about
+r=16 on `embed_tokens` (lora_embedding_A/B) and on all seven projections. Each command (merge,
+merge --verify, verify, unmerge with and without its drift report, rebase --base) runs as its
+own process after a durable copy of the base, measured the same way (wall, ru_maxrss) in one
+run; `verify`'s verdict is the float64 check of the merge. Built under --workdir (about
 4.5 GiB for the base, the same again per output; everything is deleted with --clean).
 """
 
@@ -187,7 +188,7 @@ def _to_bf16(x):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Build (once), then measure copy, merge, verify and unmerge, one process each."""
+    """Build (once), then measure the copy and each command, one process each."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", type=Path, required=True)
     p.add_argument("--loramerge-cmd", default=f"{shlex.quote(sys.executable)} -m loramerge")
@@ -224,16 +225,19 @@ def main(argv: list[str] | None = None) -> None:
         print(f"built in {run.seconds:.0f} s, base {tree_bytes(root / 'base') / 2**30:.2f} GiB")
     q = lambda path: shlex.quote(str(path))  # noqa: E731
     base, adapter, copy, hidden = root / "base", root / "adapter", root / "copy", root / "hidden"
-    merged, undone = root / "merged", root / "undone"
+    merged, undone = root / "merged", root / "undone"  # undone: each later step's own output
     lm = args.loramerge_cmd
     steps = {
         "copy": f"cp -r {q(base)} {q(copy)} && sync",
         "merge": f"{lm} merge {q(base)} {q(adapter)} -o {q(merged)} --quiet",
+        "merge --verify": f"{lm} merge {q(base)} {q(adapter)} -o {q(undone)} --verify --quiet",
         "verify": f"{lm} verify {q(merged)} --base {q(base)} --adapter {q(adapter)} --json",
         "unmerge": f"{lm} unmerge {q(merged)} {q(adapter)} -o {q(undone)} --quiet",
         # the subtraction alone: with the recorded base out of reach there is no drift report
         "unmerge, no drift report": f"mv {q(base)} {q(hidden)} && {lm} unmerge {q(merged)} "
         f"{q(adapter)} -o {q(undone)} --quiet; rc=$?; mv {q(hidden)} {q(base)}; exit $rc",
+        "rebase --base": f"{lm} rebase {q(merged)} --remove {q(adapter)} --add {q(adapter)} "
+        f"--base {q(base)} -o {q(undone)} --quiet",
     }
     env = child_env()
     log = args.workdir / "bigvocab.log"
