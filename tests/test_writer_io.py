@@ -55,28 +55,54 @@ def _write_all(folder, tmp_path, order: str) -> ShardedWriter:
     with open_weights(_source(tmp_path), stem="model", allow_pickle=False) as source:
         entries += [Entry(n, i.dtype, i.shape) for n, i in source.tensors.items()]
         writer = ShardedWriter(folder, entries, 10**9, {"format": "pt"})
-        names = [e.name for e in entries]
+        # "d" is written and "g" copied in three parts each, which may come in any order
+        jobs = [(e.name, part) for e in entries for part in (range(3) if e.name in PARTS else [0])]
 
-        def put(name: str) -> None:
+        def put(job: tuple[str, int]) -> None:
+            name, part = job
             if name in COPIED:
                 raw = source.raw(name)
-                writer.copy(name, raw.fd, raw.offset, raw.nbytes)
+                at, size = _part(raw.nbytes, part) if name in PARTS else (0, raw.nbytes)
+                writer.copy(name, raw.fd, raw.offset + at, size, at)
                 return
             data = TENSORS[name].reshape(-1).view(torch.uint8).numpy()
             if name in ("b", "d"):  # aligned like its file offset: written with no staging copy
                 buffer = read_buffer(len(data), writer.position(name) % direct_io.ALIGN)
                 buffer[:] = data
                 data = buffer
-            writer.write(name, data)
+            at, size = _part(len(data), part) if name in PARTS else (0, len(data))
+            writer.write(name, data[at : at + size], at)
 
         if order == "threads":
             with ThreadPoolExecutor(3) as pool:
-                list(pool.map(put, names))
+                list(pool.map(put, jobs))
         else:
-            for name in reversed(names) if order == "reverse" else names:
-                put(name)
+            for job in reversed(jobs) if order == "reverse" else jobs:
+                put(job)
         writer.finish()
     return writer
+
+
+PARTS = ("d", "g")
+
+
+def _part(nbytes: int, part: int) -> tuple[int, int]:
+    """(offset, size) of one of three parts of a tensor's bytes, cut off any block boundary."""
+    cuts = [0, nbytes // 3 + 5, 2 * nbytes // 3 + 11, nbytes]
+    return cuts[part], cuts[part + 1] - cuts[part]
+
+
+def test_a_part_written_twice_is_refused(tmp_path):
+    writer = SafetensorsWriter(tmp_path / "x.safetensors", [Entry("t", "U8", (100,))], {})
+    try:
+        writer.write("t", np.zeros(60, np.uint8), 40)
+        with pytest.raises(RuntimeError, match="written twice"):
+            writer.write("t", np.zeros(10, np.uint8), 50)  # overlaps the first part
+        writer.write("t", np.zeros(40, np.uint8), 0)
+        with pytest.raises(RuntimeError, match="written twice"):
+            writer.write("t", np.zeros(1, np.uint8), 0)  # every byte is in
+    finally:
+        writer.close()
 
 
 def _check(folder, writer):

@@ -129,6 +129,17 @@ class Distance:
                 expected = base.astype(np.float64) + delta.reshape(base.shape)
             self.add(candidate, expected, [base, *through], allowance)
 
+    def fold(self, other: Distance) -> None:
+        """Fold in the figures of other elements measured apart (another block)."""
+        self.elements += other.elements
+        self.exact += other.exact
+        self.nonfinite += other.nonfinite
+        self.max_abs = max(self.max_abs, other.max_abs)
+        self.max_ulp = max(self.max_ulp, other.max_ulp)
+        self.max_ulp_at_value = max(self.max_ulp_at_value, other.max_ulp_at_value)
+        self.max_ulp_judged = max(self.max_ulp_judged, other.max_ulp_judged)
+        self.squared_error += other.squared_error
+
     def add_identical(self, elements: int) -> None:
         """Fold in elements already known to be bit-identical to the expected ones."""
         self.elements += elements

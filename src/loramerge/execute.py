@@ -12,6 +12,7 @@ import gc
 import math
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
@@ -123,8 +124,9 @@ def write_tensors(
     """Produce every tensor on a few threads (numpy, torch and file I/O release the GIL).
 
     Each thread owns one tensor at a time and writes it, part by part, to its own byte range, in
-    the writer's order so each shard's hash keeps pace; BLAS and torch thread pools are held to
-    one thread meanwhile (no oversubscription).
+    the writer's order so each shard's hash keeps pace; the parts of a tensor numpy merges are
+    shared out instead, so one big tensor keeps every thread busy. BLAS and torch thread pools
+    are held to one thread meanwhile (no oversubscription).
     """
     computed = [t for t in plan.tensors if _raw(t, checkpoint, writer) is None]
     workers = worker_count(
@@ -138,16 +140,19 @@ def write_tensors(
         _torch_threads(1 if by_torch else None),
         ThreadPoolExecutor(workers, thread_name_prefix="loramerge") as pool,
     ):
-        work = partial(_write_tensor, writer, checkpoint, adapters, route)
         by_name = {t.name: t for t in plan.tensors}
-        ordered = [by_name[name] for name in writer.order]
-        futures = [pool.submit(work, t) for t in ordered]
+        tasks = [
+            task
+            for name in writer.order
+            for task in _tasks(writer, checkpoint, adapters, route, by_name[name])
+        ]
+        futures = [pool.submit(work) for work, _ in tasks]
         try:
-            for future, tensor in zip(futures, ordered, strict=True):
+            for future, (_, nbytes) in zip(futures, tasks, strict=True):
                 _finished(future)
-                done += tensor.nbytes
+                done += nbytes
                 if progress:
-                    progress(tensor.nbytes, plan.nbytes)
+                    progress(nbytes, plan.nbytes)
         except BaseException:
             for future in futures:
                 future.cancel()
@@ -170,7 +175,7 @@ def _finished(future: Future) -> None:
 
 
 # Bytes of a tensor read, merged and written at a time: memory stays flat whatever its size.
-CHUNK_BYTES = 32 << 20
+CHUNK_BYTES = 16 << 20
 
 
 def worker_count(tensor_sizes: list[int], checked: bool = False) -> int:
@@ -242,19 +247,53 @@ def chunk_bytes() -> int:
     return int(value) if value.isdigit() and int(value) > 0 else CHUNK_BYTES
 
 
+def _tasks(
+    writer: Sink, base: Checkpoint, adapters: list[Adapter], route: Route, plan: TensorPlan
+) -> list[tuple[Callable[[], None], int]]:
+    """(work, bytes it writes) for one output tensor: the whole tensor, or each part of rows of
+    one that numpy merges from parts of the base into a writer that takes them in any order."""
+    stored_dtype = base.tensors[plan.source].dtype
+    numpy = route.by_numpy(plan, stored_dtype)
+    # a check in the pass sees a tensor copied unchanged too, read and written from memory
+    hook = route.check(plan, stored_dtype) if numpy and route.check else None
+    whole = [(partial(_write_tensor, writer, base, adapters, route, plan, hook), plan.nbytes)]
+    raw = None if hook is not None else _raw(plan, base, writer)
+    if raw is not None and writer.parts_any_order(plan.name):  # copied in CHUNK_BYTES parts
+        return [
+            (partial(writer.copy, plan.name, raw.fd, raw.offset + at, size, at), size)
+            for at in range(0, raw.nbytes, CHUNK_BYTES)
+            for size in [min(CHUNK_BYTES, raw.nbytes - at)]
+        ] or whole
+    if raw is not None or not numpy or base.raw(plan.source) is None:
+        return whole
+    if not writer.parts_any_order(plan.name):
+        return whole
+    rows, cols = matrix_shape(plan, plan.shape)
+    step = part_rows(rows, cols, dtypes.itemsize(plan.dtype), writer.granule(plan.name))
+    if rows <= step:
+        return whole
+    starts = range(0, rows, step)
+    factors = _SharedFactors(plan, adapters, len(starts))
+    row_bytes = plan.nbytes // rows
+    return [
+        (
+            partial(_write_part, writer, base, plan, factors, hook, r0, min(rows, r0 + step)),
+            (min(rows, r0 + step) - r0) * row_bytes,
+        )
+        for r0 in starts
+    ]
+
+
 def _write_tensor(
     writer: Sink,
     base: Checkpoint,
     adapters: list[Adapter],
     route: Route,
     plan: TensorPlan,
+    hook: blocked.BlockCheck | None,
 ) -> None:
     """Produce one output tensor and hand it to the writer part by part (raw bytes when
-    untouched)."""
-    stored_dtype = base.tensors[plan.source].dtype
-    numpy = route.by_numpy(plan, stored_dtype)
-    # a check in the pass sees a tensor copied unchanged too, read and written from memory
-    hook = route.check(plan, stored_dtype) if numpy and route.check else None
+    untouched and no check in the pass sees it)."""
     raw = None if hook is not None else _raw(plan, base, writer)
     if raw is not None:
         writer.copy(plan.name, raw.fd, raw.offset, raw.nbytes)
@@ -264,12 +303,19 @@ def _write_tensor(
         return
     itemsize = dtypes.itemsize(plan.dtype)
     granule = writer.granule(plan.name)
-    if numpy:
-        parts = _merge_numpy(writer, plan, base, adapters, granule, hook)
+    rows, cols = matrix_shape(plan, plan.shape)
+    if route.by_numpy(plan, base.tensors[plan.source].dtype):
+        step = part_rows(rows, cols, itemsize, granule)
+        if base.raw(plan.source) is None:  # computed or held whole: one part
+            step = max(rows, 1)
+        factors = _numpy_factors(plan, adapters)
+        parts = (
+            _merged_part(writer, plan, base, factors, r0, min(rows, r0 + step), hook)
+            for r0 in range(0, max(rows, 1), step)
+        )
     else:
         from loramerge import transform  # torch; imported (once) only when some tensor needs it
 
-        rows, cols = matrix_shape(plan, plan.shape)
         parts = transform.produce(
             plan,
             base,
@@ -287,43 +333,84 @@ def _write_tensor(
         )
 
 
-def _merge_numpy(
+class _SharedFactors:
+    """The float32 factors of a tensor whose parts several threads merge: made by the first
+    part, dropped after the last."""
+
+    def __init__(self, plan: TensorPlan, adapters: list[Adapter], parts: int) -> None:
+        self._plan, self._adapters, self._left = plan, adapters, parts
+        self._lock = threading.Lock()
+        self._factors: list[blocked.Factor] | None = None
+
+    def take(self) -> list[blocked.Factor]:
+        """The factors (the other parts wait while the first part makes them)."""
+        with self._lock:
+            if self._factors is None:
+                self._factors = _numpy_factors(self._plan, self._adapters)
+            return self._factors
+
+    def release(self) -> None:
+        """One part is done with them."""
+        with self._lock:
+            self._left -= 1
+            if not self._left:
+                self._factors = None
+
+
+def _write_part(
     writer: Sink,
-    plan: TensorPlan,
     base: Checkpoint,
-    adapters: list[Adapter],
-    granule: int,
-    hook: blocked.BlockCheck | None = None,
-) -> Iterator[tuple[int, np.ndarray]]:
-    """Plain LoRA on a bf16/f32 matrix with `blocked`, as (flat start, values) parts of rows,
-    each merged in place in the read buffer if it can; `hook` sees every block merged."""
-    out_dtype = dtypes.to_numpy(plan.dtype)
-    rows, cols = matrix_shape(plan, plan.shape)
-    step = part_rows(rows, cols, out_dtype.itemsize, granule)
-    if base.raw(plan.source) is None:  # computed or held whole: one part
-        step = max(rows, 1)
+    plan: TensorPlan,
+    factors: _SharedFactors,
+    hook: blocked.BlockCheck | None,
+    r0: int,
+    r1: int,
+) -> None:
+    """Merge rows r0:r1 of a tensor and hand them to the writer."""
+    try:
+        start, values = _merged_part(writer, plan, base, factors.take(), r0, r1, hook)
+        writer.write(plan.name, values, start)
+    finally:
+        factors.release()
+
+
+def _numpy_factors(plan: TensorPlan, adapters: list[Adapter]) -> list[blocked.Factor]:
+    """A tensor's plain LoRA terms as `blocked` takes them (float32, coefficients folded in)."""
     factors = []
     for t in plan.lora:
         read = adapters[t.adapter].weights.read
         a, b = t.factors(read(t.module.a_key), read(t.module.b_key))
         at = t.part.at if t.part else 0
         factors.append(blocked.factor(a, b, t.coef, t.module.transposed, at))
+    return factors
+
+
+def _merged_part(
+    writer: Sink,
+    plan: TensorPlan,
+    base: Checkpoint,
+    factors: list[blocked.Factor],
+    r0: int,
+    r1: int,
+    hook: blocked.BlockCheck | None = None,
+) -> tuple[int, np.ndarray]:
+    """Rows r0:r1 of a bf16/f32 matrix with plain LoRA merged by `blocked`, as (flat start,
+    values), merged in place in the read buffer if it can; `hook` sees every block merged."""
+    out_dtype = dtypes.to_numpy(plan.dtype)
+    cols = matrix_shape(plan, plan.shape)[1]
+    start, stop = r0 * cols, r1 * cols
+    # in place, then written with no staging copy
+    phase = (writer.position(plan.name) + start * out_dtype.itemsize) % ALIGN
     in_itemsize = dtypes.itemsize(base.tensors[plan.source].dtype)
-    for r0 in range(0, max(rows, 1), step):
-        r1 = min(rows, r0 + step)
-        start, stop = r0 * cols, r1 * cols
-        # in place, then written with no staging copy
-        phase = (writer.position(plan.name) + start * out_dtype.itemsize) % ALIGN
-        buffer = read_buffer((stop - start) * in_itemsize, phase)
-        w0 = base.read_part(plan.source, start, stop, buffer)
-        if not plan.lora:  # unchanged, a pickled tensor as it is, or a bare dtype change
-            with np.errstate(all="ignore"):
-                values = w0.astype(out_dtype, copy=False)
-            if hook is not None:  # only ever unchanged (bfloat16 in and out)
-                hook(r0, w0.reshape(r1 - r0, cols), values.reshape(r1 - r0, cols))
-            yield start, values
-            continue
-        w0 = w0.reshape(r1 - r0, cols)
-        out = w0 if w0.dtype == out_dtype else np.empty(w0.shape, dtype=out_dtype)
-        blocked.merge_rows(w0, factors, out, first=r0, check=hook)
-        yield start, out
+    buffer = read_buffer((stop - start) * in_itemsize, phase)
+    w0 = base.read_part(plan.source, start, stop, buffer)
+    if not plan.lora:  # unchanged, a pickled tensor as it is, or a bare dtype change
+        with np.errstate(all="ignore"):
+            values = w0.astype(out_dtype, copy=False)
+        if hook is not None:  # only ever unchanged (bfloat16 in and out)
+            hook(r0, w0.reshape(r1 - r0, cols), values.reshape(r1 - r0, cols))
+        return start, values
+    w0 = w0.reshape(r1 - r0, cols)
+    out = w0 if w0.dtype == out_dtype else np.empty(w0.shape, dtype=out_dtype)
+    blocked.merge_rows(w0, factors, out, first=r0, check=hook)
+    return start, out

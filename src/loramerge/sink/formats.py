@@ -1,7 +1,8 @@
 """The output formats, one table: `--to NAME` picks the sink every command writes through.
 
 A sink receives each finished tensor by name (`write`), whole or in parts that start at flat
-element offsets in order (each a multiple of its `granule` elements but the last), or the raw
+element offsets (each a multiple of its `granule` elements but the last; in order, unless
+`parts_any_order`, when several threads may write one tensor's parts at once), or the raw
 bytes of an unchanged one when it can take them (`copyable`, `copy`; an untouched NF4 weight's
 stored parts: `copy_stored`), in its `order`; `finish` completes the files. The atomic folder
 (or file), the record and the progress bar around it are the same for every format. A new
@@ -37,9 +38,13 @@ class Sink(Protocol):
     description: dict  # the record's "output" entry
 
     def copyable(self, name: str) -> bool: ...
+    def parts_any_order(self, name: str) -> bool: ...  # else a tensor's parts come in order
     def position(self, name: str) -> int: ...
     def granule(self, name: str) -> int: ...  # a part of a tensor is a multiple of this many
-    def copy(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None: ...
+    # `start`: the bytes' offset in the tensor, past 0 only where `parts_any_order`
+    def copy(
+        self, name: str, src_fd: int, src_offset: int, nbytes: int, start: int = 0
+    ) -> None: ...
     def copy_stored(self, name: str, stored: StoredNF4) -> bool: ...
     def write(self, name: str, values: np.ndarray, start: int = 0) -> None: ...
     def finish(self) -> None: ...

@@ -60,6 +60,10 @@ class BlockSink:
     _arch: Architecture
     _config: dict
 
+    def parts_any_order(self, name: str) -> bool:
+        """A tensor's parts come in order (its blocks are converted as they arrive)."""
+        return False
+
     def _open(self, path: Path, data_bytes: int, cached: bool) -> None:
         self._file = PositionalFile(
             path, self._data_start + data_bytes, existing=True, cached=cached

@@ -167,6 +167,10 @@ class NF4Folder:
         """Unchanged tensors are copied as bytes unless they are to be quantized."""
         return name not in self._quantized
 
+    def parts_any_order(self, name: str) -> bool:
+        """A tensor's parts come in order (a quantized one is gathered whole)."""
+        return False
+
     def position(self, name: str) -> int:
         """Where a tensor stored as it is goes (0 for quantized ones: any buffer will do)."""
         return 0 if name in self._quantized else self._writer.position(name)

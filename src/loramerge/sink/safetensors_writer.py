@@ -107,7 +107,7 @@ class SafetensorsWriter:
             if name != "__metadata__"
         }
         self._pending = set(self._ranges)
-        self._filled: dict[str, int] = {}  # bytes of a tensor written so far
+        self._parts: dict[str, list[tuple[int, int]]] = {}  # byte ranges of a tensor written
         self._lock = threading.Lock()
         self._file: PositionalFile | None = None
         self._hasher: _PrefixHasher | None = None
@@ -126,16 +126,17 @@ class SafetensorsWriter:
 
     def write(self, name: str, data, start: int = 0) -> None:
         """Write bytes of tensor `name` (all, or its bytes from `start` on) to their place; the
-        caller may then reuse `data`. The pieces of one tensor come in order."""
+        caller may then reuse `data`. The pieces of one tensor may come in any order."""
         view = memoryview(data).cast("B")
         position = self._claim(name, len(view), start)
         with self._io_errors():
             self._file.write(view, position)
         self._hashed(position, view)
 
-    def copy(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
-        """Write tensor `name` by copying `nbytes` from another file."""
-        position = self._claim(name, nbytes)
+    def copy(self, name: str, src_fd: int, src_offset: int, nbytes: int, start: int = 0) -> None:
+        """Write tensor `name` (or its bytes from `start` on) by copying `nbytes` from another
+        file."""
+        position = self._claim(name, nbytes, start)
         with self._io_errors():
             if self._copy_in_memory:
                 self._copy_through_memory(src_fd, src_offset, nbytes, position)
@@ -201,17 +202,20 @@ class SafetensorsWriter:
             raise LoramergeError(f"cannot write {self.path}: {reason}") from exc
 
     def _claim(self, name: str, nbytes: int, start: int = 0) -> int:
-        """Mark bytes [start, start + nbytes) of `name` written (each once, in order) and return
-        their file offset; the tensor is done when its last byte is in."""
+        """Mark bytes [start, start + nbytes) of `name` written (each byte once, the pieces in
+        any order) and return their file offset; the tensor is done when every byte is in."""
         with self._lock:
             position, expected = self._ranges[name]
-            if name not in self._pending or start != self._filled.get(name, 0):
-                raise RuntimeError(f"{self.path}: {name} written twice or out of order")
-            if start + nbytes > expected or (nbytes == 0 and expected):
-                raise RuntimeError(f"{self.path}: {name} written with {start + nbytes} bytes")
-            self._filled[name] = start + nbytes
-            if start + nbytes == expected:
+            parts = self._parts.setdefault(name, [])
+            end = start + nbytes
+            if name not in self._pending or any(s < end and start < e for s, e in parts):
+                raise RuntimeError(f"{self.path}: {name} written twice")
+            if end > expected or (nbytes == 0 and expected):
+                raise RuntimeError(f"{self.path}: {name} written with {end} bytes")
+            parts.append((start, end))
+            if sum(e - s for s, e in parts) == expected:
                 self._pending.remove(name)
+                del self._parts[name]
         return position + start
 
 

@@ -72,6 +72,10 @@ class ShardedWriter:
         """Every unchanged tensor may be copied as raw bytes."""
         return True
 
+    def parts_any_order(self, name: str) -> bool:
+        """Whether a tensor's parts may come in any order, from several threads at once."""
+        return name not in self._late
+
     def position(self, name: str) -> int:
         """File offset of tensor `name`'s bytes in its shard."""
         return self._owner[name].position(name)
@@ -82,7 +86,8 @@ class ShardedWriter:
 
     def write(self, name: str, data, start: int = 0) -> None:
         """Write one tensor (an array, or its bytes) to its place (thread-safe, any order), or
-        the part of it from flat element `start` on (the parts of a tensor in order)."""
+        the part of it from flat element `start` on (a tensor's parts in any order too, but for
+        the few gathered whole: `parts_any_order`)."""
         offset = 0
         if isinstance(data, np.ndarray):
             offset = start * data.itemsize
@@ -97,9 +102,10 @@ class ShardedWriter:
         """Never takes stored NF4 parts (a plain safetensors folder stores weights dequantized)."""
         return False
 
-    def copy(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
-        """Write one tensor by copying bytes from an open file (thread-safe, any order)."""
-        self._owner[name].copy(name, src_fd, src_offset, nbytes)
+    def copy(self, name: str, src_fd: int, src_offset: int, nbytes: int, start: int = 0) -> None:
+        """Write one tensor (or its bytes from `start` on) by copying bytes from an open file
+        (thread-safe, any order)."""
+        self._owner[name].copy(name, src_fd, src_offset, nbytes, start)
 
     def finish(self) -> None:
         """Flush and close every shard (the late one written now); the index when there are

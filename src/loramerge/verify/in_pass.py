@@ -146,18 +146,16 @@ def _holds(role, name: str, plan: TensorPlan) -> bool:
 
 
 class _Tensor:
-    """One tensor's check, fed its blocks of rows in order by the worker that merges it."""
+    """One tensor's check, fed its blocks of rows by the workers that merge it (in any order,
+    several at once): each block is measured on its own and folded in under a lock."""
 
     def __init__(self, check: PassCheck, mine: TensorPlan, plan: TensorPlan) -> None:
         self.plan, self.distance = mine, Distance()
-        self._check, self._size = check, math.prod(plan.shape)
+        self._check, self._size, self._name = check, math.prod(plan.shape), plan.name
         self._cols = matrix_shape(plan, plan.shape)[1]
-        self._reads = {
-            id(role): _Flat(role, plan.name if role is not check.base else mine.source)
-            for role in (check.base, check.candidate, *check.through)
-            if role not in (SOURCE, OUTPUT)
-        }
-        self._factors = float64_factors(mine, check._adapters)
+        self._lock = threading.Lock()
+        self._factors: list | None = None  # read by the first block, dropped after the last
+        self._readers: dict[tuple[int, int], _Flat] = {}  # (thread, role): each reads its own
 
     def __call__(self, first: int, source: np.ndarray, output: np.ndarray) -> None:
         rows = source.shape[0]
@@ -168,26 +166,46 @@ class _Tensor:
                 return source.reshape(-1)
             if role == OUTPUT:
                 return output.reshape(-1)
-            return self._reads[id(role)].read(at, count)
+            return self._reader(role).read(at, count)
 
-        check = self._check
+        check, block = self._check, Distance()
         candidate, base = rows_of(check.candidate), rows_of(check.base)
-        if not self._factors:
+        factors = self._terms()
+        if not factors:
             # the rows the pass read are the rows it writes (a tensor copied unchanged)
             if _same_memory(candidate, base) or same_bytes(candidate, base):
-                self.distance.add_identical(count)
+                block.add_identical(count)
             else:
                 through = [rows_of(role) for role in check.through]
-                self.distance.add_stored(candidate, base, through)
+                block.add_stored(candidate, base, through)
         else:
             through = [rows_of(role) for role in check.through]
             terms, scratch = _scratch(count)
             terms = terms.reshape(rows, self._cols)
-            add_terms(terms, scratch, first, first + rows, self._factors, fresh=True)
-            self.distance.add_sum(candidate, base, terms, through)
-        if self.distance.elements == self._size:  # the last block: nothing more is held
+            add_terms(terms, scratch, first, first + rows, factors, fresh=True)
+            block.add_sum(candidate, base, terms, through)
+        with self._lock:
+            self.distance.fold(block)
+            last = self.distance.elements == self._size
+        if last:  # the last block: nothing more is held
             self._check.finished(self)
-            self._factors, self._reads = [], {}
+            self._factors, self._readers = [], {}
+
+    def _terms(self) -> list:
+        """The tensor's float64 factors (`expected.float64_factors`), read once."""
+        with self._lock:
+            if self._factors is None:
+                self._factors = float64_factors(self.plan, self._check._adapters)
+            return self._factors
+
+    def _reader(self, role) -> _Flat:
+        """This thread's reader of the tensor in another model."""
+        key = (threading.get_ident(), id(role))
+        with self._lock:
+            if key not in self._readers:
+                name = self.plan.source if role is self._check.base else self._name
+                self._readers[key] = _Flat(role, name)
+            return self._readers[key]
 
     def round(self, acc: np.ndarray, into: np.ndarray) -> None:
         """The merge's rounding of a float32 block to bfloat16 (`compare_kernel`)."""
