@@ -250,26 +250,26 @@ def chunk_bytes() -> int:
 def _tasks(
     writer: Sink, base: Checkpoint, adapters: list[Adapter], route: Route, plan: TensorPlan
 ) -> list[tuple[Callable[[], None], int]]:
-    """(work, bytes it writes) for one output tensor: the whole tensor, or each part of rows of
-    one that numpy merges from parts of the base into a writer that takes them in any order."""
+    """(work, bytes it writes) for one output tensor: the whole tensor, or, where the writer
+    takes a tensor's parts in any order, each piece of one copied unchanged and each part of
+    rows of one numpy merges."""
     stored_dtype = base.tensors[plan.source].dtype
     numpy = route.by_numpy(plan, stored_dtype)
     # a check in the pass sees a tensor copied unchanged too, read and written from memory
     hook = route.check(plan, stored_dtype) if numpy and route.check else None
-    whole = [(partial(_write_tensor, writer, base, adapters, route, plan, hook), plan.nbytes)]
     raw = None if hook is not None else _raw(plan, base, writer)
-    if raw is not None and writer.parts_any_order(plan.name):  # copied in CHUNK_BYTES parts
+    whole = [(partial(_write_tensor, writer, base, adapters, route, plan, hook, raw), plan.nbytes)]
+    if not writer.parts_any_order(plan.name):
+        return whole
+    if raw is not None:  # copied in CHUNK_BYTES pieces
         return [
             (partial(writer.copy, plan.name, raw.fd, raw.offset + at, size, at), size)
             for at in range(0, raw.nbytes, CHUNK_BYTES)
             for size in [min(CHUNK_BYTES, raw.nbytes - at)]
         ] or whole
-    if raw is not None or not numpy or base.raw(plan.source) is None:
+    if not numpy:
         return whole
-    if not writer.parts_any_order(plan.name):
-        return whole
-    rows, cols = matrix_shape(plan, plan.shape)
-    step = part_rows(rows, cols, dtypes.itemsize(plan.dtype), writer.granule(plan.name))
+    rows, step = matrix_shape(plan, plan.shape)[0], _numpy_step(writer, base, plan)
     if rows <= step:
         return whole
     starts = range(0, rows, step)
@@ -291,23 +291,19 @@ def _write_tensor(
     route: Route,
     plan: TensorPlan,
     hook: blocked.BlockCheck | None,
+    raw: RawRange | None,
 ) -> None:
-    """Produce one output tensor and hand it to the writer part by part (raw bytes when
-    untouched and no check in the pass sees it)."""
-    raw = None if hook is not None else _raw(plan, base, writer)
+    """Produce one output tensor and hand it to the writer part by part (`raw`: its bytes, to
+    copy as they are)."""
     if raw is not None:
         writer.copy(plan.name, raw.fd, raw.offset, raw.nbytes)
         return
     stored = _stored(plan, base)
     if stored is not None and writer.copy_stored(plan.name, stored):
         return
-    itemsize = dtypes.itemsize(plan.dtype)
-    granule = writer.granule(plan.name)
     rows, cols = matrix_shape(plan, plan.shape)
     if route.by_numpy(plan, base.tensors[plan.source].dtype):
-        step = part_rows(rows, cols, itemsize, granule)
-        if base.raw(plan.source) is None:  # computed or held whole: one part
-            step = max(rows, 1)
+        step = _numpy_step(writer, base, plan)
         factors = _numpy_factors(plan, adapters)
         parts = (
             _merged_part(writer, plan, base, factors, r0, min(rows, r0 + step), hook)
@@ -324,13 +320,22 @@ def _write_tensor(
             route.compute,
             route.norms_in,
             route.norms_out,
-            part_rows(rows, cols, itemsize, granule),
+            part_rows(rows, cols, dtypes.itemsize(plan.dtype), writer.granule(plan.name)),
         )
     numel = math.prod(plan.shape)
     for start, values in parts:
         writer.write(
             plan.name, values.reshape(plan.shape) if values.size == numel else values, start
         )
+
+
+def _numpy_step(writer: Sink, base: Checkpoint, plan: TensorPlan) -> int:
+    """Rows per part of a tensor numpy merges (`part_rows`); all of them when the base's tensor
+    is computed or held whole."""
+    rows, cols = matrix_shape(plan, plan.shape)
+    if base.raw(plan.source) is None:
+        return max(rows, 1)
+    return part_rows(rows, cols, dtypes.itemsize(plan.dtype), writer.granule(plan.name))
 
 
 class _SharedFactors:

@@ -108,6 +108,7 @@ class SafetensorsWriter:
         }
         self._pending = set(self._ranges)
         self._parts: dict[str, list[tuple[int, int]]] = {}  # byte ranges of a tensor written
+        self._filled: dict[str, int] = {}  # bytes of a tensor written so far
         self._lock = threading.Lock()
         self._file: PositionalFile | None = None
         self._hasher: _PrefixHasher | None = None
@@ -213,9 +214,10 @@ class SafetensorsWriter:
             if end > expected or (nbytes == 0 and expected):
                 raise RuntimeError(f"{self.path}: {name} written with {end} bytes")
             parts.append((start, end))
-            if sum(e - s for s, e in parts) == expected:
+            self._filled[name] = self._filled.get(name, 0) + nbytes
+            if self._filled[name] == expected:
                 self._pending.remove(name)
-                del self._parts[name]
+                del self._parts[name], self._filled[name]
         return position + start
 
 
