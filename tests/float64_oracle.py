@@ -45,6 +45,7 @@ class Float64Distance:
         self.elements = self.exact = self.nonfinite = 0
         self.max_abs = self.max_ulp = self.max_ulp_at_value = self.max_ulp_judged = 0.0
         self.squared_error = 0.0
+        self.figures = True  # every figure kept (it has no verdict-only pass)
 
     def add(
         self,

@@ -280,6 +280,41 @@ def test_the_compiled_pass_alone_gets_the_float64_pass_figures(dtype, scales, mo
         assert 0 < fast.exact < fast.elements and fast.nonfinite > 0, name
 
 
+def test_a_verdict_alone_gets_the_float64_pass_maxima(monkeypatch):
+    """`add_verdict` (a rebuild's check of its source, which only passes or refuses) keeps
+    max_abs and max_ulp, and so the verdict, exactly as the float64 pass finds them, on
+    rounding boundaries and cancellations, block by block, all in the compiled verdict pass;
+    a block with a NaN or an inf goes through the full pass, which counts it."""
+    full_passes = []
+    add_sum = Distance.add_sum
+    monkeypatch.setattr(
+        Distance, "add_sum", lambda self, *a: full_passes.append(1) or add_sum(self, *a)
+    )
+    rng = np.random.default_rng(21)
+    target = _boundary_cases(BF16, rng)
+    target = target[rng.permutation(target.size)]
+    base = _rounded(target * rng.uniform(0, 1.5, target.size), BF16)  # W0, cancellations too
+    with np.errstate(invalid="ignore"):  # the overflow edges' inf - inf, left out below
+        terms = target - base.astype(np.float64)
+        got = _perturbed(_rounded(base.astype(np.float64) + terms, BF16), rng)
+        finite = np.isfinite(got.astype(np.float64) - base.astype(np.float64) - terms)
+    got, base, terms = got[finite], base[finite], terms[finite]
+    fast, full = Distance(), Float64Distance()
+    for piece in np.array_split(np.arange(got.size), 7):
+        fast.add_verdict(got[piece], base[piece], terms[piece])
+        full.add_sum(got[piece], base[piece], terms[piece])
+    assert not full_passes and not fast.figures
+    for name in ("elements", "max_abs", "max_ulp", "max_ulp_judged"):
+        assert getattr(fast, name) == getattr(full, name), name
+    assert full.max_ulp > 1.0  # the elements moved one ulp: the verdict is a refusal
+    got[:3] = [np.nan, np.inf, 1.0]
+    terms[2] = np.inf
+    fast.add_verdict(got[:100], base[:100], terms[:100])
+    full.add_sum(got[:100], base[:100], terms[:100])
+    assert full_passes and fast.nonfinite == full.nonfinite > 0
+    assert (fast.max_abs, fast.max_ulp) == (full.max_abs, full.max_ulp)
+
+
 def _merged(tmp_path, base, adapters, weights=(), **options):
     out = tmp_path / "merged"
     merge(base, [ADAPTERS / a for a in adapters], out, MergeOptions(weights=weights, **options))

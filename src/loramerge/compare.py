@@ -79,6 +79,9 @@ class Distance:
     # ulps left after taking off each element's allowance for float32 arithmetic (see `add`)
     max_ulp_judged: float = 0.0
     squared_error: float = 0.0
+    # False once a block was judged alone (`add_verdict`): exact, max_ulp_at_value and
+    # squared_error then leave elements out, and mean nothing
+    figures: bool = True
 
     def add(
         self,
@@ -129,8 +132,30 @@ class Distance:
                 expected = base.astype(np.float64) + delta.reshape(base.shape)
             self.add(candidate, expected, [base, *through], allowance)
 
+    def add_verdict(self, candidate: np.ndarray, base: np.ndarray, delta: np.ndarray) -> None:
+        """`add_sum` for a check that only passes or refuses (a rebuild's check of its source):
+        max_abs and max_ulp, so the verdict, as `add_sum` finds them, in half its time where
+        `compare_kernel.judge` takes the block (bfloat16, every value finite); the other
+        figures are not kept (`figures`)."""
+        self.figures = False
+        got, want = np.asarray(candidate).reshape(-1), np.asarray(base).reshape(-1)
+        if got.dtype == want.dtype == _BF16 and delta.dtype == np.float64:
+            from loramerge import compare_kernel
+
+            out = np.array([0, 0, self.max_abs, self.max_ulp, 0, 0, 0], np.float64)
+            mantissa, emin = _FORMAT[_BF16]
+            terms = np.ascontiguousarray(delta).reshape(-1)
+            bits = (np.ascontiguousarray(a).view(np.uint16) for a in (got, want))
+            if compare_kernel.judge(*bits, terms, mantissa, emin, out):
+                self.elements += got.size
+                self.max_abs, self.max_ulp = float(out[2]), float(out[3])
+                self.max_ulp_judged = max(self.max_ulp_judged, self.max_ulp)
+                return
+        self.add_sum(candidate, base, delta)
+
     def fold(self, other: Distance) -> None:
         """Fold in the figures of other elements measured apart (another block)."""
+        self.figures = self.figures and other.figures
         self.elements += other.elements
         self.exact += other.exact
         self.nonfinite += other.nonfinite

@@ -153,6 +153,29 @@ def _fold(
     return True
 
 
+@njit(cache=True, nogil=True, error_model="numpy")
+def judge(got, want, delta, mantissa, emin, out):
+    """`measure`'s verdict alone, for a check that only passes or refuses (a rebuild's check
+    of its source): the largest error and the largest error in ulps of `got` (uint16 bfloat16
+    bits) against `want` + `delta`, want's magnitudes in the scale, folded into out[2] and
+    out[3]: the values `measure` gives there, bit for bit, in half its time (no share correctly
+    rounded, no ulps at the value, no squared error). False, with `out` untouched, when a value
+    is not finite (`measure` then counts it)."""
+    wide_vectors()
+    max_abs, max_ulp = float_bits(out[2]), float_bits(out[3])
+    for i in range(got.size):
+        given = _widened(want[i])
+        w = given + delta[i]
+        error = abs(_widened(got[i]) - w)
+        magnitude = max(float_bits(w) & _ABS, float_bits(given) & _ABS)
+        max_abs = max(max_abs, float_bits(error))
+        max_ulp = max(max_ulp, float_bits(error * _per_spacing(magnitude, mantissa, emin, True)))
+    if max_abs >= _INF:  # inf or NaN exactly when got or want + delta has one
+        return False
+    out[2], out[3] = float64_of(max_abs), float64_of(max_ulp)
+    return True
+
+
 @njit(cache=True, nogil=True)
 def round_to_bfloat16(values, out):
     """out (uint16 bits) = float32 `values` rounded to nearest even bfloat16, bit for bit the

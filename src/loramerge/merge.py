@@ -377,10 +377,10 @@ def _pass_checks(
         output = PassCheck(
             (job.source, stored), base, adapters, weights, job.verify_through, None, pickle
         )
-    if job.source_check is not None:
+    if job.source_check is not None:  # a gate: its figures are only read for a refusal
         merged, adapters, weights, through = job.source_check
         source = PassCheck(
-            (job.source, stored), job.source, adapters, weights, through, merged, pickle
+            (job.source, stored), job.source, adapters, weights, through, merged, pickle, True
         )
     return _PassChecks(output, source)
 

@@ -54,9 +54,14 @@ class PassCheck:
         through: list[Path],
         candidate: Path | None = None,
         allow_pickle: bool = False,
+        verdict_only: bool = False,
     ) -> None:
         """`source`: what the pass reads (its path, and the checkpoint it reads it through);
-        `candidate`: None for the pass's output."""
+        `candidate`: None for the pass's output. `verdict_only`: for a check that only passes
+        or refuses; it keeps the rows of the tensors that pass, without the figures nobody
+        reads (`Distance.add_verdict`), and leaves each one that fails to the check after the
+        pass, which measures it in full for the refusal."""
+        self.verdict_only = verdict_only
         self._source_path, self._source = Path(source[0]).resolve(), source[1]
         self._pickle = allow_pickle
         self._opened: list[Checkpoint] = []
@@ -116,8 +121,11 @@ class PassCheck:
         return all(role in (SOURCE, OUTPUT) for role in (self.base, self.candidate, *self.through))
 
     def finished(self, tensor: _Tensor) -> None:
-        """Keep the row of a tensor whose every element was measured."""
-        self._rows[tensor.plan.name] = tensor.result()
+        """Keep the row of a tensor whose every element was measured (a verdict-only check:
+        that passed)."""
+        row = tensor.result()
+        if row.passed or not self.verdict_only:
+            self._rows[tensor.plan.name] = row
 
     def results(self) -> dict[str, TensorCheck]:
         """The rows of the tensors measured in the pass, every element of them."""
@@ -183,7 +191,10 @@ class _Tensor:
             terms, scratch = _scratch(count)
             terms = terms.reshape(rows, self._cols)
             add_terms(terms, scratch, first, first + rows, factors, fresh=True)
-            block.add_sum(candidate, base, terms, through)
+            if check.verdict_only and not through:
+                block.add_verdict(candidate, base, terms)
+            else:
+                block.add_sum(candidate, base, terms, through)
         with self._lock:
             self.distance.fold(block)
             last = self.distance.elements == self._size

@@ -45,6 +45,7 @@ class TensorCheck:
     elements: int = 0
     max_abs: float = 0.0
     max_ulp: float = 0.0
+    # this, exact_share and rmse are NaN in a verdict-only check's row (`in_pass.PassCheck`)
     max_ulp_at_value: float = 0.0
     # ulps beyond the float32 arithmetic bound (float32 candidates; else equal to max_ulp)
     max_ulp_judged: float = 0.0
@@ -558,6 +559,7 @@ class _Flat:
 
 
 def _result(name, kind, dtype, distance: Distance, passed: bool, note: str) -> TensorCheck:
+    kept = distance.figures  # NaN for those a verdict-only check did not keep
     return TensorCheck(
         name=name,
         kind=kind,
@@ -565,10 +567,10 @@ def _result(name, kind, dtype, distance: Distance, passed: bool, note: str) -> T
         elements=distance.elements,
         max_abs=distance.max_abs,
         max_ulp=distance.max_ulp,
-        max_ulp_at_value=distance.max_ulp_at_value,
+        max_ulp_at_value=distance.max_ulp_at_value if kept else math.nan,
         max_ulp_judged=distance.max_ulp_judged,
-        exact_share=distance.exact_share,
-        rmse=distance.rmse,
+        exact_share=distance.exact_share if kept else math.nan,
+        rmse=distance.rmse if kept else math.nan,
         passed=passed,
         note=note,
     )
