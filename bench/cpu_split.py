@@ -8,10 +8,11 @@ wait for a core as busy. This runs the merge in process with each stage's functi
     python bench/cpu_split.py BASE ADAPTER OUT
 
 Stages: start-up (imports), planning and checks, reading parts, the merge arithmetic (float32
-widening, rank-r update, rounding: `blocked.merge_rows`, itself split into numpy's `copyto`
-conversions and `matmul`), writing (direct writes, copies held for the hash; for a GGUF output
-the conversion to its type too), raw copies of untouched tensors, sha256 (the hasher threads),
-finishing (fsync, record, rename). BASE may be a GGUF file (OUT then a .gguf).
+widening, rank-r update, rounding: `blocked.merge_rows`, itself split into numpy's `copyto` and
+`add`, which widen, sum and round, and `matmul`), writing (direct writes, copies held for the
+hash; for a GGUF output the conversion to its type too), raw copies of untouched tensors,
+sha256 (the hasher threads), finishing (fsync, record, rename). BASE may be a GGUF file (OUT
+then a .gguf).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from loramerge.sink import gguf_file, gguf_rewrite, safetensors_writer  # noqa: 
 from loramerge.source import checkpoint  # noqa: E402
 
 cpu: dict[str, float] = defaultdict(float)
+CONVERSIONS = "  of which: widening, sums and rounding (copyto, add)"
 lock = threading.Lock()
 local = threading.local()
 
@@ -110,7 +112,7 @@ def run() -> None:
     cpu["finishing (fsync, record, rename)"] = time.thread_time() - main_before["after"]
     usage = resource.getrusage(resource.RUSAGE_SELF)
     total = usage.ru_utime + usage.ru_stime
-    inside = cpu["  of which: conversions (copyto)"] + cpu["  of which: rank-r update (matmul)"]
+    inside = cpu[CONVERSIONS] + cpu["  of which: rank-r update (matmul)"]
     cpu["  of which: accumulate and loop"] = cpu["merge arithmetic"] - inside
     order = ["start-up (imports)", "planning and checks", "reading parts", "merge arithmetic"]
     order += [k for k in cpu if k.startswith("  ")] + [k for k in cpu if k not in order]
@@ -125,9 +127,10 @@ def run() -> None:
 
 
 class _NumpyView:
-    """numpy as `blocked` sees it, with copyto and matmul timed."""
+    """numpy as `blocked` sees it, with copyto, add and matmul timed."""
 
-    copyto = staticmethod(inner("  of which: conversions (copyto)", np.copyto))
+    copyto = staticmethod(inner(CONVERSIONS, np.copyto))
+    add = staticmethod(inner(CONVERSIONS, np.add))
     matmul = staticmethod(inner("  of which: rank-r update (matmul)", np.matmul))
 
     def __getattr__(self, name):

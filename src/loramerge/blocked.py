@@ -103,8 +103,11 @@ def merge_rows(
                 for lo, hi in [(max(first + r0, f.at), min(first + r1, f.at + f.rows))]
                 if lo < hi
             ]
-            if check is not None and len(terms) == 1 and terms[0][1:] == (0, r1 - r0):
+            if len(terms) == 1 and terms[0][1:] == (0, r1 - r0) and not in_place:
                 _term(terms[0][0], first + r0 - terms[0][0].at, delta)
+                if check is None:  # widened, added and rounded a cache-sized piece at a time
+                    np.add(block, delta, out=out[r0:r1], dtype=np.float32, casting="unsafe")
+                    continue
                 rounded = _rounded(out.dtype, n).reshape(block.shape)
                 check.round_sum(block, delta, rounded)  # widen, add and round in one pass
             else:
