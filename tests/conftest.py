@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,11 @@ LLAMA = FIXTURES / "llama-base"
 GPT2 = FIXTURES / "gpt2-base"
 ADAPTERS = FIXTURES / "adapters"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the compiled check's kernels go to a fresh cache each session (the CLI's subprocesses share
+# it): every run compiles them with numba once and loads them from the cache after
+if "LORAMERGE_KERNEL_CACHE" not in os.environ:
+    os.environ["LORAMERGE_KERNEL_CACHE"] = tempfile.mkdtemp(prefix="loramerge-kernels-")
+    atexit.register(shutil.rmtree, os.environ["LORAMERGE_KERNEL_CACHE"], ignore_errors=True)
 
 
 def tree_hashes(folder: Path) -> dict[str, str]:

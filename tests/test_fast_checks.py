@@ -204,7 +204,7 @@ def test_the_compiled_pass_knows_each_correctly_rounded_element(dtype):
     """Every element the compiled pass counts as correctly rounded is the torch rounding the
     merge uses, one element at a time: ties both ways, a float64 ulp off them, subnormals,
     signed zeros, the overflow to inf and NaN."""
-    from loramerge import compare_kernel
+    from loramerge import kernels
 
     rng = np.random.default_rng(21)
     got, want = _neighbourhoods(dtype, rng)
@@ -216,18 +216,21 @@ def test_the_compiled_pass_knows_each_correctly_rounded_element(dtype):
     )
     bits = got.view(np.uint16) if dtype == BF16 else got
     mantissa, emin = (7, -126) if dtype == BF16 else (23, -126)
-    empty = np.empty(0)
+    empty, out = np.empty(0), np.zeros(7)
     minus_zero = np.full(got.size, -0.0)  # w + -0.0 is w, signed zeros and NaN included
+    # one element per call, through the C function itself (its wrapper's checks would cost
+    # more than the element): the elements' addresses, one after another
+    measure = kernels.kernel(f"measure-{'u16' if dtype == BF16 else 'f32'}-f64-f64")
+    got_at, want_at, nothing, into = (a.ctypes.data for a in (bits, want, empty, out))
     # the expected value given whole, and as W0 + terms (the loop that assumes finite values
     # first, measuring again in full when one is not)
     for terms in (empty, minus_zero):
         decided = np.empty(got.size, bool)
+        terms_at, step, count = terms.ctypes.data, 8 if terms.size else 0, min(terms.size, 1)
         for i in range(got.size):
-            out = np.zeros(7)
-            split = terms[i : i + 1]
-            compare_kernel.measure(
-                bits[i : i + 1], want[i : i + 1], split, empty, empty, mantissa, emin, out
-            )
+            out.fill(0.0)
+            at = (got_at + i * bits.itemsize, want_at + i * 8, terms_at + i * step, count)
+            measure(*at, nothing, 0, nothing, 0, mantissa, emin, into, 1)
             decided[i] = out[0] == 1
         wrong = np.flatnonzero(decided != truth)
         assert wrong.size == 0, [(got[i], want[i], truth[i]) for i in wrong[:5]]

@@ -160,7 +160,7 @@ def test_the_compiled_rounding_is_the_cast():
     """Every bfloat16 pattern as the high half, with the low halves that decide a rounding
     (0, 1, just under, on and over the tie, all ones) and random ones: NaN, inf, subnormals,
     the carry into the exponent and past the largest number."""
-    from loramerge import compare_kernel
+    from loramerge import kernels
 
     rng = np.random.default_rng(8)
     high = np.arange(1 << 16, dtype=np.uint32) << 16
@@ -169,7 +169,7 @@ def test_the_compiled_rounding_is_the_cast():
     with np.errstate(invalid="ignore"):
         cast = values.astype(ml_dtypes.bfloat16).view(np.uint16)
     mine = np.empty(values.size, np.uint16)
-    compare_kernel.round_to_bfloat16(values, mine)
+    kernels.round_to_bfloat16(values, mine)
     assert np.array_equal(mine, cast)
 
 
@@ -177,7 +177,7 @@ def test_the_compiled_sum_is_widen_add_and_cast():
     """W0 + one term rounded in one pass is the three passes' bits: every bfloat16 pattern as
     W0 (NaN, inf, subnormals, zeros of both signs) plus terms that cancel it, keep it, tip it
     past a tie, overflow it, are subnormal, zero, inf or NaN, and random ones."""
-    from loramerge import compare_kernel
+    from loramerge import kernels
 
     rng = np.random.default_rng(9)
     w0 = np.tile(np.arange(1 << 16, dtype=np.uint16), 12)
@@ -199,7 +199,7 @@ def test_the_compiled_sum_is_widen_add_and_cast():
         )
         cast = (wide + terms).astype(ml_dtypes.bfloat16).view(np.uint16)
     mine = np.empty(w0.size, np.uint16)
-    compare_kernel.round_sum_to_bfloat16(w0, terms, mine)
+    kernels.round_sum_to_bfloat16(w0, terms, mine)
     assert np.array_equal(mine, cast)
 
 

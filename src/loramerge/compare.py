@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
+from loramerge import kernels
+
 # dtype -> (mantissa bits, smallest normal exponent)
 _FORMAT = {
     np.dtype(ml_dtypes.bfloat16): (7, -126),
@@ -140,13 +142,11 @@ class Distance:
         self.figures = False
         got, want = np.asarray(candidate).reshape(-1), np.asarray(base).reshape(-1)
         if got.dtype == want.dtype == _BF16 and delta.dtype == np.float64:
-            from loramerge import compare_kernel
-
             out = np.array([0, 0, self.max_abs, self.max_ulp, 0, 0, 0], np.float64)
             mantissa, emin = _FORMAT[_BF16]
             terms = np.ascontiguousarray(delta).reshape(-1)
             bits = (np.ascontiguousarray(a).view(np.uint16) for a in (got, want))
-            if compare_kernel.judge(*bits, terms, mantissa, emin, out):
+            if kernels.judge(*bits, terms, mantissa, emin, out):
                 self.elements += got.size
                 self.max_abs, self.max_ulp = float(out[2]), float(out[3])
                 self.max_ulp_judged = max(self.max_ulp_judged, self.max_ulp)
@@ -197,8 +197,6 @@ class Distance:
         scale arrays flat[1]'s own magnitudes are the scale."""
         if flat[0].dtype not in _COMPILED or not all(a.dtype in _KERNEL_INPUT for a in flat[1:]):
             return False
-        from loramerge import compare_kernel  # numba, loaded on the first check
-
         got, want, *scale = (
             np.ascontiguousarray(a).view(np.uint16) if a.dtype == _BF16 else np.ascontiguousarray(a)
             for a in flat
@@ -213,7 +211,7 @@ class Distance:
         )
         mantissa, emin = _FORMAT[flat[0].dtype]
         own = scale[0] if scale else np.empty(0, want.dtype)
-        compare_kernel.measure(got, want, plus, own, allow, mantissa, emin, out)
+        kernels.measure(got, want, plus, own, allow, mantissa, emin, out)
         self.elements += got.size
         self.exact += int(out[0])
         self.nonfinite += int(out[1])

@@ -10,7 +10,7 @@ Imported only when a check runs.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, types
+from numba import carray, cfunc, njit, types
 from numba.extending import overload
 
 from loramerge.intrinsics import float32_of, float64_of, float_bits, wide_vectors
@@ -204,3 +204,50 @@ def _bfloat16_bits(value):
     nan = np.uint32(0x7FC0) | ((bits >> np.uint32(16)) & np.uint32(0x8000))
     is_nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
     return np.uint16(nan if is_nan else rounded)
+
+
+# --- the kernels as C functions (`kernels` keeps their machine code): pointers and sizes, so a
+# later process calls them through ctypes without importing numba
+_TYPES = {"u16": types.uint16, "f32": types.float32, "f64": types.float64}
+
+
+def c_function(name: str):
+    """The C function `kernels.kernel` asks for by name ("measure-u16-u16-f64": the kernel,
+    then the dtypes of its arrays that vary), compiled now by numba."""
+    kind, *codes = name.split("-")
+    p, n, f64 = types.CPointer, types.intp, types.float64
+    if kind == "measure":
+        g, w, s = (_TYPES[c] for c in codes)
+        signature = types.void(p(g), p(w), p(f64), n, p(s), n, p(f64), n, n, n, p(f64), n)
+
+        def call(got, want, delta, nd, scale, ns, allowance, na, mantissa, emin, out, size):
+            measure(
+                *(carray(got, size), carray(want, size), carray(delta, nd)),
+                *(carray(scale, ns), carray(allowance, na), mantissa, emin, carray(out, 7)),
+            )
+
+    elif kind == "judge":
+        signature = types.int32(p(types.uint16), p(types.uint16), p(f64), n, n, p(f64), n)
+
+        def call(got, want, delta, mantissa, emin, out, size):
+            w = (carray(got, size), carray(want, size), carray(delta, size))
+            return np.int32(judge(*w, mantissa, emin, carray(out, 7)))
+
+    elif kind == "round":
+        signature = types.void(p(types.float32), p(types.uint16), n)
+
+        def call(values, out, size):
+            round_to_bfloat16(carray(values, size), carray(out, size))
+
+    else:
+        signature = types.void(p(types.uint16), p(types.float32), p(types.uint16), n)
+
+        def call(w0, delta, out, size):
+            round_sum_to_bfloat16(carray(w0, size), carray(delta, size), carray(out, size))
+
+    return cfunc(signature, nogil=True)(call)
+
+
+def machine_code(function) -> bytes:
+    """A compiled C function's object code (ELF on Linux), as numba's own cache keeps it."""
+    return function._library.serialize_using_object_code()[2][0]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from loramerge import kernels
 from loramerge.adapter import Adapter, load_adapter
 from loramerge.compare import Distance
 from loramerge.plan import TensorPlan, build_plan, matrix_shape
@@ -220,15 +221,11 @@ class _Tensor:
 
     def round(self, acc: np.ndarray, into: np.ndarray) -> None:
         """The merge's rounding of a float32 block to bfloat16 (`compare_kernel`)."""
-        from loramerge import compare_kernel  # loaded by the first measurement anyway
-
-        compare_kernel.round_to_bfloat16(acc.reshape(-1), into.reshape(-1).view(np.uint16))
+        kernels.round_to_bfloat16(acc.reshape(-1), into.reshape(-1).view(np.uint16))
 
     def round_sum(self, w0: np.ndarray, delta: np.ndarray, into: np.ndarray) -> None:
         """The merge's widening of bfloat16 rows, its one term added and the rounding."""
-        from loramerge import compare_kernel
-
-        compare_kernel.round_sum_to_bfloat16(
+        kernels.round_sum_to_bfloat16(
             w0.reshape(-1).view(np.uint16), delta.reshape(-1), into.reshape(-1).view(np.uint16)
         )
 

@@ -1,0 +1,233 @@
+"""The compiled check's kernels (`compare_kernel`), called as C functions through ctypes.
+
+numba compiles each kernel once per dtype combination as a C function (`compare_kernel.
+c_function`) and its machine code is kept in a cache folder; a later process loads that code
+with llvmlite alone and never imports numba, whose imports and registries cost 0.3-0.5 s of
+every check's start (most of it holding the GIL). The cache is keyed by the kernels' source,
+numba's and llvmlite's versions and the CPU (its name and features: code built for one CPU may
+not run on another); anything amiss with a cached file sends that kernel back through numba.
+
+Each wrapper takes the numpy arrays `compare_kernel`'s function of the same name takes, checks
+what the C function cannot (dtypes, contiguity, sizes), and passes pointers and sizes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import struct
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+_P, _N = ctypes.c_void_p, ctypes.c_ssize_t
+# argument and result types of each kind of C function (compare_kernel.c_function)
+_SIGNATURES = {
+    "measure": (None, (_P, _P, _P, _N, _P, _N, _P, _N, _N, _N, _P, _N)),
+    "judge": (ctypes.c_int32, (_P, _P, _P, _N, _N, _P, _N)),
+    "round": (None, (_P, _P, _N)),
+    "round_sum": (None, (_P, _P, _P, _N)),
+}
+_CODES = {np.dtype(np.uint16): "u16", np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
+_SOURCES = ("compare_kernel.py", "intrinsics.py")
+
+_lock = threading.Lock()
+_loaded: dict[str, Callable] = {}
+_engine = None  # llvmlite's execution engine holding the cached code (kept alive)
+
+
+def measure(got, want, delta, scale, allowance, mantissa: int, emin: int, out) -> None:
+    """`compare_kernel.measure`: fold every element of `got` against `want` (+ `delta`) into
+    `out`; `delta`, `scale` and `allowance` may be empty."""
+    n = _size(got, want)
+    for optional in (delta, scale, allowance):
+        _size(got, optional, empty_too=True)
+    name = f"measure-{_code(got)}-{_code(want)}-{_code(scale)}"
+    kernel(name)(
+        *(_at(got), _at(want), _at(delta, np.float64), delta.size, _at(scale), scale.size),
+        *(_at(allowance, np.float64), allowance.size, mantissa, emin, _out(out), n),
+    )
+
+
+def judge(got, want, delta, mantissa: int, emin: int, out) -> bool:
+    """`compare_kernel.judge` (uint16 bfloat16 bits against uint16 W0 + float64 terms)."""
+    n = _size(got, want, delta)
+    arrays = _at(got, np.uint16), _at(want, np.uint16), _at(delta, np.float64)
+    return bool(kernel("judge")(*arrays, mantissa, emin, _out(out), n))
+
+
+def round_to_bfloat16(values, out) -> None:
+    """`compare_kernel.round_to_bfloat16`: float32 values into uint16 bfloat16 bits."""
+    n = _size(values, out)
+    kernel("round")(_at(values, np.float32), _at(out, np.uint16), n)
+
+
+def round_sum_to_bfloat16(w0, delta, out) -> None:
+    """`compare_kernel.round_sum_to_bfloat16`: uint16 W0 + float32 delta into uint16 bits."""
+    n = _size(w0, delta, out)
+    kernel("round_sum")(_at(w0, np.uint16), _at(delta, np.float32), _at(out, np.uint16), n)
+
+
+def kernel(name: str) -> Callable:
+    """The C function `name` (its kind, then its dtypes: "measure-u16-u16-f64"), from the
+    cache when it holds it, else compiled by numba now and added to the cache."""
+    with _lock:
+        function = _loaded.get(name)
+        if function is None:
+            restype, argtypes = _SIGNATURES[name.split("-")[0]]
+            address = _cached(name) or _compiled(name)
+            function = _loaded[name] = ctypes.CFUNCTYPE(restype, *argtypes)(address)
+        return function
+
+
+def cache_folder() -> Path:
+    """Where this machine's compiled kernels are kept: $LORAMERGE_KERNEL_CACHE, else the user's
+    cache folder; one subfolder per key (`_key`)."""
+    root = os.environ.get("LORAMERGE_KERNEL_CACHE")
+    if not root:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        root = Path(base) / "loramerge" / "kernels"
+    return Path(root) / _key()
+
+
+def _key() -> str:
+    """What the machine code depends on: the kernels' source, the compilers, the CPU."""
+    import llvmlite.binding as llvm
+
+    digest = hashlib.sha256()
+    here = Path(__file__).parent
+    for source in _SOURCES:
+        digest.update((here / source).read_bytes())
+    for part in (
+        metadata.version("numba"),
+        metadata.version("llvmlite"),
+        sys.platform,
+        llvm.get_host_cpu_name(),
+        llvm.get_host_cpu_features().flatten(),
+    ):
+        digest.update(part.encode() + b"\0")
+    return digest.hexdigest()[:20]
+
+
+def _cached(name: str) -> int:
+    """The address of a kernel loaded from the cache, or 0 when the cache has none usable."""
+    global _engine
+    try:
+        symbol, _, code = (cache_folder() / f"{name}.o").read_bytes().partition(b"\n")
+    except OSError:
+        return 0
+    import llvmlite.binding as llvm
+
+    try:
+        # LLVM aborts the process on a name it cannot resolve, so none may be left unresolved
+        if not all(_resolved(llvm, name) for name in _undefined_symbols(code)):
+            return 0
+        if _engine is None:
+            llvm.initialize_native_target()
+            llvm.initialize_native_asmprinter()
+            machine = llvm.Target.from_default_triple().create_target_machine()
+            _engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), machine)
+        _engine.add_object_file(llvm.ObjectFileRef.from_data(code))
+        _engine.finalize_object()
+        return _engine.get_function_address(symbol.decode())
+    except (RuntimeError, ValueError, UnicodeDecodeError, struct.error, IndexError):  # damaged
+        return 0
+
+
+def _compiled(name: str) -> int:
+    """Compile a kernel with numba, keep its machine code in the cache, return its address."""
+    from loramerge import compare_kernel
+
+    function = compare_kernel.c_function(name)
+    folder = cache_folder()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as f:
+            f.write(function.native_name.encode() + b"\n" + compare_kernel.machine_code(function))
+        os.replace(f.name, folder / f"{name}.o")
+    except OSError:
+        pass  # an unwritable cache: numba compiles it again next time
+    return function.address
+
+
+def _code(array: np.ndarray) -> str:
+    """A kernel's name for an array's dtype."""
+    return _CODES[array.dtype]
+
+
+def _at(array: np.ndarray, dtype: type | None = None) -> int:
+    """The address of an array the C function reads as `dtype` (by default the array's own,
+    one of those it takes), refused where it would misread it: another dtype, strides."""
+    if (dtype is not None and array.dtype != dtype) or array.dtype not in _CODES:
+        raise ValueError(f"a kernel cannot take a {array.dtype} array here")
+    if not array.flags.c_contiguous:
+        raise ValueError("a kernel takes contiguous arrays")
+    return array.ctypes.data
+
+
+def _out(array: np.ndarray) -> int:
+    """The address of `measure`'s or `judge`'s seven float64 figures."""
+    if array.size != 7:
+        raise ValueError(f"a kernel folds into 7 figures, not {array.size}")
+    return _at(array, np.float64)
+
+
+def _size(first: np.ndarray, *others: np.ndarray, empty_too: bool = False) -> int:
+    """The arrays' common size (an empty one allowed, with `empty_too`)."""
+    for other in others:
+        if other.size != first.size and not (empty_too and other.size == 0):
+            raise ValueError(f"kernel arrays of {first.size} and {other.size} elements")
+    return first.size
+
+
+def _resolved(llvm, name: str) -> bool:
+    """Whether the loader can find `name`: in this process (the C library, libm, Python's C
+    API), or, for numba's runtime, a stand-in. numba's C-function wrapper reaches its runtime
+    only to report an exception, which these kernels never raise (no allocation, no bounds
+    checks, numpy's error model); the stand-in aborts, loudly, should one ever be reached."""
+    if llvm.address_of_symbol(name):
+        return True
+    try:
+        address = ctypes.addressof(ctypes.c_char.in_dll(_PROCESS, name))
+    except ValueError:
+        if not name.startswith(("numba_", "NRT_")):
+            return False
+        address = ctypes.cast(_UNREACHABLE, ctypes.c_void_p).value
+    llvm.add_symbol(name, address)
+    return True
+
+
+@ctypes.CFUNCTYPE(None)
+def _UNREACHABLE() -> None:
+    """Where a cached kernel's calls into numba's runtime lead (see `_resolved`)."""
+    os.write(2, b"loramerge: a compiled kernel called numba's runtime; aborting\n")
+    os.abort()
+
+
+_PROCESS = ctypes.CDLL(None)
+
+
+def _undefined_symbols(code: bytes) -> list[str]:
+    """The names an ELF64 object file leaves for the loader to find (SHN_UNDEF symbols); a
+    file this cannot read is treated as needing a name no process has."""
+    if code[:4] != b"\x7fELF" or code[4] != 2 or code[5] != 1:  # 64-bit little-endian
+        return ["(not an ELF64 object)"]
+    (shoff,) = struct.unpack_from("<Q", code, 0x28)
+    entsize, count = struct.unpack_from("<HH", code, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", code, shoff + i * entsize) for i in range(count)]
+    names = []
+    for _, kind, _, _, offset, size, link, _, _, _ in sections:
+        if kind != 2:  # SHT_SYMTAB
+            continue
+        strings = sections[link][4]
+        for at in range(offset, offset + size, 24):
+            name, _, _, index = struct.unpack_from("<IBBH", code, at)
+            if index == 0 and name:
+                names.append(code[strings + name : code.index(b"\0", strings + name)].decode())
+    return names

@@ -1,0 +1,97 @@
+"""The compiled check's kernels as C functions (`loramerge.kernels`): a process that finds them
+in the cache loads them without numba and measures exactly what numba's own compilation does; a
+damaged cache file is compiled again; arrays a C function would misread are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ADAPTERS, LLAMA, ROOT
+
+from loramerge import kernels
+from loramerge.merge import merge
+from loramerge.verify.weights import verify_weights
+
+CHECK = """
+import json, sys
+from loramerge.verify.weights import verify_weights
+report = verify_weights(sys.argv[1], sys.argv[2], [sys.argv[3]])
+print(json.dumps({"numba": "numba" in sys.modules, "report": report.summary()}))
+"""
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kernels") / "merged"
+    merge(LLAMA, [ADAPTERS / "llama-lora"], out)
+    return out
+
+
+def _check(merged, cache) -> dict:
+    """`verify_weights` in a fresh process whose kernel cache is `cache`."""
+    env = {**os.environ, "LORAMERGE_KERNEL_CACHE": str(cache)}
+    args = [sys.executable, "-c", CHECK, str(merged), str(LLAMA), str(ADAPTERS / "llama-lora")]
+    result = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_a_warm_cache_checks_without_numba(merged, tmp_path):
+    cold = _check(merged, tmp_path / "cache")  # compiles with numba, keeps the machine code
+    warm = _check(merged, tmp_path / "cache")
+    assert cold["numba"] and not warm["numba"]
+    assert warm["report"] == cold["report"]  # every figure of every tensor, exactly
+    here = verify_weights(merged, LLAMA, [ADAPTERS / "llama-lora"]).summary()
+    assert json.loads(json.dumps(here)) == warm["report"] and here["passed"]
+
+
+def test_a_damaged_cache_file_is_compiled_again(merged, tmp_path):
+    cache = tmp_path / "cache"
+    first = _check(merged, cache)
+    files = sorted(cache.rglob("*.o"))
+    assert files
+    for i, file in enumerate(files):  # a foreign file, one cut short, one with a lost symbol
+        code = file.read_bytes()
+        damaged = [b"junk\nnot an object", code[: len(code) // 2], b"gone" + code]
+        file.write_bytes(damaged[i % len(damaged)])
+    again = _check(merged, cache)
+    assert again["numba"] and again["report"] == first["report"]
+    assert not _check(merged, cache)["numba"]  # written afresh
+
+
+def test_the_cache_is_keyed_by_the_cpu(monkeypatch):
+    import llvmlite.binding as llvm
+
+    here = kernels.cache_folder()
+    monkeypatch.setattr(llvm, "get_host_cpu_features", lambda: _Features("+avx2,-avx512f"))
+    assert kernels.cache_folder() != here
+
+
+class _Features:
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def flatten(self) -> str:
+        return self.text
+
+
+def test_arrays_a_kernel_would_misread_are_refused():
+    w0, delta, out = np.zeros(8, np.uint16), np.zeros(8, np.float32), np.zeros(8, np.uint16)
+    kernels.round_sum_to_bfloat16(w0, delta, out)
+    for bad in (
+        (w0, delta.astype(np.float64), out),  # another dtype
+        (w0, delta[:4], out),  # another size
+        (np.zeros(16, np.uint16)[::2], delta, out),  # strided
+    ):
+        with pytest.raises(ValueError):
+            kernels.round_sum_to_bfloat16(*bad)
+    empty = np.empty(0)
+    with pytest.raises(ValueError):  # seven figures, not six
+        kernels.measure(w0, w0, empty, w0[:0], empty, 7, -126, np.zeros(6))
+    with pytest.raises(ValueError):  # a scale of another length
+        kernels.measure(w0, w0, empty, w0[:3], empty, 7, -126, np.zeros(7))
