@@ -40,6 +40,7 @@ _SOURCES = ("compare_kernel.py", "intrinsics.py")
 _lock = threading.Lock()
 _loaded: dict[str, Callable] = {}
 _engine = None  # llvmlite's execution engine holding the cached code (kept alive)
+_built: list = []  # the C functions numba compiled here, kept alive with their code
 
 
 def measure(got, want, delta, scale, allowance, mantissa: int, emin: int, out) -> None:
@@ -126,7 +127,7 @@ def _cached(name: str) -> int:
 
     try:
         # LLVM aborts the process on a name it cannot resolve, so none may be left unresolved
-        if not all(_resolved(llvm, name) for name in _undefined_symbols(code)):
+        if not all(_resolved(llvm, needed) for needed in _undefined_symbols(code)):
             return 0
         if _engine is None:
             llvm.initialize_native_target()
@@ -145,6 +146,7 @@ def _compiled(name: str) -> int:
     from loramerge import compare_kernel
 
     function = compare_kernel.c_function(name)
+    _built.append(function)
     folder = cache_folder()
     try:
         folder.mkdir(parents=True, exist_ok=True)
