@@ -179,3 +179,46 @@ def test_float32_output_passes_its_own_check_and_a_wrong_weight_fails(tmp_path, 
     assert max(t["max_ulp"] for t in tensors) > 1.0  # raw ulps exceed 1 near cancellations
     wrong = cli("verify", out, "--base", LLAMA, "--adapter", lora, "-w", "1.0001", "--json")
     assert wrong.code == 1
+
+
+def test_big_untouched_tensors_are_compared_in_parts_on_every_thread(tmp_path, monkeypatch):
+    """A tensor no adapter touches, bigger than the split size, is compared in parts that run
+    on every thread (an untied 4 GiB head would take one thread seconds): the rows are those
+    of the whole comparison: bit-identical tensors, an unmerge's (the merged model in the ulp
+    scale) and ones stored in another dtype (the base rounded once)."""
+    from loramerge.swap import unmerge
+
+    lora, lora_b = ADAPTERS / "llama-lora", ADAPTERS / "llama-lora-b"
+    merged, out, half = tmp_path / "merged", tmp_path / "unmerged", tmp_path / "float16"
+    merge(LLAMA, [lora, lora_b], merged)
+    unmerge(merged, [lora_b], out)
+    merge(LLAMA, [lora], half, MergeOptions(dtype="float16"))
+    _assert_parts_match(monkeypatch, merged, LLAMA, [lora, lora_b])
+    _assert_parts_match(monkeypatch, out, LLAMA, [lora], through=[merged])
+    rounded = _assert_parts_match(monkeypatch, half, LLAMA, [lora])
+    assert any(t.kind == "untouched" and t.dtype == "F16" for t in rounded.tensors)
+
+
+def _assert_parts_match(monkeypatch, *args, **kwargs):
+    """verify_weights with every untouched tensor split into 4 KiB parts gives the rows it
+    gives comparing them whole; returns the split report."""
+    import math
+
+    from loramerge.verify import weights as weight_check
+
+    whole = weight_check.verify_weights(*args, **kwargs)
+    parts, split = [], weight_check._untouched_part
+    with monkeypatch.context() as patch:
+        patch.setattr(weight_check, "_SPLIT_BYTES", 4096)
+        patch.setattr(
+            weight_check, "_untouched_part", lambda *a, **k: parts.append(a) or split(*a, **k)
+        )
+        halves = weight_check.verify_weights(*args, **kwargs)
+    assert len(parts) > len({p[0].name for p in parts})  # several parts of one tensor
+    assert halves.verdict() == whole.verdict() and halves.passed
+    for mine, theirs in zip(halves.tensors, whole.tensors, strict=True):
+        for field in ("name", "kind", "elements", "exact_share", "max_abs", "max_ulp"):
+            assert getattr(mine, field) == getattr(theirs, field), (mine.name, field)
+        assert (mine.passed, mine.note) == (theirs.passed, theirs.note)
+        assert math.isclose(mine.rmse, theirs.rmse, rel_tol=mine.elements * 2.0**-53)
+    return halves

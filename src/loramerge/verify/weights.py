@@ -33,6 +33,7 @@ from loramerge.source.safetensors_file import read_exact
 from loramerge.verify.expected import by_numpy, expected_blocks
 
 _PIECE_BYTES = 8 << 20  # a tensor no adapter touches is compared this much at a time
+_SPLIT_BYTES = 256 << 20  # and split among the threads when bigger than this
 
 
 @dataclass
@@ -235,7 +236,10 @@ def verify_weights(
             ):
                 done = done or {}
                 left = [t for t in plan.tensors if t.name not in done]
-                results = dict(zip((t.name for t in left), pool.map(check, left), strict=True))
+                jobs = [(t, span) for t in left for span in _spans(t, cand_ck)]
+                part = partial(_untouched_part, base=base_ck, candidate=cand_ck, through=via)
+                outcomes = pool.map(lambda j: part(j[0], span=j[1]) if j[1] else check(j[0]), jobs)
+                results = _joined(jobs, outcomes, cand_ck, report.tolerance_ulp, bool(via))
                 for tensor in plan.tensors:
                     report.tensors.append(done.get(tensor.name) or results[tensor.name])
                     if progress:
@@ -245,6 +249,24 @@ def verify_weights(
             for adapter in opened:
                 adapter.close()
     return report
+
+
+def _joined(
+    jobs: list, outcomes, candidate: Checkpoint, tol: float, through: bool
+) -> dict[str, TensorCheck]:
+    """Each tensor's row: a whole tensor's as its check gave it, a split one's from its parts'
+    figures folded together (`Distance.fold`)."""
+    rows: dict[str, TensorCheck] = {}
+    parts: dict[str, Distance] = {}
+    for (tensor, span), outcome in zip(jobs, outcomes, strict=True):
+        if span is None:
+            rows[tensor.name] = outcome
+        else:
+            parts.setdefault(tensor.name, Distance()).fold(outcome)
+    for name, distance in parts.items():
+        dtype = candidate.tensors[name].dtype
+        rows[name] = untouched_result(name, dtype, distance, tol, through)
+    return rows
 
 
 def _open_base(base: Path, allow_pickle: bool, qlora: dict | None):
@@ -455,16 +477,11 @@ def _check(
     if tuple(info.shape) != tuple(plan.shape):
         note = f"shape {list(info.shape)}, expected {list(plan.shape)}"
         return TensorCheck(plan.name, "shape", info.dtype, passed=False, note=note)
-    got = _Flat(candidate, plan.name)
-    passed = [
-        _Flat(m, plan.name)
-        for m in through
-        if plan.name in m.tensors and tuple(m.tensors[plan.name].shape) == plan.shape
-    ]
-    distance = Distance()
     if not plan.modified:
-        _compare_stored(distance, got, _Flat(base, plan.source), passed)
+        distance = _untouched_part(plan, base, candidate, through)
         return untouched_result(plan.name, info.dtype, distance, tol, bool(through))
+    got, passed = _Flat(candidate, plan.name), _passed(plan, through)
+    distance = Distance()
     split = by_numpy(plan, base)  # blocks of the terms alone, W0 added as they are measured
     start, blocks, allowances = expected_blocks(
         plan, base, adapters, got.dtype.itemsize >= 4, split
@@ -501,12 +518,22 @@ def untouched_result(
     return _result(name, "untouched", dtype, distance, ok, note)
 
 
-def _compare_stored(distance: Distance, got: _Flat, stored: _Flat, passed: list[_Flat]) -> None:
-    """A tensor no adapter touches against the stored base, a piece at a time: equal bytes are
-    exact, and only the pieces that differ read the models the candidate passed through."""
+def _untouched_part(
+    plan: TensorPlan,
+    base: Checkpoint,
+    candidate: Checkpoint,
+    through: list[Checkpoint],
+    span: tuple[int, int] | None = None,
+) -> Distance:
+    """A tensor no adapter touches against the stored base (elements `span` = (start, count)
+    of it, or all), a piece at a time: equal bytes are exact, and only the pieces that differ
+    read the models the candidate passed through."""
+    got, stored = _Flat(candidate, plan.name), _Flat(base, plan.source)
+    passed, distance = _passed(plan, through), Distance()
+    start, stop = (span[0], span[0] + span[1]) if span else (0, got.size)
     step = _PIECE_BYTES // max(got.dtype.itemsize, stored.dtype.itemsize)
-    for at in range(0, got.size, step):
-        count = min(step, got.size - at)
+    for at in range(start, stop, step):
+        count = min(step, stop - at)
         mine, theirs = got.read(at, count), stored.read(at, count)
         if mine.dtype == theirs.dtype and same_bytes(mine, theirs):
             distance.add_identical(count)
@@ -516,6 +543,29 @@ def _compare_stored(distance: Distance, got: _Flat, stored: _Flat, passed: list[
             distance.add_stored(mine, theirs, scale)
         else:  # a changed dtype must still be the base rounded once
             distance.add(mine, theirs, scale)
+    return distance
+
+
+def _passed(plan: TensorPlan, through: list[Checkpoint]) -> list[_Flat]:
+    """The tensor in each model the candidate was computed from that holds it in its shape."""
+    return [
+        _Flat(m, plan.name)
+        for m in through
+        if plan.name in m.tensors and tuple(m.tensors[plan.name].shape) == plan.shape
+    ]
+
+
+def _spans(plan: TensorPlan, candidate: Checkpoint) -> list[tuple[int, int] | None]:
+    """The element ranges a tensor is checked in: whole (None), on one thread, but for a big
+    tensor no adapter touches (an untied output head), which every thread compares a part of."""
+    info = candidate.tensors.get(plan.name)
+    if plan.modified or info is None or tuple(info.shape) != tuple(plan.shape):
+        return [None]
+    size = math.prod(plan.shape)
+    step = max(1, _SPLIT_BYTES // dtypes.to_numpy(info.dtype).itemsize)
+    if size <= step:
+        return [None]
+    return [(at, min(step, size - at)) for at in range(0, size, step)]
 
 
 def same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
