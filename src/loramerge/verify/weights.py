@@ -236,7 +236,7 @@ def verify_weights(
             ):
                 done = done or {}
                 left = [t for t in plan.tensors if t.name not in done]
-                jobs = [(t, span) for t in left for span in _spans(t, cand_ck)]
+                jobs = _schedule([(t, span) for t in left for span in _spans(t, cand_ck)])
                 part = partial(_untouched_part, base=base_ck, candidate=cand_ck, through=via)
                 outcomes = pool.map(lambda j: part(j[0], span=j[1]) if j[1] else check(j[0]), jobs)
                 results = _joined(jobs, outcomes, cand_ck, report.tolerance_ulp, bool(via))
@@ -249,6 +249,13 @@ def verify_weights(
             for adapter in opened:
                 adapter.close()
     return report
+
+
+def _schedule(jobs: list) -> list:
+    """Whole tensors first, the largest first, then the parts of split ones, which fill the
+    threads while the last whole ones finish (a 4 GiB embedding checked whole must not start
+    after a 4 GiB head's parts)."""
+    return sorted(jobs, key=lambda job: (job[1] is not None, -job[0].nbytes))
 
 
 def _joined(
