@@ -82,7 +82,8 @@ def kernel(name: str) -> Callable:
         function = _loaded.get(name)
         if function is None:
             restype, argtypes = _SIGNATURES[name.split("-")[0]]
-            address = _cached(name) or _compiled(name)
+            file = cache_folder() / f"{name}.o"
+            address = _cached(file) or _compiled(name, file)
             function = _loaded[name] = ctypes.CFUNCTYPE(restype, *argtypes)(address)
         return function
 
@@ -116,11 +117,11 @@ def _key() -> str:
     return digest.hexdigest()[:20]
 
 
-def _cached(name: str) -> int:
-    """The address of a kernel loaded from the cache, or 0 when the cache has none usable."""
+def _cached(file: Path) -> int:
+    """The address of a kernel loaded from its cache file, or 0 when that is not usable."""
     global _engine
     try:
-        symbol, _, code = (cache_folder() / f"{name}.o").read_bytes().partition(b"\n")
+        symbol, _, code = file.read_bytes().partition(b"\n")
     except OSError:
         return 0
     import llvmlite.binding as llvm
@@ -141,18 +142,17 @@ def _cached(name: str) -> int:
         return 0
 
 
-def _compiled(name: str) -> int:
-    """Compile a kernel with numba, keep its machine code in the cache, return its address."""
+def _compiled(name: str, file: Path) -> int:
+    """Compile a kernel with numba, keep its machine code in `file`, return its address."""
     from loramerge import compare_kernel
 
     function = compare_kernel.c_function(name)
     _built.append(function)
-    folder = cache_folder()
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as f:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=file.parent, suffix=".tmp", delete=False) as f:
             f.write(function.native_name.encode() + b"\n" + compare_kernel.machine_code(function))
-        os.replace(f.name, folder / f"{name}.o")
+        os.replace(f.name, file)
     except OSError:
         pass  # an unwritable cache: numba compiles it again next time
     return function.address

@@ -220,7 +220,7 @@ class _Tensor:
             return self._readers[key]
 
     def round(self, acc: np.ndarray, into: np.ndarray) -> None:
-        """The merge's rounding of a float32 block to bfloat16 (`compare_kernel`)."""
+        """The merge's rounding of a float32 block to bfloat16 (the compiled kernel)."""
         kernels.round_to_bfloat16(acc.reshape(-1), into.reshape(-1).view(np.uint16))
 
     def round_sum(self, w0: np.ndarray, delta: np.ndarray, into: np.ndarray) -> None:
