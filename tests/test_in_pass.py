@@ -16,6 +16,7 @@ import pytest
 from conftest import ADAPTERS, GPT2, LLAMA
 from safetensors.numpy import load_file, save_file
 
+from loramerge import kernels
 from loramerge.errors import LoramergeError
 from loramerge.merge import MergeOptions, merge
 from loramerge.swap import rebase, unmerge
@@ -160,7 +161,6 @@ def test_the_compiled_rounding_is_the_cast():
     """Every bfloat16 pattern as the high half, with the low halves that decide a rounding
     (0, 1, just under, on and over the tie, all ones) and random ones: NaN, inf, subnormals,
     the carry into the exponent and past the largest number."""
-    from loramerge import kernels
 
     rng = np.random.default_rng(8)
     high = np.arange(1 << 16, dtype=np.uint32) << 16
@@ -177,7 +177,6 @@ def test_the_compiled_sum_is_widen_add_and_cast():
     """W0 + one term rounded in one pass is the three passes' bits: every bfloat16 pattern as
     W0 (NaN, inf, subnormals, zeros of both signs) plus terms that cancel it, keep it, tip it
     past a tie, overflow it, are subnormal, zero, inf or NaN, and random ones."""
-    from loramerge import kernels
 
     rng = np.random.default_rng(9)
     w0 = np.tile(np.arange(1 << 16, dtype=np.uint16), 12)
@@ -219,18 +218,27 @@ def test_rebuild_with_verify_measures_both_checks_in_one_pass(tmp_path, measured
 def test_a_wrong_block_handed_to_the_writer_fails_the_check(tmp_path, monkeypatch, measured):
     """The check measures the bytes the writer gets: one element rounded the wrong way in one
     block of q_proj fails `merge --verify`, and the row names that tensor."""
-    from loramerge.verify import in_pass
+    from loramerge import blocked
 
-    def off_by_one(rounding):
-        def wrong(self, *block):
-            rounding(self, *block)
-            if self.plan.name.endswith("layers.0.self_attn.q_proj.weight"):
-                block[-1].reshape(-1).view(np.uint16)[7] += 1
+    class OffByOne:
+        """The compiled rounding, with one element of each block rounded the wrong way."""
 
-        return wrong
+        def round(self, acc, into):
+            kernels.BFLOAT16.round(acc, into)
+            into.reshape(-1).view(np.uint16)[7] += 1
 
-    for method in ("round", "round_sum"):  # a block of one term, or of several
-        monkeypatch.setattr(in_pass._Tensor, method, off_by_one(getattr(in_pass._Tensor, method)))
+        def round_sum(self, w0, delta, into):
+            kernels.BFLOAT16.round_sum(w0, delta, into)
+            into.reshape(-1).view(np.uint16)[7] += 1
+
+    merge_rows = blocked.merge_rows
+
+    def wrong(w0, factors, out, first, rounding, check):
+        if check.plan.name.endswith("layers.0.self_attn.q_proj.weight"):
+            rounding = OffByOne()  # a block of one term, or of several
+        merge_rows(w0, factors, out, first, rounding, check)
+
+    monkeypatch.setattr(blocked, "merge_rows", wrong)
     lora = ADAPTERS / "llama-lora"
     result = merge(LLAMA, [lora], tmp_path / "merged", MergeOptions(verify=True))
     assert not result.verification["passed"]

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import Expected, float32_bound, ulp_error
 
-from loramerge import blocked, dtypes
+from loramerge import blocked, dtypes, kernels
 from loramerge.adapter import load_adapter
 from loramerge.delta import Term, merge_weight
 from loramerge.execute import Route, worker_count
@@ -80,7 +80,7 @@ def test_rounding_to_bfloat16_is_torchs(bits):
     ties = [0x3F808000, 0x3F818000, 0x00008000, 0x7F7F8000, 0x7F7FFFFF, 0x80018000]
     values = np.array(bits + ties, dtype=np.uint32).view(np.float32).reshape(1, -1)
     ours = np.empty(values.shape, dtype=ml_dtypes.bfloat16)
-    blocked.merge_rows(values, [], ours)
+    blocked.merge_rows(values, [], ours, rounding=kernels.BFLOAT16)
     theirs = torch.from_numpy(values).to(torch.bfloat16)
     nan = np.isnan(values)
     assert np.array_equal(np.isnan(ours.astype(np.float32)), nan)
@@ -108,7 +108,7 @@ def test_numpy_and_torch_routes_are_both_within_the_float32_bound(transposed, ou
         terms.append((a, b, coef))
     ours = np.empty((rows, cols), dtype=dtypes.to_numpy(out_dtype))
     factors = [blocked.factor(a, b, coef, transposed) for a, b, coef in terms]
-    blocked.merge_rows(w0, factors, ours)
+    blocked.merge_rows(w0, factors, ours, rounding=kernels.BFLOAT16)
     kind = "embedding" if transposed else "linear"
     theirs = merge_weight(
         dtypes.as_torch(w0),

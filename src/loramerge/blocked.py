@@ -3,9 +3,9 @@
 Plain LoRA on Linear, Conv1D (fan_in_fan_out) and embedding weights stored in bfloat16 or float32
 covers nearly every real merge; doing it without torch saves the second it takes to import. The
 arithmetic is the one `delta.merged_blocks` does with torch: float32, rows in cache-sized blocks
-(conversion, rank-r update and rounding stay in cache), one rounding to nearest even at the end
-(ml_dtypes rounds float32 to bfloat16 exactly as torch does). DoRA, convolutions, float64,
-float16 and CUDA go through torch.
+(conversion, rank-r update and rounding stay in cache), one rounding to nearest even at the end,
+done by a `Rounding` the caller hands in (the compiled kernels, bit for bit ml_dtypes' and
+torch's cast). DoRA, convolutions, float64, float16 and CUDA go through torch.
 """
 
 from __future__ import annotations
@@ -24,15 +24,19 @@ BLOCK_ELEMENTS = 1 << 18
 _local = threading.local()
 
 
-class BlockCheck(Protocol):
-    """A check shown each block `merge_rows` makes (`verify.in_pass`)."""
+class Rounding(Protocol):
+    """float32 blocks rounded to nearest even bfloat16 (`kernels.BFLOAT16`)."""
 
     def round(self, acc: np.ndarray, into: np.ndarray) -> None:
-        """Round the float32 block into `into`, bit for bit as the cast to its dtype does."""
+        """Round the float32 block into `into`, bit for bit as the cast to bfloat16 does."""
 
     def round_sum(self, w0: np.ndarray, delta: np.ndarray, into: np.ndarray) -> None:
-        """Round W0's rows plus one float32 term into `into`: the bits of widening W0, adding
-        the term and `round`, in one pass."""
+        """Round bfloat16 W0's rows plus one float32 term into `into`: the bits of widening
+        W0, adding the term and `round`, in one pass."""
+
+
+class BlockCheck(Protocol):
+    """A check shown each block `merge_rows` makes (`verify.in_pass`)."""
 
     def __call__(self, first: int, w0: np.ndarray, rounded: np.ndarray) -> None:
         """Measure a block: its first row in W, W0's rows, the rounded rows."""
@@ -78,23 +82,25 @@ def merge_rows(
     factors: list[Factor],
     out: np.ndarray,
     first: int = 0,
+    rounding: Rounding | None = None,
     check: BlockCheck | None = None,
 ) -> None:
     """out = W0 + sum of the factors, rounded once to out's dtype; `out` may be `w0` itself.
 
     `w0` holds rows `first` onwards of W (a part of a bigger tensor; `first` a multiple of
-    `block_rows`). `check` (rows of a 16-bit out only) rounds each block (compiled, as its
-    kernels are loaded anyway) and is shown it before it overwrites W0's rows.
+    `block_rows`). A bfloat16 `out` is rounded by `rounding`; `check` (bfloat16 rows only) is
+    shown each rounded block before it overwrites W0's rows.
     """
     rows, cols = w0.shape
     step = block_rows(cols)
     acc_buffer, delta_buffer = _scratch(step * cols)
-    in_place = out is w0 and w0.dtype == np.float32  # accumulate in W0's rows: no copies
+    narrow = out.dtype != np.float32
+    if narrow and rounding is None:
+        raise ValueError(f"rows rounded to {out.dtype} need a rounding")
     with np.errstate(all="ignore"):  # NaN and overflow merge as IEEE says (--allow-nonfinite)
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             block, n = w0[r0:r1], (r1 - r0) * cols
-            acc = block if in_place else acc_buffer[:n].reshape(r1 - r0, cols)
             delta = delta_buffer[:n].reshape(r1 - r0, cols)
             # (factor, its first row in the block, first row past it) for the rows of W they share
             terms = [
@@ -103,28 +109,27 @@ def merge_rows(
                 for lo, hi in [(max(first + r0, f.at), min(first + r1, f.at + f.rows))]
                 if lo < hi
             ]
-            if len(terms) == 1 and terms[0][1:] == (0, r1 - r0) and not in_place:
+            if narrow:
+                acc = acc_buffer[:n].reshape(r1 - r0, cols)
+                into = _rounded(out.dtype, n).reshape(block.shape)
+            else:  # float32 rows are summed where they go (in W0's own rows if out is W0)
+                acc = into = block if out is w0 else out[r0:r1]
+            one = len(terms) == 1 and terms[0][1:] == (0, r1 - r0)
+            if narrow and one and block.dtype == out.dtype:  # widen, add, round in one pass
                 _term(terms[0][0], first + r0 - terms[0][0].at, delta)
-                if check is None:  # widened, added and rounded a cache-sized piece at a time
-                    np.add(block, delta, out=out[r0:r1], dtype=np.float32, casting="unsafe")
-                    continue
-                rounded = _rounded(out.dtype, n).reshape(block.shape)
-                check.round_sum(block, delta, rounded)  # widen, add and round in one pass
+                rounding.round_sum(block, delta, into)
             else:
-                if not in_place:
+                if acc is not block:
                     np.copyto(acc, block)  # bfloat16 -> float32 is exact
                 for f, b0, b1 in terms:
                     _term(f, first + r0 + b0 - f.at, delta[: b1 - b0])
                     acc[b0:b1] += delta[: b1 - b0]
-                if in_place:
+                if not narrow:
                     continue
-                if check is None:
-                    np.copyto(out[r0:r1], acc, casting="unsafe")  # the one rounding, to even
-                    continue
-                rounded = _rounded(out.dtype, n).reshape(block.shape)
-                check.round(acc, rounded)
-            check(first + r0, block, rounded)
-            np.copyto(out[r0:r1], rounded)
+                rounding.round(acc, into)
+            if check is not None:
+                check(first + r0, block, into)
+            np.copyto(out[r0:r1], into)  # (rounded apart: a kernel over W0 in place is scalar)
 
 
 def _term(f: Factor, d0: int, into: np.ndarray) -> None:

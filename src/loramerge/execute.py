@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from loramerge import blocked, dtypes
+from loramerge import blocked, dtypes, kernels
 from loramerge.adapter import Adapter
 from loramerge.errors import LoramergeError
 from loramerge.nf4_layout import StoredNF4
@@ -417,5 +417,5 @@ def _merged_part(
         return start, values
     w0 = w0.reshape(r1 - r0, cols)
     out = w0 if w0.dtype == out_dtype else np.empty(w0.shape, dtype=out_dtype)
-    blocked.merge_rows(w0, factors, out, first=r0, check=hook)
+    blocked.merge_rows(w0, factors, out, r0, kernels.BFLOAT16, hook)
     return start, out

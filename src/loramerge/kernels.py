@@ -75,6 +75,22 @@ def round_sum_to_bfloat16(w0, delta, out) -> None:
     kernel("round_sum")(_at(w0, np.uint16), _at(delta, np.float32), _at(out, np.uint16), n)
 
 
+class _Bfloat16Rounding:
+    """`blocked.Rounding` by the compiled kernels: float32 blocks into bfloat16 rows."""
+
+    def round(self, acc: np.ndarray, into: np.ndarray) -> None:
+        """`round_to_bfloat16` over a block of any shape."""
+        round_to_bfloat16(acc.reshape(-1), into.reshape(-1).view(np.uint16))
+
+    def round_sum(self, w0: np.ndarray, delta: np.ndarray, into: np.ndarray) -> None:
+        """`round_sum_to_bfloat16` over bfloat16 blocks of any shape."""
+        flat = (w0.reshape(-1).view(np.uint16), delta.reshape(-1))
+        round_sum_to_bfloat16(*flat, into.reshape(-1).view(np.uint16))
+
+
+BFLOAT16 = _Bfloat16Rounding()
+
+
 def kernel(name: str) -> Callable:
     """The C function `name` (its kind, then its dtypes: "measure-u16-u16-f64"), from the
     cache when it holds it, else compiled by numba now and added to the cache."""

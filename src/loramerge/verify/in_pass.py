@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 
-from loramerge import kernels
 from loramerge.adapter import Adapter, load_adapter
 from loramerge.compare import Distance
 from loramerge.plan import TensorPlan, build_plan, matrix_shape
@@ -218,16 +217,6 @@ class _Tensor:
                 name = self.plan.source if role is self._check.base else self._name
                 self._readers[key] = _Flat(role, name)
             return self._readers[key]
-
-    def round(self, acc: np.ndarray, into: np.ndarray) -> None:
-        """The merge's rounding of a float32 block to bfloat16 (the compiled kernel)."""
-        kernels.round_to_bfloat16(acc.reshape(-1), into.reshape(-1).view(np.uint16))
-
-    def round_sum(self, w0: np.ndarray, delta: np.ndarray, into: np.ndarray) -> None:
-        """The merge's widening of bfloat16 rows, its one term added and the rounding."""
-        kernels.round_sum_to_bfloat16(
-            w0.reshape(-1).view(np.uint16), delta.reshape(-1), into.reshape(-1).view(np.uint16)
-        )
 
     def result(self) -> TensorCheck:
         """The tensor's row, as `weights._check` words it."""
