@@ -3,11 +3,11 @@ rounding by exact rational arithmetic, pattern matching by PEFT's own get_patter
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 from fractions import Fraction
 
+import blake3
 import pytest
 import torch
 from hypothesis import given, settings
@@ -58,7 +58,7 @@ def test_writer_output_reads_back_with_safetensors(tmp_path, max_bytes):
     assert seen.keys() == MIXED.keys()
     assert all(torch.equal(seen[k], MIXED[k]) for k in MIXED)
     for name, digest in writer.hashes.items():  # hashed while written, out of order
-        assert digest == hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+        assert digest == blake3.blake3((tmp_path / name).read_bytes()).hexdigest()
     with open_weights(tmp_path, stem="model", allow_pickle=False) as checkpoint:
         for info in checkpoint.tensors.values():
             data_start = 8 + struct.unpack("<Q", info.path.read_bytes()[:8])[0]

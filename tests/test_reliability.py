@@ -18,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 
+import blake3
 import pytest
 import torch
 from conftest import ADAPTERS, LLAMA, tree_hashes
@@ -280,3 +281,37 @@ def test_integrity_record_and_check(cli, tmp_path):
     shard.write_bytes(bytes(data))
     broken = cli("verify", out, "--files")
     assert broken.code == 1 and shard.name in broken.out
+
+
+def test_the_record_hashes_files_with_blake3(cli, tmp_path):
+    """Every file's digest is the blake3 package's, and that package is BLAKE3 (the
+    specification's test vectors)."""
+    assert blake3.blake3(b"").hexdigest().startswith("af1349b9f5f9a1a6a0404dea36dcc949")
+    assert blake3.blake3(b"abc").hexdigest().startswith("6437b3ac38465133ffb63b75273a8db5")
+    out = tmp_path / "out"
+    assert cli(*_merge_args(out)).code == 0
+    record = json.loads((out / "loramerge.json").read_text())
+    assert record["files_hash"] == "blake3"
+    assert record["files"] == {
+        name: blake3.blake3((out / name).read_bytes()).hexdigest() for name in record["files"]
+    }
+
+
+def test_records_written_with_sha256_still_check(cli, tmp_path):
+    """A record from before BLAKE3 (sha256 digests, no `files_hash`) is checked with sha256; a
+    hash this version does not know is refused."""
+    out = tmp_path / "out"
+    assert cli(*_merge_args(out)).code == 0
+    path = out / "loramerge.json"
+    record = json.loads(path.read_text())
+    del record["files_hash"]
+    record["files"] = {name: tree_hashes(out)[name] for name in record["files"]}  # sha256
+    path.write_text(json.dumps(record, indent=2))
+    passed = cli("verify", out, "--files")
+    assert passed.code == 0 and "match their recorded sha256" in passed.out
+    (out / "config.json").write_text((out / "config.json").read_text() + " ")
+    changed = cli("verify", out, "--files")
+    assert changed.code == 1 and "changed: config.json" in changed.out
+    path.write_text(json.dumps({**record, "files_hash": "md5"}))
+    unknown = cli("verify", out, "--files")
+    assert unknown.code == 2 and unknown.err.startswith("Error: unknown file hash 'md5'")

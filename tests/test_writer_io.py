@@ -1,21 +1,21 @@
-"""The writer's I/O paths, judged by the safetensors library and hashlib.
+"""The writer's I/O paths, judged by the safetensors library and the blake3 package.
 
 Writes bypass the page cache (`O_DIRECT`) for block-aligned middles, from the caller's memory when
 it is aligned like the file offset and through a staging buffer when not, with buffered writes
 for the ends; filesystems without `O_DIRECT` and refused direct writes fall back to buffered.
 Every path must give the same bytes, in any write order, from any number of threads, and the
-sha256 recorded while writing must be the file's.
+hash recorded while writing must be the file's.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import blake3
 import numpy as np
 import pytest
 import torch
@@ -109,7 +109,7 @@ def _check(folder, writer):
     loaded = load_file(folder / "model.safetensors")
     for name, tensor in {**TENSORS, **COPIED}.items():
         assert torch.equal(loaded[name], tensor), name
-    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    digest = blake3.blake3((folder / "model.safetensors").read_bytes()).hexdigest()
     assert writer.hashes == {"model.safetensors": digest}
 
 

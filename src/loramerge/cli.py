@@ -455,7 +455,7 @@ def _print_drift(drift: dict) -> None:
     "--files",
     "files",
     is_flag=True,
-    help="Re-hash every file against the sha256 in the candidate's record.",
+    help="Re-hash every file against its hash in the candidate's record.",
 )
 @click.option(
     "--adapter",

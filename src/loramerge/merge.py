@@ -25,7 +25,7 @@ from loramerge.sink.gguf_file import GGUFInfo
 from loramerge.sink.gguf_rewrite import GGUFBase
 from loramerge.sink.hf_folder import (
     copy_files,
-    hash_files,
+    record_files,
     write_config,
     write_model_card,
     write_norms,
@@ -352,7 +352,7 @@ class _Both:
     """Two checks shown the same blocks (a rebuild's source and, with --verify, its output)."""
 
     def __init__(self, first, second) -> None:
-        self.round, self.round_sum, self._checks = first.round, first.round_sum, (first, second)
+        self._checks = (first, second)
 
     def __call__(self, *block) -> None:
         for check in self._checks:
@@ -589,7 +589,7 @@ def _write_side_files(folder, source, config, updates, record, tokenizer_from) -
     copy_files(folder, side)
     write_model_card(folder, record)
     # every file but the record itself (written last); shards were hashed as they were written
-    record["files"] = hash_files(folder, known=record.get("files", {}))
+    record_files(folder, record, known=record.get("files", {}))
     write_provenance(folder, record)
 
 

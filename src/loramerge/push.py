@@ -3,13 +3,13 @@ with its model card completed for the repo it goes to."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from loramerge import hub
 from loramerge.card import render_adapter_card, render_card, render_gguf_card
 from loramerge.errors import LoramergeError
+from loramerge.hashing import hasher, recorded_hash
 from loramerge.sink.hf_folder import PROVENANCE, provenance_bytes, read_provenance, recorded_files
 from loramerge.verify.files import verify_files
 
@@ -87,7 +87,9 @@ def _folder_files(folder: Path, repo_id: str) -> tuple[list[hub.Upload], str, li
         # The card names the repo; the uploaded record hashes the uploaded card.
         files = [f for f in files if f.path_in_repo != "README.md"]
         files.append(hub.Upload("README.md", card_bytes))
-        record = {**record, "files": {**record["files"], "README.md": _sha256(card_bytes)}}
+        digest = hasher(recorded_hash(record))
+        digest.update(card_bytes)
+        record = {**record, "files": {**record["files"], "README.md": digest.hexdigest()}}
         notes.append(f"README.md completed for {repo_id} (usage names the repo)")
         files.append(hub.Upload(PROVENANCE, provenance_bytes(record)))
     else:
@@ -113,7 +115,3 @@ def _check_card(card: str) -> None:
         ModelCard(card, ignore_metadata_errors=False)
     except Exception as exc:  # noqa: BLE001 - ModelCard raises several types
         raise LoramergeError(f"the model card does not parse as a Hub card: {exc}") from None
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

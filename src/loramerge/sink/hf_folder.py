@@ -12,7 +12,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from loramerge.card import render_card
-from loramerge.hashing import sha256_of
+from loramerge.hashing import FILES_HASH, digest_of, sha256_of
 from loramerge.jsonfile import read_json_object
 
 PROVENANCE = "loramerge.json"
@@ -79,12 +79,14 @@ def recorded_files(folder: Path) -> list[str]:
     return sorted(n for n in names if n != PROVENANCE)
 
 
-def hash_files(folder: Path, known: dict[str, str]) -> dict[str, str]:
-    """sha256 of every recorded file (`known` ones not redone), by relative path."""
+def record_files(folder: Path, record: dict, known: dict[str, str]) -> None:
+    """Put in the record the hash of every file it covers (`known` ones not redone), by
+    relative path, and the hash's name."""
     names = [n for n in recorded_files(folder) if n not in known]
-    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:  # hashlib releases the GIL
-        digests = pool.map(lambda n: sha256_of([Path(folder) / n]), names)
-    return dict(sorted({**known, **dict(zip(names, digests, strict=True))}.items()))
+    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:  # hashers release the GIL
+        digests = pool.map(lambda n: digest_of([Path(folder) / n], FILES_HASH), names)
+    record["files_hash"] = FILES_HASH
+    record["files"] = dict(sorted({**known, **dict(zip(names, digests, strict=True))}.items()))
 
 
 def read_provenance(folder: Path) -> dict | None:

@@ -160,7 +160,7 @@ class NF4Folder:
 
     @property
     def hashes(self) -> dict[str, str]:
-        """sha256 of each shard, once finished."""
+        """Each shard's hash (`hashing.FILES_HASH`), once finished."""
         return self._writer.hashes
 
     def copyable(self, name: str) -> bool:

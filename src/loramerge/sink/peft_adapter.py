@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from loramerge import dtypes
-from loramerge.sink.hf_folder import PROVENANCE, hash_files, write_provenance
+from loramerge.sink.hf_folder import PROVENANCE, record_files, write_provenance
 from loramerge.sink.safetensors_writer import Entry, SafetensorsWriter, aligned_order
 
 WEIGHTS = "adapter_model.safetensors"
@@ -51,7 +51,7 @@ def write_adapter(folder: Path, config: dict, tensors: dict[str, np.ndarray], re
         raise
     (folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     _write_card(folder, record)
-    record["files"] = hash_files(folder, known={WEIGHTS: writer.sha256})
+    record_files(folder, record, known={WEIGHTS: writer.digest})
     write_provenance(folder, record)
 
 

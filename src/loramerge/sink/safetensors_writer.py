@@ -4,13 +4,12 @@ Shapes and dtypes come from the plan, so the header is written at once and each 
 to its own byte range with positional writes, in any order and from several threads; no shard is
 ever held in memory. Writes bypass the page cache where the filesystem allows (`direct_io`);
 untouched tensors then pass through a small buffer, and otherwise are copied file to file with
-`copy_file_range`. Each file's sha256 is computed while it is written.
+`copy_file_range`. Each file's hash (`hashing.FILES_HASH`) is computed while it is written.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import math
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from loramerge import dtypes
 from loramerge.errors import LoramergeError
+from loramerge.hashing import FILES_HASH, hasher
 from loramerge.sink.direct_io import (
     ALIGN,
     Cached,
@@ -112,7 +112,7 @@ class SafetensorsWriter:
         self._lock = threading.Lock()
         self._file: PositionalFile | None = None
         self._hasher: _PrefixHasher | None = None
-        self.sha256 = ""
+        self.digest = ""  # the file's FILES_HASH, once finished
         head = memoryview(len(raw).to_bytes(8, "little") + raw)
         with self._io_errors():
             self._file = PositionalFile(self.path, start + offset, cached=cached == "all")
@@ -176,7 +176,7 @@ class SafetensorsWriter:
             raise RuntimeError(f"{self.path}: never written: {sorted(self._pending)[:5]}")
         with self._io_errors():
             self._file.fsync()
-            self.sha256 = self._hasher.hexdigest()
+            self.digest = self._hasher.hexdigest()
         self.close()
 
     def cancel(self) -> None:
@@ -222,12 +222,14 @@ class SafetensorsWriter:
 
 
 class _PrefixHasher:
-    """sha256 of a file written out of order, computed while it is written.
+    """The hash of a file written out of order, computed while it is written.
 
-    A background thread hashes each byte range as soon as everything before it is in the file:
-    from the writer's memory when it is handed over (the writer waits until it is hashed before
-    reusing it), else read back from the page cache. Tensors are written roughly in file order,
-    so the hash keeps up with the merge instead of costing a second pass at the end.
+    Each byte range is hashed as soon as everything before it is in the file: from the writer's
+    memory when it is handed over (the writer waits until it is hashed before reusing it), else
+    read back from the page cache. Tensors are written roughly in file order, so the hash keeps
+    up with the merge instead of costing a second pass at the end. One range is hashed at a
+    time, in order, by a background thread or by a writer that would otherwise wait for it: a
+    writer already on a core hashes at once, where a thread woken for it queues for one.
     """
 
     def __init__(self, path: Path, total: int) -> None:
@@ -235,16 +237,17 @@ class _PrefixHasher:
         self._total = total
         self._next = 0  # everything before is hashed
         self._frontier = 0  # everything before is in the file
+        self._busy = False  # a thread is hashing the range at _next
         # start -> (end, bytes or None to read them back, private copy's buffer or None)
         self._done: dict[int, tuple[int, memoryview | None, bytearray | None]] = {}
         self._spares: list[bytearray] = []  # buffers of hashed private copies, for reuse
         self._held = 0  # bytes in private copies not yet hashed
-        self._digest = hashlib.sha256()
+        self._digest = hasher(FILES_HASH)
         self._buffer = memoryview(bytearray(_HASH_CHUNK))  # reused: no fresh pages per chunk
         self._error: OSError | None = None
         self._stopped = False
         self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="loramerge-sha256", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="loramerge-hash", daemon=True)
         self._thread.start()
 
     def completed(self, start: int, end: int, data: memoryview | None = None) -> bool:
@@ -289,12 +292,9 @@ class _PrefixHasher:
         return buffer, view
 
     def wait_past(self, end: int) -> None:
-        """Block until everything before `end` is hashed (or hashing stopped)."""
-        with self._cond:
-            while self._next < end and not self._stopped and self._error is None:
-                self._cond.wait()
-            if self._next < end:
-                raise LoramergeError("writing was cancelled")
+        """Block until everything before `end` is hashed, hashing what is due meanwhile."""
+        if not self._help(end):
+            raise LoramergeError("writing was cancelled")
 
     def hexdigest(self) -> str:
         """Wait for the whole file to be hashed."""
@@ -310,35 +310,49 @@ class _PrefixHasher:
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
+            while self._busy:  # a writer still hashing reads the file
+                self._cond.wait()
         self._thread.join()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
 
     def _run(self) -> None:
-        while self._next < self._total:
+        self._help(self._total)
+
+    def _help(self, end: int) -> bool:
+        """Hash the ranges due, in order, until everything before `end` is hashed (True) or
+        hashing stops (False): whenever the range at the front is in and nobody hashes it,
+        this thread does."""
+        while True:
             with self._cond:
-                while self._next not in self._done and not self._stopped:
+                while self._next < end:
+                    if self._stopped or self._error is not None:
+                        return False
+                    if not self._busy and self._next in self._done:
+                        break
                     self._cond.wait()
-                if self._next not in self._done:
-                    return
-                end, data, owned = self._done.pop(self._next)
+                else:
+                    return True
+                self._busy = True
+                start = self._next
+                stop, data, owned = self._done.pop(start)
             try:
                 if data is not None:
                     self._digest.update(data)
                 else:
-                    self._hash_from_file(self._next, end)
+                    self._hash_from_file(start, stop)
             except OSError as exc:
                 with self._cond:
-                    self._error = exc
+                    self._error, self._busy = exc, False
                     self._cond.notify_all()
-                return
+                return False
             with self._cond:
-                self._next = end
+                self._next, self._busy = stop, False
                 if owned is not None:
                     self._held -= len(data)
-                if owned is not None and len(self._spares) < _SPARES:
-                    self._spares.append(owned)  # memory stays flat: copies reuse a few buffers
+                    if len(self._spares) < _SPARES:
+                        self._spares.append(owned)  # memory stays flat: copies reuse buffers
                 self._cond.notify_all()
 
     def _hash_from_file(self, start: int, end: int) -> None:

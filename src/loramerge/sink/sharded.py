@@ -17,7 +17,7 @@ INDEX = "model.safetensors.index.json"
 
 class ShardedWriter:
     """All shards of one checkpoint, headers written up front; tensors go in by name (any order,
-    though `order` lets each shard's sha256 keep pace).
+    though `order` lets each shard's hash keep pace).
 
     `late` names small uint8 vectors whose length is known only once they are computed (NF4
     quantization states): they are kept in memory and written as one last shard by `finish`.
@@ -114,7 +114,7 @@ class ShardedWriter:
             self._write_late()
         for name, writer in zip(self.files, self._writers, strict=True):
             writer.finish()
-            self.hashes[name] = writer.sha256
+            self.hashes[name] = writer.digest
         if len(self.files) > 1:
             index = {
                 "metadata": {"total_size": self._total},
