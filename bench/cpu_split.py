@@ -9,9 +9,10 @@ wait for a core as busy. This runs the merge in process with each stage's functi
 
 Stages: start-up (imports), planning and checks, reading parts, the merge arithmetic (float32
 widening, rank-r update, rounding: `blocked.merge_rows`, itself split into numpy's `copyto` and
-`add`, which widen, sum and round, and `matmul`), writing (direct writes, copies held for the
-hash; for a GGUF output the conversion to its type too), raw copies of untouched tensors,
-sha256 (the hasher threads), finishing (fsync, record, rename). BASE may be a GGUF file (OUT
+`add`, which widen and sum, the compiled bfloat16 rounding, and `matmul`), writing (direct
+writes, copies held for the hash; for a GGUF output the conversion to its type too), raw copies
+of untouched tensors, the output's hash (on the hasher thread, or in a writer that hashes what
+is due while it waits), finishing (fsync, record, rename). BASE may be a GGUF file (OUT
 then a .gguf).
 """
 
@@ -28,13 +29,15 @@ from functools import wraps
 start_cpu = time.process_time()
 import numpy as np  # noqa: E402
 
-from loramerge import blocked, execute  # noqa: E402
+from loramerge import blocked, execute, kernels  # noqa: E402
 from loramerge.cli import main  # noqa: E402
 from loramerge.sink import gguf_file, gguf_rewrite, safetensors_writer  # noqa: E402
 from loramerge.source import checkpoint  # noqa: E402
 
 cpu: dict[str, float] = defaultdict(float)
-CONVERSIONS = "  of which: widening, sums and rounding (copyto, add)"
+CONVERSIONS = "  of which: widening, sums and rounding (copyto, add, compiled rounding)"
+WRITING = "writing parts (conversion, direct I/O, held copies)"
+HASH = "hash of the output (hasher thread, writers waiting for it)"
 lock = threading.Lock()
 local = threading.local()
 
@@ -44,15 +47,15 @@ def timed(stage: str, function):
 
     @wraps(function)
     def wrapper(*args, **kwargs):
-        if getattr(local, "inside", False):
+        if getattr(local, "stage", None):
             return function(*args, **kwargs)
-        local.inside = True
+        local.stage = stage
         before = time.thread_time()
         try:
             return function(*args, **kwargs)
         finally:
             spent = time.thread_time() - before
-            local.inside = False
+            local.stage = None
             with lock:
                 cpu[stage] += spent
 
@@ -74,6 +77,25 @@ def inner(stage: str, function):
     return wrapper
 
 
+def hashing(function):
+    """The hasher's loop, on its thread or in a writer that waits for it (`_help`): CPU counted
+    as hashing, and taken out of the writing stage the writer's call is counted in."""
+
+    @wraps(function)
+    def wrapper(*args, **kwargs):
+        before = time.thread_time()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            spent = time.thread_time() - before
+            with lock:
+                cpu[HASH] += spent
+                if getattr(local, "stage", None):  # a writer's call, counted in its stage
+                    cpu[local.stage] -= spent
+
+    return wrapper
+
+
 def run() -> None:
     """Patch, run the CLI, print the table."""
     cpu["start-up (imports)"] = time.process_time() - start_cpu
@@ -82,11 +104,14 @@ def run() -> None:
     execute.blocked = blocked
     checkpoint.Checkpoint.read_part = timed("reading parts", checkpoint.Checkpoint.read_part)
     for writer in (safetensors_writer.SafetensorsWriter, gguf_file.BlockSink):
-        writer.write = timed("writing parts (conversion, direct I/O, held copies)", writer.write)
+        writer.write = timed(WRITING, writer.write)
     for writer in (safetensors_writer.SafetensorsWriter, gguf_rewrite.GGUFRewrite):
         writer.copy = timed("raw copies of untouched tensors", writer.copy)
+    rounding = kernels._Bfloat16Rounding
+    rounding.round = inner(CONVERSIONS, rounding.round)
+    rounding.round_sum = inner(CONVERSIONS, rounding.round_sum)
     hasher = safetensors_writer._PrefixHasher
-    hasher._run = timed("sha256 (hasher threads)", hasher._run)
+    hasher._help = hashing(hasher._help)
     original = execute.write_tensors
     main_before = {}
 
