@@ -326,14 +326,17 @@ class _PrefixHasher:
         this thread does."""
         while True:
             with self._cond:
-                while self._next < end:
-                    if self._stopped or self._error is not None:
-                        return False
-                    if not self._busy and self._next in self._done:
-                        break
+                while not (
+                    self._next >= end
+                    or self._stopped
+                    or self._error is not None
+                    or (not self._busy and self._next in self._done)
+                ):
                     self._cond.wait()
-                else:
+                if self._next >= end:
                     return True
+                if self._stopped or self._error is not None:
+                    return False
                 self._busy = True
                 start = self._next
                 stop, data, owned = self._done.pop(start)
