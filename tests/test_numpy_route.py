@@ -89,6 +89,38 @@ def test_rounding_to_bfloat16_is_torchs(bits):
     )
 
 
+def test_the_cast_and_the_compiled_rounding_merge_the_same_bytes():
+    """Linux merges round with the compiled kernels, other platforms with numpy's cast
+    (`kernels.rounding`): the same bytes, for one term over whole blocks, for two terms, for
+    part of a block, and for a float32 W0, with NaN, inf, overflow and cancellation in it."""
+    rng = np.random.default_rng(11)
+    rows, cols, rank = 300, 1100, 8  # several row blocks, the last one partial
+    w0 = rng.standard_normal((rows, cols), dtype=np.float32) * 0.02
+    w0.reshape(-1)[:6] = [np.nan, np.inf, -np.inf, 3.3e38, -3.3e38, 0.0]
+    a = rng.standard_normal((rank, cols), dtype=np.float32)
+    b = rng.standard_normal((rows, rank), dtype=np.float32) * 0.01
+    b[0] = 1e38  # overflow into inf on the first row
+    terms = {
+        "one": [blocked.factor(a, b, 2.0, False)],
+        "two": [blocked.factor(a, b, 2.0, False), blocked.factor(a, b, -2.0, False)],
+        "part": [blocked.factor(a, b[:150], 0.5, False, at=40)],
+    }
+    for stored in (ml_dtypes.bfloat16, np.float32):
+        for name, factors in terms.items():
+            merged = []
+            for rounding in (blocked.CAST, kernels.BFLOAT16):
+                out = np.empty((rows, cols), ml_dtypes.bfloat16)
+                blocked.merge_rows(w0.astype(stored), factors, out, rounding=rounding)
+                merged.append(out.view(np.uint16))
+            assert np.array_equal(*merged), (stored, name)
+
+
+def test_the_compiled_rounding_is_used_where_it_is_kept(monkeypatch):
+    assert kernels.rounding() is kernels.BFLOAT16
+    monkeypatch.setattr(kernels.sys, "platform", "darwin")
+    assert kernels.rounding() is blocked.CAST
+
+
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("out_dtype", ["BF16", "F32"])
 def test_numpy_and_torch_routes_are_both_within_the_float32_bound(transposed, out_dtype):

@@ -25,7 +25,8 @@ _local = threading.local()
 
 
 class Rounding(Protocol):
-    """float32 blocks rounded to nearest even bfloat16 (`kernels.BFLOAT16`)."""
+    """float32 blocks rounded to nearest even bfloat16 (`CAST`, or the compiled
+    `kernels.BFLOAT16` with the same bits: `kernels.rounding` picks)."""
 
     def round(self, acc: np.ndarray, into: np.ndarray) -> None:
         """Round the float32 block into `into`, bit for bit as the cast to bfloat16 does."""
@@ -40,6 +41,21 @@ class BlockCheck(Protocol):
 
     def __call__(self, first: int, w0: np.ndarray, rounded: np.ndarray) -> None:
         """Measure a block: its first row in W, W0's rows, the rounded rows."""
+
+
+class _Cast:
+    """`Rounding` by numpy with ml_dtypes' cast: the bits the compiled kernels are held to."""
+
+    def round(self, acc: np.ndarray, into: np.ndarray) -> None:
+        """The cast of a float32 block."""
+        np.copyto(into, acc, casting="unsafe")
+
+    def round_sum(self, w0: np.ndarray, delta: np.ndarray, into: np.ndarray) -> None:
+        """Widen, add and cast in one numpy `add`."""
+        np.add(w0, delta, out=into, dtype=np.float32, casting="unsafe")
+
+
+CAST = _Cast()
 
 
 @dataclass(frozen=True)

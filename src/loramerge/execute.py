@@ -417,5 +417,5 @@ def _merged_part(
         return start, values
     w0 = w0.reshape(r1 - r0, cols)
     out = w0 if w0.dtype == out_dtype else np.empty(w0.shape, dtype=out_dtype)
-    blocked.merge_rows(w0, factors, out, r0, kernels.BFLOAT16, hook)
+    blocked.merge_rows(w0, factors, out, r0, kernels.rounding(), hook)
     return start, out

@@ -1,4 +1,5 @@
-"""The compiled check's kernels (`compare_kernel`), called as C functions through ctypes.
+"""The compiled kernels (`compare_kernel`: the check's, and the bfloat16 rounding merges use),
+called as C functions through ctypes.
 
 numba compiles each kernel once per dtype combination as a C function (`compare_kernel.
 c_function`) and its machine code is kept in a cache folder; a later process loads that code
@@ -25,6 +26,8 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+
+from loramerge import blocked
 
 _P, _N = ctypes.c_void_p, ctypes.c_ssize_t
 # argument and result types of each kind of C function (compare_kernel.c_function)
@@ -89,6 +92,13 @@ class _Bfloat16Rounding:
 
 
 BFLOAT16 = _Bfloat16Rounding()
+
+
+def rounding():
+    """The bfloat16 rounding a merge uses (`blocked.Rounding`): the compiled kernels where
+    their machine code is kept between processes (Linux), else numpy's cast, where every
+    process would compile them with numba again (about 1.5 s and 110 MiB); the same bits."""
+    return BFLOAT16 if sys.platform.startswith("linux") else blocked.CAST
 
 
 def kernel(name: str) -> Callable:
