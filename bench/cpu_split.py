@@ -62,24 +62,9 @@ def timed(stage: str, function):
     return wrapper
 
 
-def inner(stage: str, function):
-    """A numpy function called inside the merge arithmetic, split out of it."""
-
-    @wraps(function)
-    def wrapper(*args, **kwargs):
-        before = time.thread_time()
-        try:
-            return function(*args, **kwargs)
-        finally:
-            with lock:
-                cpu[stage] += time.thread_time() - before
-
-    return wrapper
-
-
-def hashing(function):
-    """The hasher's loop, on its thread or in a writer that waits for it (`_help`): CPU counted
-    as hashing, and taken out of the writing stage the writer's call is counted in."""
+def inner(stage: str, function, apart: bool = False):
+    """A function called inside a timed stage, its CPU counted in `stage` as well (a line of
+    that stage's split), or, `apart`, instead (taken out of the stage it is called in)."""
 
     @wraps(function)
     def wrapper(*args, **kwargs):
@@ -89,8 +74,8 @@ def hashing(function):
         finally:
             spent = time.thread_time() - before
             with lock:
-                cpu[HASH] += spent
-                if getattr(local, "stage", None):  # a writer's call, counted in its stage
+                cpu[stage] += spent
+                if apart and getattr(local, "stage", None):
                     cpu[local.stage] -= spent
 
     return wrapper
@@ -111,7 +96,8 @@ def run() -> None:
     rounding.round = inner(CONVERSIONS, rounding.round)
     rounding.round_sum = inner(CONVERSIONS, rounding.round_sum)
     hasher = safetensors_writer._PrefixHasher
-    hasher._help = hashing(hasher._help)
+    # the hasher's loop, on its thread or in a writer that waits for it
+    hasher._help = inner(HASH, hasher._help, apart=True)
     original = execute.write_tensors
     main_before = {}
 

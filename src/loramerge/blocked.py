@@ -4,8 +4,9 @@ Plain LoRA on Linear, Conv1D (fan_in_fan_out) and embedding weights stored in bf
 covers nearly every real merge; doing it without torch saves the second it takes to import. The
 arithmetic is the one `delta.merged_blocks` does with torch: float32, rows in cache-sized blocks
 (conversion, rank-r update and rounding stay in cache), one rounding to nearest even at the end,
-done by a `Rounding` the caller hands in (the compiled kernels, bit for bit ml_dtypes' and
-torch's cast). DoRA, convolutions, float64, float16 and CUDA go through torch.
+done by a `Rounding` the caller hands in (`kernels.rounding()`: the compiled kernels or numpy
+with ml_dtypes' cast, the same bits, which are torch's). DoRA, convolutions, float64, float16
+and CUDA go through torch.
 """
 
 from __future__ import annotations

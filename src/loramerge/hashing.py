@@ -24,16 +24,19 @@ _HASHERS = {"blake3": blake3.blake3, "sha256": hashlib.sha256}
 
 def hasher(algorithm: str):
     """A fresh hash object (`update`, `hexdigest`) of one of the algorithms records use."""
-    if algorithm not in _HASHERS:
-        raise LoramergeError(f"unknown file hash {algorithm!r} (this version knows blake3, sha256)")
-    return _HASHERS[algorithm]()
+    return _HASHERS[_known(algorithm)]()
 
 
 def recorded_hash(record: dict) -> str:
     """The hash a record's files were recorded with (sha256 where it names none), refused
     when this version does not know it."""
-    algorithm = record.get("files_hash", "sha256")
-    hasher(algorithm)
+    return _known(record.get("files_hash", "sha256"))
+
+
+def _known(algorithm: str) -> str:
+    """`algorithm`, when this version can compute it."""
+    if algorithm not in _HASHERS:
+        raise LoramergeError(f"unknown file hash {algorithm!r} (this version knows blake3, sha256)")
     return algorithm
 
 
