@@ -7,6 +7,7 @@ merge rounded away cannot come back, and a correct single-rounding unmerge alway
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -70,6 +71,29 @@ def test_unmerge_one_of_two(tmp_path):
     record = json.loads((tmp_path / "out" / "loramerge.json").read_text())
     assert [x["source"] for x in record["adapters"]] == [str(b)]
     assert record["dora_norms"]["vectors"] == 6  # b's norms carried over
+
+
+def test_records_name_each_adapter_by_the_sha256_of_its_weights(tmp_path):
+    """The hashes run while the pass does (an adapter taken out is hashed once, to find it):
+    every record entry still holds its own file's sha256, the taken-out ones are dropped."""
+    a, b = ADAPTERS / "llama-lora", ADAPTERS / "llama-rslora"
+
+    def entries(folder) -> list[tuple[str, str]]:
+        record = json.loads((folder / "loramerge.json").read_text())
+        return [(e["source"], e["sha256"]) for e in record["adapters"]]
+
+    def own(adapter) -> tuple[str, str]:
+        digest = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes())
+        return str(adapter), digest.hexdigest()
+
+    merge(LLAMA, [a, b], tmp_path / "both")
+    assert entries(tmp_path / "both") == [own(a), own(b)]
+    unmerge(tmp_path / "both", [a], tmp_path / "b")
+    assert entries(tmp_path / "b") == [own(b)]
+    rebase(tmp_path / "b", [b], [a], tmp_path / "a")
+    assert entries(tmp_path / "a") == [own(a)]
+    rebase(tmp_path / "a", [a], [a], tmp_path / "again", base=LLAMA)  # a's hash reused
+    assert entries(tmp_path / "again") == [own(a)]
 
 
 def test_rebase_without_base_is_within_bound_and_with_base_is_bit_identical(tmp_path):

@@ -166,6 +166,8 @@ class Job:
     source_check: tuple[Path, list[Path], list[float], list[Path]] | None = None
     # The rows of the output's check measured in the pass (`verify_against`), by tensor.
     checked: dict = field(default_factory=dict)
+    # The sha256 of adapters' weights the caller has already computed, by adapter path.
+    hashes: dict[Path, str] = field(default_factory=dict)
 
 
 def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> MergeResult:
@@ -189,8 +191,10 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
         try:
             for path in job.adapters:
                 opened.append(load_adapter(path, allow_pickle=options.allow_pickle))
-            # the record's hashes of the adapters, read while the plan is built and checked
-            digests = [] if options.dry_run else [sha256_started(a.weights.files) for a in opened]
+            # the record's hashes of the adapters, computed on threads from now on and waited
+            # for where the record is first needed (`_record_adapters`)
+            known = [job.hashes.get(path) for path in job.adapters]
+            digests = [] if options.dry_run else list(map(_sha256, opened, known))
             if stored.gguf is not None and options.gguf_type and out_dtype is None:
                 out_dtype = "F32"  # retyped: quantized from the float32 merge, not a bf16 one
             plan = build_plan(checkpoint, config, opened, job.weights, out_dtype, job.undo)
@@ -205,8 +209,7 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
             if options.dry_run:
                 return result
             _check_free_space(job.output, plan.nbytes)
-            entries = [{**d, "sha256": h()} for h, d in zip(digests, described, strict=True)]
-            record = _provenance(job, config, entries, plan, options, device)
+            record = _provenance(job, config, described, plan, options, device)
             if options.qlora_base:
                 record["qlora_base"] = _round_trip(options)
             elif is_nf4(stored):
@@ -217,6 +220,8 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
                 record["base"]["format"] = "gguf"
             single = to in SINGLE_FILE
             atomic = AtomicFile if single else AtomicFolder
+            # a single file holds the record from its header on; a folder's is written last
+            entries = _record_adapters(record, job, described, digests) if single else None
             with atomic(job.output, overwrite=options.overwrite) as out:
                 result.warnings.extend(out.recovered)
                 tokenizer_from = _tokenizer_source(opened, job.undo)
@@ -257,6 +262,8 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
                         raise
                     job.checked, source_rows = checks.results()
                 result.files = [job.output.name] if single else list(writer.files)
+                if entries is None:
+                    entries = _record_adapters(record, job, described, digests)
                 record["output"] = writer.description
                 result.record = record
                 if single:
@@ -531,14 +538,12 @@ def norm_key(sha256: str, tensor: str) -> str:
     return f"{sha256[:16]}:{tensor}"
 
 
-def _provenance(job: Job, config, entries: list[dict], plan: Plan, options, device) -> dict:
-    """The new record: the source's (if any) minus what was taken out, plus what was added."""
+def _provenance(job: Job, config, described: list[dict], plan: Plan, options, device) -> dict:
+    """The new record, its adapters left to `_record_adapters` (they wait for the hashes)."""
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    added = [e for e, undo in zip(entries, job.undo, strict=True) if not undo]
-    removed = [e for e, undo in zip(entries, job.undo, strict=True) if undo]
+    added = [e for e, undo in zip(described, job.undo, strict=True) if not undo]
+    removed = [e for e, undo in zip(described, job.undo, strict=True) if undo]
     previous = job.record or {}
-    gone = {e["sha256"] for e in removed}
-    kept = [a for a in previous.get("adapters", []) if a["sha256"] not in gone]
     step = {"op": job.command, "adapters": [e["source"] for e in added], "at": now}
     if removed or job.removed:
         step["removed"] = [e["source"] for e in removed] + job.removed
@@ -554,7 +559,7 @@ def _provenance(job: Job, config, entries: list[dict], plan: Plan, options, devi
         "tool": {"name": "loramerge", "version": __version__},
         "created": now,
         "base": base,
-        "adapters": kept + added,
+        "adapters": [],
         "history": [*previous.get("history", []), step],
         "dtype": options.dtype if options.dtype != "auto" else f"auto ({', '.join(out_dtypes)})",
         "compute_dtype": options.compute_dtype,
@@ -563,6 +568,24 @@ def _provenance(job: Job, config, entries: list[dict], plan: Plan, options, devi
         "notes": list(plan.notes),
         **({"computed_from": [str(p) for p in job.verify_through]} if job.verify_through else {}),
     }
+
+
+def _record_adapters(
+    record: dict, job: Job, described: list[dict], digests: list[Callable[[], str]]
+) -> list[dict]:
+    """The record's adapters: the source's own minus those taken out, plus those added, each
+    with the sha256 of its weights (waited for here); returns every adapter's entry."""
+    entries = [{**d, "sha256": h()} for h, d in zip(digests, described, strict=True)]
+    gone = {e["sha256"] for e, undo in zip(entries, job.undo, strict=True) if undo}
+    kept = [a for a in (job.record or {}).get("adapters", []) if a["sha256"] not in gone]
+    added = [e for e, undo in zip(entries, job.undo, strict=True) if not undo]
+    record["adapters"] = kept + added
+    return entries
+
+
+def _sha256(adapter: Adapter, known: str | None) -> Callable[[], str]:
+    """The sha256 of an adapter's weights: the one the caller already has, or begun now."""
+    return (lambda: known) if known is not None else sha256_started(adapter.weights.files)
 
 
 def _tokenizer_source(adapters: list[Adapter], undo: list[bool]) -> Path | None:

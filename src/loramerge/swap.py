@@ -188,6 +188,7 @@ def _subtract_job(swap: _Swap) -> Job:
         verify_against=_base_at_hand(swap),
         verify_through=[swap.merged, *_computed_from(swap.record)],
         read_back=True,  # the drift report, when the base is at hand
+        hashes=_hashes(removals),
     )
     stored = _stored_norms(swap.merged, swap.record)
     kept_targets = {t for e in swap.kept for t in e.get("targets", [])}
@@ -322,7 +323,13 @@ def _rebuild_job(swap: _Swap, base: Path) -> Job:
         removed=[hub.source_name(r.path) for r in swap.removals],
         before_commit=None if swap.options.dry_run else check_source,
         source_check=(swap.merged, inside, inside_weights, _computed_from(swap.record)),
+        hashes=_hashes(swap.removals),  # an adapter taken out and added again: hashed already
     )
+
+
+def _hashes(removals: list[_Removal]) -> dict[Path, str]:
+    """The sha256 `_match` computed for each adapter taken out, by its path."""
+    return {r.path: r.sha256 for r in removals}
 
 
 def _computed_from(record: dict | None) -> list[Path]:
