@@ -197,9 +197,11 @@ def test_types_equal_llama_cpp_code(case, chooser):
 def test_gguf_type_names():
     """Each --gguf-type of the command contract names a file type whose blocks loramerge writes."""
     from loramerge.quant import ggml
+    from loramerge.sink.formats import GGUF_TYPE_NAMES
 
     contract = "f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q2_k q3_k q4_k q5_k q6_k q4_k_m q5_k_m"
     assert sorted(GGUF_TYPES) == sorted(contract.split())
+    assert tuple(GGUF_TYPES) == GGUF_TYPE_NAMES  # what the command line offers, in its order
     for name, (ftype, _) in GGUF_TYPES.items():
         assert DEFAULT_TYPE[ftype].name.lower() == name.removesuffix("_m"), name
         assert DEFAULT_TYPE[ftype] in ggml.SUPPORTED

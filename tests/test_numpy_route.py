@@ -39,6 +39,37 @@ print("torch" in sys.modules)
 """
 
 
+IMPORTS_GGUF = """
+import sys
+from loramerge.cli import cli
+for command in sys.argv[1:]:
+    try:
+        cli(command.split("|"))
+    except SystemExit as exit:
+        assert exit.code == 0, (command, exit.code)
+print(sorted(m for m in sys.modules if m == "gguf" or ".gguf" in m))
+"""
+
+
+def test_commands_on_safetensors_never_import_gguf(tmp_path):
+    """The gguf package and loramerge's GGUF modules load only for a GGUF file (about a tenth
+    of a second of every command's start)."""
+    merged, unmerged = tmp_path / "merged", tmp_path / "unmerged"
+    commands = [
+        ["merge", LLAMA, ADAPTERS / "llama-lora", "-o", merged, "--verify"],
+        ["verify", merged, "--base", LLAMA, "--adapter", ADAPTERS / "llama-lora"],
+        ["unmerge", merged, ADAPTERS / "llama-lora", "-o", unmerged],
+        ["inspect", merged],
+    ]
+    args = ["|".join(map(str, [*c, "--quiet"] if c[0] != "inspect" else c)) for c in commands]
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORTS_GGUF, *args], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert (unmerged / "loramerge.json").is_file()
+
+
 @pytest.mark.parametrize(
     "base, adapter, uses_torch",
     [

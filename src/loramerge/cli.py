@@ -19,9 +19,7 @@ from loramerge.inspect import inspect_path
 from loramerge.merge import MergeOptions, MergeResult, merge
 from loramerge.push import PushResult, push
 from loramerge.quantize import quantize
-from loramerge.sink.formats import FORMATS
-from loramerge.sink.gguf_adapter import OUTTYPES
-from loramerge.sink.gguf_file import GGUF_TYPES
+from loramerge.sink.formats import FORMATS, GGUF_TYPE_NAMES, OUTTYPES
 from loramerge.sink.nf4_folder import NF4Options
 from loramerge.swap import rebase, unmerge
 from loramerge.verify.files import verify_files
@@ -108,7 +106,7 @@ def _merge_options(func):
         ),
         click.option(
             "--gguf-type",
-            type=click.Choice(list(GGUF_TYPES)),
+            type=click.Choice(GGUF_TYPE_NAMES),
             default=None,
             help="--to gguf: llama.cpp file type (q4_k_m, q5_k_m, q6_k: llama.cpp's mixtures; "
             "default f16, or each tensor's own type for a .gguf base).",
@@ -283,7 +281,7 @@ def rebase_command(
 )
 @click.option(
     "--gguf-type",
-    type=click.Choice(list(GGUF_TYPES)),
+    type=click.Choice(GGUF_TYPE_NAMES),
     default="f16",
     show_default=True,
     help="--to gguf: llama.cpp file type (q4_k_m, q5_k_m, q6_k: llama.cpp's mixtures).",
@@ -359,7 +357,7 @@ def quantize_command(
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="OUT.gguf")
 @click.option(
     "--outtype",
-    type=click.Choice(list(OUTTYPES)),
+    type=click.Choice(OUTTYPES),
     default="f32",
     show_default=True,
     help="Type of the LoRA tensors (as convert_lora_to_gguf.py's --outtype).",

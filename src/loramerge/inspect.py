@@ -6,15 +6,12 @@ import math
 from collections import Counter
 from pathlib import Path
 
-import gguf
-
 from loramerge import hub
 from loramerge.adapter import load_adapter
 from loramerge.errors import LoramergeError
 from loramerge.jsonfile import read_json_object
 from loramerge.sink.hf_folder import read_provenance
-from loramerge.source.checkpoint import open_weights
-from loramerge.source.gguf_file import GGUFModel, is_gguf
+from loramerge.source.checkpoint import is_gguf, open_weights
 
 _LISTED = 16  # array values longer than this are described by their length
 
@@ -99,6 +96,8 @@ def _inspect_adapter(path: Path, allow_pickle: bool) -> dict:
 
 def _inspect_gguf(path: Path) -> dict:
     """A GGUF model or LoRA adapter: general.* and adapter.* keys, types, sizes, the record."""
+    from loramerge.source.gguf_file import GGUFModel  # the gguf package, only for GGUF files
+
     with GGUFModel(path) as model:
         fields = model.header.fields
         tensors = list(model.tensors.values())
@@ -150,6 +149,8 @@ def _file_type(value: object) -> str | None:
     """general.file_type by its llama.cpp name (MOSTLY_Q4_K_M, ...)."""
     if not isinstance(value, int):
         return None
+    import gguf
+
     try:
         return gguf.LlamaFileType(value).name
     except ValueError:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,9 +21,7 @@ from loramerge.hashing import sha256_started
 from loramerge.plan import Plan, TensorPlan, build_plan
 from loramerge.sink.atomic import AtomicFile, AtomicFolder
 from loramerge.sink.direct_io import Cached
-from loramerge.sink.formats import SINGLE_FILE, open_sink
-from loramerge.sink.gguf_file import GGUFInfo
-from loramerge.sink.gguf_rewrite import GGUFBase
+from loramerge.sink.formats import SINGLE_FILE, GGUFInfo, open_sink
 from loramerge.sink.hf_folder import (
     copy_files,
     record_files,
@@ -36,6 +35,9 @@ from loramerge.sink.safetensors_writer import Entry
 from loramerge.source.checkpoint import Checkpoint, open_weights
 from loramerge.source.model_folder import model_folder, read_config
 from loramerge.source.nf4 import is_nf4, qlora_base
+
+if TYPE_CHECKING:
+    from loramerge.sink.gguf_rewrite import GGUFBase
 
 # Files of a model folder that are weights or that the merge writes itself.
 _NOT_COPIED = {"config.json", "README.md", "loramerge.json", "adapter_config.json"}
@@ -420,6 +422,8 @@ def _output_format(options: MergeOptions, stored: Checkpoint) -> tuple[str, GGUF
             f"a GGUF base merges into a GGUF file, not --to {options.to} (convert the Hugging "
             "Face checkpoint instead)"
         )
+    from loramerge.sink.gguf_rewrite import GGUFBase  # (the gguf package: GGUF bases only)
+
     return "gguf", GGUFBase(gguf.model.header, gguf.gguf_names)
 
 

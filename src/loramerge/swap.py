@@ -21,8 +21,7 @@ from loramerge.adapter import load_adapter
 from loramerge.errors import LoramergeError
 from loramerge.merge import Job, MergeOptions, MergeResult, Progress, norm_key, run
 from loramerge.sink.hf_folder import LEGACY_NORMS_FILE, NORMS_FILE, read_provenance
-from loramerge.source.checkpoint import open_weights
-from loramerge.source.gguf_file import GGUFModel, is_gguf
+from loramerge.source.checkpoint import is_gguf, open_weights
 
 
 @dataclass
@@ -139,6 +138,8 @@ def _record(merged: Path) -> dict | None:
     if merged.is_dir():
         return read_provenance(merged)
     if is_gguf(merged):
+        from loramerge.source.gguf_file import GGUFModel  # the gguf package, only now
+
         with GGUFModel(merged) as model:
             return model.provenance()
     return None

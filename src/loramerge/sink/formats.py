@@ -13,6 +13,7 @@ file instead of a folder and keeps the record inside it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -21,11 +22,20 @@ import numpy as np
 from loramerge.errors import LoramergeError
 from loramerge.nf4_layout import StoredNF4
 from loramerge.sink.direct_io import Cached
-from loramerge.sink.gguf_file import GGUFFile, GGUFInfo
-from loramerge.sink.gguf_rewrite import GGUFRewrite
 from loramerge.sink.nf4_folder import NF4Folder, NF4Options
 from loramerge.sink.safetensors_writer import Entry
 from loramerge.sink.sharded import ShardedWriter
+
+
+@dataclass(frozen=True)
+class GGUFInfo:
+    """What a GGUF file holds besides the tensors: its type, tokenizer, name and record."""
+
+    gguf_type: str | None  # None: f16, or for a GGUF base each tensor's own type
+    tokenizer: Path | None  # the folder holding tokenizer.json / tokenizer.model
+    name: str  # general.name
+    record: dict  # the provenance record, stored as JSON (sink.gguf_file.PROVENANCE_KEY)
+    base: object | None = None  # a GGUF base (sink.gguf_rewrite.GGUFBase): rewrite it
 
 
 class Sink(Protocol):
@@ -61,6 +71,10 @@ def _nf4(folder, entries, max_shard_bytes, options, config, info, cached) -> Sin
 
 
 def _gguf(path, entries, max_shard_bytes, options, config, info, cached) -> Sink:
+    # the gguf package loads only for a GGUF output (a tenth of a second of every start)
+    from loramerge.sink.gguf_file import GGUFFile
+    from loramerge.sink.gguf_rewrite import GGUFRewrite
+
     cached = cached != "none"
     if info.base is not None:  # a GGUF base: its file again, merged tensors replaced
         return GGUFRewrite(path, entries, config, info.base, info.gguf_type, info.record, cached)
@@ -74,6 +88,14 @@ FORMATS: dict[str, Factory] = {
     "gguf": _gguf,
 }
 SINGLE_FILE = frozenset({"gguf"})  # formats written as one file, which holds the record
+# The GGUF types the command line offers, named here so that parsing a command imports no GGUF
+# module: `--gguf-type` (the keys of `quant.ggml_types.GGUF_TYPES`, held equal by a test) and
+# an exported adapter's `--outtype` (convert_lora_to_gguf.py's choices).
+GGUF_TYPE_NAMES = (
+    *("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"),
+    *("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_k_m", "q5_k_m"),
+)
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 def open_sink(

@@ -24,9 +24,9 @@ from loramerge.errors import LoramergeError
 from loramerge.gguf_names import TensorNames, to_gguf_values
 from loramerge.quant import ggml
 from loramerge.quant.ggml_types import DEFAULT_TYPE, GGUF_TYPES, converter_type
+from loramerge.sink.formats import OUTTYPES
 
 PROVENANCE_KEY = "loramerge.provenance"
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # convert_lora_to_gguf.py's --outtype choices
 TOKEN_EMBD = "token_embd.weight"
 
 # llama.cpp scales a pair by `adapter_scale * alpha / rank` (rank = lora_b's ne[0]), or by

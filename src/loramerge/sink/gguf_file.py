@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import gguf
@@ -31,21 +31,11 @@ from loramerge.gguf_names import (
 from loramerge.quant import ggml
 from loramerge.quant.ggml_types import GGUF_TYPES, ModelInfo, tensor_types
 from loramerge.sink.direct_io import PositionalFile
+from loramerge.sink.formats import GGUFInfo
 from loramerge.sink.gguf_metadata import extra_tensors, write_hyperparameters, write_tokenizer
 from loramerge.sink.safetensors_writer import Entry
 
 PROVENANCE_KEY = "loramerge.provenance"
-
-
-@dataclass(frozen=True)
-class GGUFInfo:
-    """What a GGUF file holds besides the tensors: its type, tokenizer, name and record."""
-
-    gguf_type: str | None  # None: f16, or for a GGUF base each tensor's own type
-    tokenizer: Path | None  # the folder holding tokenizer.json / tokenizer.model
-    name: str  # general.name
-    record: dict  # the provenance record, stored as JSON under PROVENANCE_KEY
-    base: object | None = None  # a GGUF base (sink.gguf_rewrite.GGUFBase): rewrite it
 
 
 class BlockSink:

@@ -7,17 +7,21 @@ single `model.safetensors`, a bare `.safetensors` file, and (only when the user 
 
 from __future__ import annotations
 
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from loramerge.errors import LoramergeError
 from loramerge.jsonfile import read_json_object
-from loramerge.source.gguf_file import GGUFWeights
 from loramerge.source.pickle_file import PickleFile
 from loramerge.source.safetensors_file import SafetensorsFile, TensorInfo
+
+if TYPE_CHECKING:
+    from loramerge.source.gguf_file import GGUFWeights
 
 _scratch = threading.local()
 _PAGE = 4096
@@ -72,7 +76,7 @@ class Checkpoint:
     def gguf(self) -> GGUFWeights | None:
         """The GGUF file this checkpoint is, if it is one."""
         only = self._files[0] if len(self._files) == 1 else None
-        return only if isinstance(only, GGUFWeights) else None
+        return only if _is_gguf(only) else None
 
     def read(self, name: str, into: np.ndarray | None = None) -> np.ndarray:
         """Read one tensor into CPU memory (into a view of the uint8 buffer `into`, if given)."""
@@ -88,7 +92,7 @@ class Checkpoint:
         For a GGUF file, the range of its stored blocks (not of the float32 values it reads as).
         """
         owner = self._owner[name]
-        if isinstance(owner, GGUFWeights):
+        if _is_gguf(owner):
             return RawRange(owner.fd, *owner.raw(name))
         if not isinstance(owner, SafetensorsFile):
             return None
@@ -105,6 +109,19 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def is_gguf(path: Path) -> bool:
+    """Whether PATH is a file named .gguf."""
+    path = Path(path)
+    return path.suffix == ".gguf" and path.is_file()
+
+
+def _is_gguf(reader: object) -> bool:
+    """Whether a checkpoint's reader is a GGUF file's (whose module, and the gguf package, load
+    only once one is opened: without them, no reader can be one)."""
+    module = sys.modules.get("loramerge.source.gguf_file")
+    return module is not None and isinstance(reader, module.GGUFWeights)
 
 
 def open_weights(
@@ -133,6 +150,8 @@ def _open(path: Path, stem: str, allow_pickle: bool) -> Checkpoint:
         if path.suffix == ".safetensors":
             return _open_files(path, [path])
         if path.suffix == ".gguf":
+            from loramerge.source.gguf_file import GGUFWeights  # the gguf package, only now
+
             return Checkpoint(path, [GGUFWeights(path)])
         if path.suffix in (".bin", ".pt", ".pth"):
             return Checkpoint(path, [PickleFile(path, allow_pickle=allow_pickle)])

@@ -268,9 +268,3 @@ def _config(model: GGUFModel) -> dict:
     if embedding is not None:
         config["vocab_size"] = embedding.shape[0]
     return config
-
-
-def is_gguf(path: Path) -> bool:
-    """Whether PATH is a file named .gguf."""
-    path = Path(path)
-    return path.suffix == ".gguf" and path.is_file()
