@@ -31,8 +31,13 @@ import numpy as np  # noqa: E402
 
 from loramerge import blocked, execute, kernels  # noqa: E402
 from loramerge.cli import main  # noqa: E402
-from loramerge.sink import gguf_file, gguf_rewrite, safetensors_writer  # noqa: E402
+from loramerge.sink import safetensors_writer  # noqa: E402
 from loramerge.source import checkpoint  # noqa: E402
+
+# the GGUF sinks only for a GGUF job: the command itself loads them (and gguf) only then
+GGUF = any(path.endswith(".gguf") for path in sys.argv[1:4])
+if GGUF:
+    from loramerge.sink import gguf_file, gguf_rewrite
 
 cpu: dict[str, float] = defaultdict(float)
 CONVERSIONS = "  of which: widening, sums and rounding (copyto, add, compiled rounding)"
@@ -88,9 +93,14 @@ def run() -> None:
     blocked.merge_rows = timed("merge arithmetic", blocked.merge_rows)
     execute.blocked = blocked
     checkpoint.Checkpoint.read_part = timed("reading parts", checkpoint.Checkpoint.read_part)
-    for writer in (safetensors_writer.SafetensorsWriter, gguf_file.BlockSink):
+    writers = [safetensors_writer.SafetensorsWriter]
+    copiers = [safetensors_writer.SafetensorsWriter]
+    if GGUF:
+        writers.append(gguf_file.BlockSink)
+        copiers.append(gguf_rewrite.GGUFRewrite)
+    for writer in writers:
         writer.write = timed(WRITING, writer.write)
-    for writer in (safetensors_writer.SafetensorsWriter, gguf_rewrite.GGUFRewrite):
+    for writer in copiers:
         writer.copy = timed("raw copies of untouched tensors", writer.copy)
     rounding = kernels._Bfloat16Rounding
     rounding.round = inner(CONVERSIONS, rounding.round)
