@@ -91,12 +91,13 @@ def test_plain_lora_on_the_cpu_never_imports_torch(tmp_path, base, adapter, uses
     assert (out / "loramerge.json").is_file()
 
 
-def test_a_quiet_merge_never_imports_rich(tmp_path):
-    """rich draws the progress bar and the tables; a quiet merge shows neither, and imports are
-    serial start-up time."""
+@pytest.mark.parametrize("module", ["rich", "loramerge.verify.in_pass", "loramerge.compare"])
+def test_a_quiet_merge_never_imports(tmp_path, module):
+    """rich draws the progress bar and the tables, and the check modules measure: a quiet merge
+    without --verify needs none of them, and imports are serial start-up time."""
     out = tmp_path / "out"
     args = ["merge", str(LLAMA), str(ADAPTERS / "llama-lora"), "-o", str(out), "--quiet"]
-    script = IMPORTS_TORCH.replace('"torch" in sys.modules', '"rich" in sys.modules')
+    script = IMPORTS_TORCH.replace('"torch" in sys.modules', f"{module!r} in sys.modules")
     result = subprocess.run(
         [sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=ROOT
     )

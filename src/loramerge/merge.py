@@ -375,9 +375,10 @@ def _pass_checks(
     plain stored safetensors checkpoint, and writes one, with numpy (on the CPU, in float32)."""
     plain = stored.gguf is None and checkpoint is stored and not is_nf4(stored)
     numpy = device == "cpu" and options.compute_dtype == "float32"
-    if not plain or not numpy or to != "safetensors" or options.qlora_base:
+    checked = _output_checked(job, options) or job.source_check is not None
+    if not checked or not plain or not numpy or to != "safetensors" or options.qlora_base:
         return _PassChecks()
-    from loramerge.verify.in_pass import PassCheck  # numba, loaded only when a check runs
+    from loramerge.verify.in_pass import PassCheck  # loaded only when a check runs
 
     output = source = None
     pickle = options.allow_pickle
