@@ -23,6 +23,7 @@ from loramerge.swap import rebase, unmerge
 from loramerge.verify import weights as weight_check
 
 SAME = ("kind", "dtype", "elements", "exact_share", "max_abs", "max_ulp", "max_ulp_at_value")
+MAXIMA = ("max_abs", "max_ulp", "max_ulp_judged")
 
 
 @pytest.fixture
@@ -53,15 +54,23 @@ def _assert_rows_match(done: dict, report) -> None:
 
 
 def _assert_verdicts_match(done: dict, report) -> None:
-    """Every row a verdict-only check measured in the pass has the read-back row's verdict and
-    maxima, and no other figures."""
+    """Every row a verdict-only check measured in the pass has the read-back row's verdict; its
+    maxima are the read-back row's, or none at all where the float32 gate (`verify.gate`)
+    placed elements without measuring them; it has no other figures."""
     rows = {t.name: t for t in report.tensors}
     for name, mine in done.items():
         theirs = rows[name]
-        for field in ("kind", "dtype", "elements", "max_abs", "max_ulp", "max_ulp_judged"):
+        for field in ("kind", "dtype", "elements"):
             assert getattr(mine, field) == getattr(theirs, field), (name, field)
+        maxima = [(getattr(mine, f), getattr(theirs, f)) for f in MAXIMA]
+        assert all(a == b for a, b in maxima) or all(math.isnan(a) for a, _ in maxima), name
         assert (mine.passed, mine.note) == (theirs.passed, theirs.note), name
         assert all(math.isnan(v) for v in (mine.exact_share, mine.rmse, mine.max_ulp_at_value))
+
+
+def _gated(done: dict) -> set[str]:
+    """The rows whose elements the float32 gate placed (their maxima not measured)."""
+    return {name for name, row in done.items() if math.isnan(row.max_ulp)}
 
 
 @pytest.mark.parametrize("chunk", ["", "4096"], ids=["whole", "parts"])
@@ -119,6 +128,9 @@ def test_rebuild_source_rows_measured_in_the_pass(tmp_path, measured):
     report = weight_check.verify_weights(merged, LLAMA, [lora])
     _assert_verdicts_match(done, report)
     assert report.passed
+    # each merged tensor the pass measures is plain LoRA, so the float32 gate places it all
+    merged_rows = {name for name, row in done.items() if row.kind == "merged"}
+    assert merged_rows and _gated(done) == merged_rows
 
 
 def test_a_tampered_source_is_caught_in_the_pass(tmp_path, measured):

@@ -37,6 +37,11 @@ _CHUNK = 1 << 18  # elements per step: every temporary stays a few MiB whatever 
 _WINDOW = 4
 
 
+def format_of(dtype: np.dtype) -> tuple[int, int]:
+    """(mantissa bits, smallest normal exponent) of a float dtype the checks measure."""
+    return _FORMAT[np.dtype(dtype)]
+
+
 def ulp(magnitude: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Spacing of `dtype` numbers at each |magnitude| (float64), from the exponent bits; inf
     where the magnitude is not finite."""
@@ -84,6 +89,9 @@ class Distance:
     # False once a block was judged alone (`add_verdict`): exact, max_ulp_at_value and
     # squared_error then leave elements out, and mean nothing
     figures: bool = True
+    # True once elements were placed within the tolerance without being measured
+    # (`add_within`): max_abs and the ulp maxima then leave them out too
+    bounded: bool = False
 
     def add(
         self,
@@ -153,9 +161,16 @@ class Distance:
                 return
         self.add_sum(candidate, base, delta)
 
+    def add_within(self, elements: int) -> None:
+        """Fold in elements a gate placed within its tolerance without measuring them
+        (`verify.gate`): they count, and no figure holds them."""
+        self.elements += elements
+        self.figures, self.bounded = False, True
+
     def fold(self, other: Distance) -> None:
         """Fold in the figures of other elements measured apart (another block)."""
         self.figures = self.figures and other.figures
+        self.bounded = self.bounded or other.bounded
         self.elements += other.elements
         self.exact += other.exact
         self.nonfinite += other.nonfinite

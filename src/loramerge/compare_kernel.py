@@ -176,6 +176,64 @@ def judge(got, want, delta, mantissa, emin, out):
     return True
 
 
+# Relative slack for each float64 rounding in `_within` and in the float64 pass it stands for
+# (docs/verify.md, "A rebuild's gate from float32 terms").
+_SLACK = 2.0**-50
+
+
+@njit(inline="always")
+def _within(got, given, term, bound, tol, mantissa, emin):
+    """Whether a bfloat16 element (`got`, uint16 bits) is within `tol` ulps of W0 (`given`, as
+    float64) + its terms, as the float64 pass measures it, for every terms value within `bound`
+    of `term`: the largest error it allows, over the smallest ulp scale."""
+    w = given + term
+    error = abs(_widened(got) - w)
+    magnitude = abs(w)
+    slack = bound + _SLACK * magnitude
+    least = max((magnitude - slack) * (1.0 - _SLACK), abs(given))
+    spacing = float64_of((max(float_bits(least) >> 52, 1023 + emin) - mantissa) << 52)
+    return (error + slack) * (1.0 + _SLACK) <= tol * spacing
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def judge_bounded(got, want, terms, rows_bound, cols_bound, left, right, tol, mantissa, emin):
+    """Whether every element of `got` (uint16 bfloat16 bits, a block of rows) is within `tol`
+    ulps of `want` + the LoRA term left @ right as the float64 pass (`judge`) measures it,
+    decided from the float32 `terms`: each within rows_bound[i] * cols_bound[j] of the float64
+    terms. An element that bound cannot place within is computed again in float64 from `left`
+    (rows x rank) and `right` (rank x columns), with that sum's own bound; False when one is
+    still not placed within (the caller then measures the block in full: a refusal, a value
+    that is not finite, or a case too close to call)."""
+    wide_vectors()
+    rows, cols = rows_bound.size, cols_bound.size
+    rank = right.size // max(cols, 1)
+    for i in range(rows):
+        bound = rows_bound[i]
+        unplaced = 0
+        for j in range(cols):
+            k = i * cols + j
+            term, size = np.float64(terms[k]), bound * cols_bound[j]
+            unplaced += not _within(got[k], _widened(want[k]), term, size, tol, mantissa, emin)
+        if unplaced == 0:
+            continue
+        for j in range(cols):  # the few elements near zero, where a float32 bound is too wide
+            k = i * cols + j
+            given = _widened(want[k])
+            term, size = np.float64(terms[k]), bound * cols_bound[j]
+            if _within(got[k], given, term, size, tol, mantissa, emin):
+                continue
+            term, size = 0.0, 0.0
+            for r in range(rank):
+                x, y = left[i * rank + r], right[r * cols + j]
+                term += x * y
+                size += abs(x) * abs(y)
+            # this sum and the float64 pass's, in any order: each within (rank + 1) 2^-53 size
+            size *= 4.0 * (rank + 2) * 2.0**-53
+            if not _within(got[k], given, term, size, tol, mantissa, emin):
+                return False
+    return True
+
+
 @njit(cache=True, nogil=True)
 def round_to_bfloat16(values, out):
     """out (uint16 bits) = float32 `values` rounded to nearest even bfloat16, bit for bit the
@@ -232,6 +290,17 @@ def c_function(name: str):
         def call(got, want, delta, mantissa, emin, out, size):
             w = (carray(got, size), carray(want, size), carray(delta, size))
             return np.int32(judge(*w, mantissa, emin, carray(out, 7)))
+
+    elif kind == "bounded":
+        u16, f32 = p(types.uint16), p(types.float32)
+        signature = types.int32(u16, u16, f32, p(f64), n, p(f64), n, p(f64), p(f64), n, f64, n, n)
+
+        def call(got, want, terms, u, rows, v, cols, left, right, rank, tol, mantissa, emin):
+            size = rows * cols
+            block = (carray(got, size), carray(want, size), carray(terms, size))
+            bounds = (carray(u, rows), carray(v, cols))
+            factors = (carray(left, rows * rank), carray(right, rank * cols))
+            return np.int32(judge_bounded(*block, *bounds, *factors, tol, mantissa, emin))
 
     elif kind == "round":
         signature = types.void(p(types.float32), p(types.uint16), n)

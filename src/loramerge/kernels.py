@@ -34,6 +34,7 @@ _P, _N = ctypes.c_void_p, ctypes.c_ssize_t
 _SIGNATURES = {
     "measure": (None, (_P, _P, _P, _N, _P, _N, _P, _N, _N, _N, _P, _N)),
     "judge": (ctypes.c_int32, (_P, _P, _P, _N, _N, _P, _N)),
+    "bounded": (ctypes.c_int32, (_P, _P, _P, _P, _N, _P, _N, _P, _P, _N, ctypes.c_double, _N, _N)),
     "round": (None, (_P, _P, _N)),
     "round_sum": (None, (_P, _P, _P, _N)),
 }
@@ -64,6 +65,22 @@ def judge(got, want, delta, mantissa: int, emin: int, out) -> bool:
     n = _size(got, want, delta)
     arrays = _at(got, np.uint16), _at(want, np.uint16), _at(delta, np.float64)
     return bool(kernel("judge")(*arrays, mantissa, emin, _out(out), n))
+
+
+def judge_bounded(
+    got, want, terms, rows_bound, cols_bound, left, right, tol: float, mantissa: int, emin: int
+) -> bool:
+    """`compare_kernel.judge_bounded`: whether a block of uint16 bfloat16 rows is within `tol`
+    ulps of uint16 W0 + left @ right, decided from float32 terms and their bounds."""
+    rows, cols = rows_bound.size, cols_bound.size
+    _size(got, want, terms)
+    rank = right.size // max(cols, 1)
+    if got.size != rows * cols or left.size != rows * rank or right.size != rank * cols:
+        raise ValueError(f"a {rows} x {cols} block, rank {rank}, does not fit these arrays")
+    block = _at(got, np.uint16), _at(want, np.uint16), _at(terms, np.float32)
+    bounds = _at(rows_bound, np.float64), rows, _at(cols_bound, np.float64), cols
+    factors = _at(left, np.float64), _at(right, np.float64), rank
+    return bool(kernel("bounded")(*block, *bounds, *factors, tol, mantissa, emin))
 
 
 def round_to_bfloat16(values, out) -> None:

@@ -9,6 +9,8 @@ model it replaces against the source + the adapters inside. Each tensor the pass
 numpy (`blocked.merge_rows`) is measured block by block with the same `Distance` calls as
 `weights._check` makes on the files, so its row is the one a check after the pass would give;
 every other tensor is left to that check (`verify_weights(done=...)`), which reads it back.
+A rebuild's check, which only passes or refuses, places what it can from float32 terms first
+(`verify.gate`): the same verdict, without the maxima of what it placed.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from loramerge.plan import TensorPlan, build_plan, matrix_shape
 from loramerge.source.checkpoint import Checkpoint, open_weights
 from loramerge.source.model_folder import read_config
 from loramerge.verify.expected import add_terms, by_numpy, float64_factors
+from loramerge.verify.gate import Float32Gate
 from loramerge.verify.weights import (
     TensorCheck,
     _Flat,
@@ -59,8 +62,9 @@ class PassCheck:
         """`source`: what the pass reads (its path, and the checkpoint it reads it through);
         `candidate`: None for the pass's output. `verdict_only`: for a check that only passes
         or refuses; it keeps the rows of the tensors that pass, without the figures nobody
-        reads (`Distance.add_verdict`), and leaves each one that fails to the check after the
-        pass, which measures it in full for the refusal."""
+        reads (`Distance.add_verdict`, or `verify.gate` from float32 terms where it applies),
+        and leaves each one that fails to the check after the pass, which measures it in full
+        for the refusal."""
         self.verdict_only = verdict_only
         self._source_path, self._source = Path(source[0]).resolve(), source[1]
         self._pickle = allow_pickle
@@ -163,6 +167,7 @@ class _Tensor:
         self._cols = matrix_shape(plan, plan.shape)[1]
         self._lock = threading.Lock()
         self._factors: list | None = None  # read by the first block, dropped after the last
+        self._gate: Float32Gate | None = None  # built with the factors, dropped with them
         self._readers: dict[tuple[int, int], _Flat] = {}  # (thread, role): each reads its own
 
     def __call__(self, first: int, source: np.ndarray, output: np.ndarray) -> None:
@@ -188,25 +193,33 @@ class _Tensor:
                 block.add_stored(candidate, base, through)
         else:
             through = [rows_of(role) for role in check.through]
-            terms, scratch = _scratch(count)
-            terms = terms.reshape(rows, self._cols)
-            add_terms(terms, scratch, first, first + rows, factors, fresh=True)
-            if check.verdict_only and not through:
-                block.add_verdict(candidate, base, terms)
+            gate = self._gate if check.verdict_only and not through else None
+            if gate is not None and gate.passes(first, candidate, base, check.tolerance):
+                block.add_within(count)
             else:
-                block.add_sum(candidate, base, terms, through)
+                terms, scratch = _scratch(count)
+                terms = terms.reshape(rows, self._cols)
+                add_terms(terms, scratch, first, first + rows, factors, fresh=True)
+                if check.verdict_only and not through:
+                    block.add_verdict(candidate, base, terms)
+                else:
+                    block.add_sum(candidate, base, terms, through)
         with self._lock:
             self.distance.fold(block)
             last = self.distance.elements == self._size
         if last:  # the last block: nothing more is held
             self._check.finished(self)
-            self._factors, self._readers = [], {}
+            self._factors, self._readers, self._gate = [], {}, None
 
     def _terms(self) -> list:
-        """The tensor's float64 factors (`expected.float64_factors`), read once."""
+        """The tensor's float64 factors (`expected.float64_factors`), read once, and for a
+        verdict-only check its float32 gate (`verify.gate`), where one applies."""
         with self._lock:
             if self._factors is None:
                 self._factors = float64_factors(self.plan, self._check._adapters)
+                if self._check.verdict_only:
+                    shape = matrix_shape(self.plan, self.plan.shape)
+                    self._gate = Float32Gate.of(self._factors, shape)
             return self._factors
 
     def _reader(self, role) -> _Flat:

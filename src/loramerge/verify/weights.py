@@ -617,15 +617,16 @@ class _Flat:
 
 def _result(name, kind, dtype, distance: Distance, passed: bool, note: str) -> TensorCheck:
     kept = distance.figures  # NaN for those a verdict-only check did not keep
+    maxima = not distance.bounded  # NaN where a gate placed elements without measuring them
     return TensorCheck(
         name=name,
         kind=kind,
         dtype=dtype,
         elements=distance.elements,
-        max_abs=distance.max_abs,
-        max_ulp=distance.max_ulp,
+        max_abs=distance.max_abs if maxima else math.nan,
+        max_ulp=distance.max_ulp if maxima else math.nan,
         max_ulp_at_value=distance.max_ulp_at_value if kept else math.nan,
-        max_ulp_judged=distance.max_ulp_judged,
+        max_ulp_judged=distance.max_ulp_judged if maxima else math.nan,
         exact_share=distance.exact_share if kept else math.nan,
         rmse=distance.rmse if kept else math.nan,
         passed=passed,
