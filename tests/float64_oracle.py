@@ -46,6 +46,7 @@ class Float64Distance:
         self.max_abs = self.max_ulp = self.max_ulp_at_value = self.max_ulp_judged = 0.0
         self.squared_error = 0.0
         self.figures = True  # every figure kept (it has no verdict-only pass)
+        self.bounded = False  # every element measured (it has no gate)
 
     def add(
         self,
