@@ -116,13 +116,17 @@ def test_unmerge_drift_rows_measured_in_the_pass(tmp_path, measured):
     assert result.drift["max_ulp"] == max(t.max_ulp for t in report.tensors)
 
 
-def test_rebuild_source_rows_measured_in_the_pass(tmp_path, measured):
+@pytest.mark.parametrize(
+    "inside, added",
+    [("llama-lora", "llama-rslora"), ("llama-embed", "llama-embed")],  # an embedding's (B A)^T
+)
+def test_rebuild_source_rows_measured_in_the_pass(tmp_path, measured, inside, added):
     """A rebuild's check of its source only passes or refuses: the rows it measures in the pass
     hold the verdict and the maxima the read-back check gives, and no other figures."""
     merged = tmp_path / "merged"
-    lora, rslora = ADAPTERS / "llama-lora", ADAPTERS / "llama-rslora"
+    lora = ADAPTERS / inside
     merge(LLAMA, [lora], merged)
-    rebase(merged, [lora], [rslora], tmp_path / "rebased", base=LLAMA)
+    rebase(merged, [lora], [ADAPTERS / added], tmp_path / "rebased", base=LLAMA)
     (done,) = measured
     assert done
     report = weight_check.verify_weights(merged, LLAMA, [lora])

@@ -95,10 +95,13 @@ def test_arrays_a_kernel_would_misread_are_refused():
         kernels.measure(w0, w0, empty, w0[:0], empty, 7, -126, np.zeros(6))
     with pytest.raises(ValueError):  # a scale of another length
         kernels.measure(w0, w0, empty, w0[:3], empty, 7, -126, np.zeros(7))
-    u, v, left, right = np.zeros(2), np.zeros(4), np.zeros(2 * 3), np.zeros(3 * 4)
+    u, v, left, right = np.zeros(2), np.zeros(4), np.zeros((2, 3)), np.zeros(3 * 4)
     assert kernels.judge_bounded(w0, w0, delta, u, v, left, right, 1.0, 7, -126)  # 2 x 4, rank 3
-    for bad in ((left[:5], right), (left, right[:11])):  # factors that do not fit the block
+    transposed = np.zeros((3, 2)).T  # a factor's transpose, taken as the view it is
+    assert kernels.judge_bounded(w0, w0, delta, u, v, transposed, right, 1.0, 7, -126)
+    # factors that do not fit the block; steps backwards; float64 terms
+    for bad in ((left[:, :2], right), (left, right[:11]), (left[::-1], right)):
         with pytest.raises(ValueError):
             kernels.judge_bounded(w0, w0, delta, u, v, *bad, 1.0, 7, -126)
-    with pytest.raises(ValueError):  # float64 terms
+    with pytest.raises(ValueError):
         kernels.judge_bounded(w0, w0, delta.astype(np.float64), u, v, left, right, 1.0, 7, -126)

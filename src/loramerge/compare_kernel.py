@@ -196,14 +196,17 @@ def _within(got, given, term, bound, tol, mantissa, emin):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def judge_bounded(got, want, terms, rows_bound, cols_bound, left, right, tol, mantissa, emin):
+def judge_bounded(
+    got, want, terms, rows_bound, cols_bound, left, row_step, rank_step, right, tol, mantissa, emin
+):
     """Whether every element of `got` (uint16 bfloat16 bits, a block of rows) is within `tol`
     ulps of `want` + the LoRA term left @ right as the float64 pass (`judge`) measures it,
     decided from the float32 `terms`: each within rows_bound[i] * cols_bound[j] of the float64
     terms. An element that bound cannot place within is computed again in float64 from `left`
-    (rows x rank) and `right` (rank x columns), with that sum's own bound; False when one is
-    still not placed within (the caller then measures the block in full: a refusal, a value
-    that is not finite, or a case too close to call)."""
+    (element (i, k) at i * row_step + k * rank_step: a factor or its transpose, uncopied) and
+    `right` (rank x columns), with that sum's own bound; False when one is still not placed
+    within (the caller then measures the block in full: a refusal, a value that is not finite,
+    or a case too close to call)."""
     wide_vectors()
     rows, cols = rows_bound.size, cols_bound.size
     rank = right.size // max(cols, 1)
@@ -224,7 +227,7 @@ def judge_bounded(got, want, terms, rows_bound, cols_bound, left, right, tol, ma
                 continue
             term, size = 0.0, 0.0
             for r in range(rank):
-                x, y = left[i * rank + r], right[r * cols + j]
+                x, y = left[i * row_step + r * rank_step], right[r * cols + j]
                 term += x * y
                 size += abs(x) * abs(y)
             # this sum and the float64 pass's, in any order: each within (rank + 1) 2^-53 size
@@ -293,14 +296,18 @@ def c_function(name: str):
 
     elif kind == "bounded":
         u16, f32 = p(types.uint16), p(types.float32)
-        signature = types.int32(u16, u16, f32, p(f64), n, p(f64), n, p(f64), p(f64), n, f64, n, n)
+        signature = types.int32(
+            u16, u16, f32, p(f64), n, p(f64), n, p(f64), n, n, n, p(f64), n, f64, n, n
+        )
 
-        def call(got, want, terms, u, rows, v, cols, left, right, rank, tol, mantissa, emin):
+        def call(
+            got, want, terms, u, rows, v, cols, left, extent, row, step, right, rank, tol, m, e
+        ):
             size = rows * cols
             block = (carray(got, size), carray(want, size), carray(terms, size))
             bounds = (carray(u, rows), carray(v, cols))
-            factors = (carray(left, rows * rank), carray(right, rank * cols))
-            return np.int32(judge_bounded(*block, *bounds, *factors, tol, mantissa, emin))
+            factors = (carray(left, extent), row, step, carray(right, rank * cols))
+            return np.int32(judge_bounded(*block, *bounds, *factors, tol, m, e))
 
     elif kind == "round":
         signature = types.void(p(types.float32), p(types.uint16), n)

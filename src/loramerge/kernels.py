@@ -34,7 +34,10 @@ _P, _N = ctypes.c_void_p, ctypes.c_ssize_t
 _SIGNATURES = {
     "measure": (None, (_P, _P, _P, _N, _P, _N, _P, _N, _N, _N, _P, _N)),
     "judge": (ctypes.c_int32, (_P, _P, _P, _N, _N, _P, _N)),
-    "bounded": (ctypes.c_int32, (_P, _P, _P, _P, _N, _P, _N, _P, _P, _N, ctypes.c_double, _N, _N)),
+    "bounded": (
+        ctypes.c_int32,
+        (_P, _P, _P, _P, _N, _P, _N, _P, _N, _N, _N, _P, _N, ctypes.c_double, _N, _N),
+    ),
     "round": (None, (_P, _P, _N)),
     "round_sum": (None, (_P, _P, _P, _N)),
 }
@@ -71,15 +74,20 @@ def judge_bounded(
     got, want, terms, rows_bound, cols_bound, left, right, tol: float, mantissa: int, emin: int
 ) -> bool:
     """`compare_kernel.judge_bounded`: whether a block of uint16 bfloat16 rows is within `tol`
-    ulps of uint16 W0 + left @ right, decided from float32 terms and their bounds."""
+    ulps of uint16 W0 + left @ right, decided from float32 terms and their bounds. `left` may be
+    a strided view (rows x rank: a factor's transpose is not copied); `right` is contiguous."""
     rows, cols = rows_bound.size, cols_bound.size
     _size(got, want, terms)
     rank = right.size // max(cols, 1)
-    if got.size != rows * cols or left.size != rows * rank or right.size != rank * cols:
+    if got.size != rows * cols or left.shape != (rows, rank) or right.size != rank * cols:
         raise ValueError(f"a {rows} x {cols} block, rank {rank}, does not fit these arrays")
+    if left.dtype != np.float64 or any(s % 8 or s < 0 for s in left.strides):
+        raise ValueError("a kernel takes float64 factors with whole, forward element steps")
+    row, step = (s // 8 for s in left.strides)
+    extent = (rows - 1) * row + (rank - 1) * step + 1 if left.size else 0
     block = _at(got, np.uint16), _at(want, np.uint16), _at(terms, np.float32)
     bounds = _at(rows_bound, np.float64), rows, _at(cols_bound, np.float64), cols
-    factors = _at(left, np.float64), _at(right, np.float64), rank
+    factors = left.ctypes.data, extent, row, step, _at(right, np.float64), rank
     return bool(kernel("bounded")(*block, *bounds, *factors, tol, mantissa, emin))
 
 

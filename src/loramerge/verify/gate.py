@@ -28,21 +28,28 @@ from loramerge.compare import format_of
 
 _MANTISSA, _EMIN = format_of(ml_dtypes.bfloat16)
 _local = threading.local()
+_ROWS = 1 << 16  # rows of a factor taken at a time for its bound
 
 
 class Float32Gate:
     """The float32 terms of one tensor and the bound that places each element."""
 
     def __init__(self, left: np.ndarray, right: np.ndarray) -> None:
-        """W's terms are left @ right, both float64 (rows x r, r x columns)."""
+        """W's terms are left @ right, both float64 (rows x r, r x columns); `left` may be a
+        factor's transpose, which is kept as a view (an embedding's A has a row per token)."""
         rank = left.shape[1]
-        self._left = np.ascontiguousarray(left, np.float64)
-        self._right = np.ascontiguousarray(right, np.float64)
-        self._left32 = self._left.astype(np.float32)
+        self._left, self._right = left, np.ascontiguousarray(right, np.float64)
+        # float32 in the factor's own layout: a transposed view stays one for sgemm
+        self._left32 = left.T.astype(np.float32).T if left.flags.f_contiguous else None
+        if self._left32 is None:
+            self._left32 = left.astype(np.float32)
         self._right32 = self._right.astype(np.float32)
         # the float32 roundings of L and R, then the float32 and the float64 sums, in any
         # order: (r + 4) 2^-24 sum_k |L_ik||R_kj| at most; this bound is twice that, or more
-        self._rows_bound = 2 * (rank + 6) * 2.0**-24 * np.abs(self._left).max(axis=1, initial=0)
+        largest = np.empty(left.shape[0])
+        for r0 in range(0, left.shape[0], _ROWS):  # no temporary the size of the factor
+            largest[r0 : r0 + _ROWS] = np.abs(left[r0 : r0 + _ROWS]).max(axis=1, initial=0)
+        self._rows_bound = 2 * (rank + 6) * 2.0**-24 * largest
         self._cols_bound = np.abs(self._right).sum(axis=0)
 
     @classmethod
