@@ -197,8 +197,9 @@ def _within(got, given, term, bound, tol, mantissa, emin):
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def judge_bounded(
-    got, want, terms, rows_bound, cols_bound, left, row_step, rank_step, right, tol, mantissa, emin
-):
+    got, want, terms, rows_bound, cols_bound, left, row_step, rank_step, right, tol, mantissa, emin,
+    flags, words,
+):  # fmt: skip
     """Whether every element of `got` (uint16 bfloat16 bits, a block of rows) is within `tol`
     ulps of `want` + the LoRA term left @ right as the float64 pass (`judge`) measures it,
     decided from the float32 `terms`: each within rows_bound[i] * cols_bound[j] of the float64
@@ -206,7 +207,9 @@ def judge_bounded(
     (element (i, k) at i * row_step + k * rank_step: a factor or its transpose, uncopied) and
     `right` (rank x columns), with that sum's own bound; False when one is still not placed
     within (the caller then measures the block in full: a refusal, a value that is not finite,
-    or a case too close to call)."""
+    or a case too close to call). `flags`: a row's worth of scratch bytes (rounded up to a
+    multiple of 8), and `words` the same memory as uint64: the row's unplaced columns are found
+    eight at a time."""
     wide_vectors()
     rows, cols = rows_bound.size, cols_bound.size
     rank = right.size // max(cols, 1)
@@ -216,24 +219,27 @@ def judge_bounded(
         for j in range(cols):
             k = i * cols + j
             term, size = np.float64(terms[k]), bound * cols_bound[j]
-            unplaced += not _within(got[k], _widened(want[k]), term, size, tol, mantissa, emin)
+            out = not _within(got[k], _widened(want[k]), term, size, tol, mantissa, emin)
+            flags[j] = out
+            unplaced += out
         if unplaced == 0:
             continue
-        for j in range(cols):  # the few elements near zero, where a float32 bound is too wide
-            k = i * cols + j
-            given = _widened(want[k])
-            term, size = np.float64(terms[k]), bound * cols_bound[j]
-            if _within(got[k], given, term, size, tol, mantissa, emin):
+        for word in range(words.size):  # the few elements near zero, where float32 is too wide
+            if words[word] == 0:
                 continue
-            term, size = 0.0, 0.0
-            for r in range(rank):
-                x, y = left[i * row_step + r * rank_step], right[r * cols + j]
-                term += x * y
-                size += abs(x) * abs(y)
-            # this sum and the float64 pass's, in any order: each within (rank + 1) 2^-53 size
-            size *= 4.0 * (rank + 2) * 2.0**-53
-            if not _within(got[k], given, term, size, tol, mantissa, emin):
-                return False
+            for j in range(8 * word, min(8 * word + 8, cols)):
+                if flags[j] == 0:
+                    continue
+                term, size = 0.0, 0.0
+                for r in range(rank):
+                    x, y = left[i * row_step + r * rank_step], right[r * cols + j]
+                    term += x * y
+                    size += abs(x) * abs(y)
+                # this sum and the float64 pass's, in any order: each within (rank + 1) 2^-53 size
+                size *= 4.0 * (rank + 2) * 2.0**-53
+                k = i * cols + j
+                if not _within(got[k], _widened(want[k]), term, size, tol, mantissa, emin):
+                    return False
     return True
 
 
@@ -295,19 +301,22 @@ def c_function(name: str):
             return np.int32(judge(*w, mantissa, emin, carray(out, 7)))
 
     elif kind == "bounded":
-        u16, f32 = p(types.uint16), p(types.float32)
+        u16, f32, u8, u64 = p(types.uint16), p(types.float32), p(types.uint8), p(types.uint64)
         signature = types.int32(
-            u16, u16, f32, p(f64), n, p(f64), n, p(f64), n, n, n, p(f64), n, f64, n, n
+            *(u16, u16, f32, p(f64), n, p(f64), n, p(f64), n, n, n, p(f64), n, f64, n, n),
+            *(u8, u64, n),
         )
 
         def call(
-            got, want, terms, u, rows, v, cols, left, extent, row, step, right, rank, tol, m, e
-        ):
+            got, want, terms, u, rows, v, cols, left, extent, row, step, right, rank, tol, m, e,
+            flags, words, nwords,
+        ):  # fmt: skip
             size = rows * cols
             block = (carray(got, size), carray(want, size), carray(terms, size))
             bounds = (carray(u, rows), carray(v, cols))
             factors = (carray(left, extent), row, step, carray(right, rank * cols))
-            return np.int32(judge_bounded(*block, *bounds, *factors, tol, m, e))
+            scratch = (carray(flags, 8 * nwords), carray(words, nwords))
+            return np.int32(judge_bounded(*block, *bounds, *factors, tol, m, e, *scratch))
 
     elif kind == "round":
         signature = types.void(p(types.float32), p(types.uint16), n)

@@ -36,7 +36,7 @@ _SIGNATURES = {
     "judge": (ctypes.c_int32, (_P, _P, _P, _N, _N, _P, _N)),
     "bounded": (
         ctypes.c_int32,
-        (_P, _P, _P, _P, _N, _P, _N, _P, _N, _N, _N, _P, _N, ctypes.c_double, _N, _N),
+        (_P, _P, _P, _P, _N, _P, _N, _P, _N, _N, _N, _P, _N, ctypes.c_double, _N, _N, _P, _P, _N),
     ),
     "round": (None, (_P, _P, _N)),
     "round_sum": (None, (_P, _P, _P, _N)),
@@ -45,6 +45,7 @@ _CODES = {np.dtype(np.uint16): "u16", np.dtype(np.float32): "f32", np.dtype(np.f
 _SOURCES = ("compare_kernel.py", "intrinsics.py")
 
 _lock = threading.Lock()
+_local = threading.local()
 _loaded: dict[str, Callable] = {}
 _engine = None  # llvmlite's execution engine holding the cached code (kept alive)
 _built: list = []  # the C functions numba compiled here, kept alive with their code
@@ -88,7 +89,18 @@ def judge_bounded(
     block = _at(got, np.uint16), _at(want, np.uint16), _at(terms, np.float32)
     bounds = _at(rows_bound, np.float64), rows, _at(cols_bound, np.float64), cols
     factors = left.ctypes.data, extent, row, step, _at(right, np.float64), rank
-    return bool(kernel("bounded")(*block, *bounds, *factors, tol, mantissa, emin))
+    flags = _flags(cols)
+    scratch = flags.ctypes.data, flags.ctypes.data, flags.size // 8
+    return bool(kernel("bounded")(*block, *bounds, *factors, tol, mantissa, emin, *scratch))
+
+
+def _flags(cols: int) -> np.ndarray:
+    """This thread's row of scratch bytes for `judge_bounded`, `cols` rounded up to a multiple
+    of 8 (the kernel reads past `cols` only as part of a word whose columns it bounds)."""
+    flags = getattr(_local, "flags", None)
+    if flags is None or flags.size < cols:
+        flags = _local.flags = np.zeros(-(-cols // 8) * 8, np.uint8)
+    return flags[: -(-cols // 8) * 8]
 
 
 def round_to_bfloat16(values, out) -> None:
