@@ -112,6 +112,7 @@ def test_unmerge_drift_rows_measured_in_the_pass(tmp_path, measured):
     assert done and result.drift["measured"]
     report = weight_check.verify_weights(out, LLAMA, [ADAPTERS / "llama-lora"], through=[merged])
     _assert_rows_match(done, report)
+    assert set(done) == {t.name for t in report.tensors}  # the copies too: none left for after
     assert any(t.exact_share < 1.0 for t in done.values())  # the drift is really there
     assert result.drift["max_ulp"] == max(t.max_ulp for t in report.tensors)
 
@@ -135,6 +136,8 @@ def test_rebuild_source_rows_measured_in_the_pass(tmp_path, measured, inside, ad
     # each merged tensor the pass measures is plain LoRA, so the float32 gate places it all
     merged_rows = {name for name, row in done.items() if row.kind == "merged"}
     assert merged_rows and _gated(done) == merged_rows
+    # the copies are compared in the pass too: nothing of this bfloat16 model is left for after
+    assert set(done) == {t.name for t in report.tensors}
 
 
 def test_a_tampered_source_is_caught_in_the_pass(tmp_path, measured):

@@ -113,16 +113,10 @@ class PassCheck:
             return None
         if mine.modified and not by_numpy(mine, self._base_ck):
             return None
-        if not plan.modified and not self._at_hand():
-            return None  # a copy is cheaper checked after the pass, from the page cache
         others = [(role, plan.name) for role in (self.candidate, *self.through)]
         if not all(_holds(role, name, plan) for role, name in [(self.base, mine.source), *others]):
             return None
         return mine
-
-    def _at_hand(self) -> bool:
-        """Whether every model this check reads is one the pass holds (it reads nothing)."""
-        return all(role in (SOURCE, OUTPUT) for role in (self.base, self.candidate, *self.through))
 
     def finished(self, tensor: _Tensor) -> None:
         """Keep the row of a tensor whose every element was measured (a verdict-only check:
@@ -232,8 +226,11 @@ class _Tensor:
             return self._readers[key]
 
     def result(self) -> TensorCheck:
-        """The tensor's row, as `weights._check` words it."""
+        """The tensor's row, as `weights._check` words it (a verdict-only check's without the
+        figures it does not keep, as `Distance.add_verdict` leaves them)."""
         tol = self._check.tolerance
+        if self._check.verdict_only:
+            self.distance.figures = False
         if self.plan.modified:
             return merged_result(self.plan.name, "BF16", self.distance, tol)
         through = bool(self._check.through)
