@@ -10,22 +10,14 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
-import torch
 from float64_oracle import Float64Distance
+from test_fast_checks import _rounded
 
-from loramerge import dtypes
 from loramerge.compare import ulp
-from loramerge.delta import round_once
 from loramerge.verify.gate import Float32Gate
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 RANK, COLS = 16, 48
-
-
-def _rounded(expected: np.ndarray) -> np.ndarray:
-    """The correctly rounded bfloat16 values, by the torch rounding the merge uses."""
-    rounded = round_once(torch.from_numpy(expected), dtypes.to_torch("BF16"))
-    return dtypes.as_numpy(rounded)
 
 
 def _factors(rng: np.random.Generator, rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -51,12 +43,12 @@ def _base(rng: np.random.Generator, terms: np.ndarray) -> np.ndarray:
         ],
         -terms,
     )
-    return _rounded(values)
+    return _rounded(values, BF16)
 
 
 def _candidate(rng, expected: np.ndarray, off: float) -> np.ndarray:
     """The correct rounding, a share `off` of it moved one or two ulps either way."""
-    got = _rounded(expected)
+    got = _rounded(expected, BF16)
     bits = got.view(np.uint16)
     moved = rng.random(expected.shape) < off
     steps = rng.choice(np.array([1, 2, 0xFFFF, 0xFFFE], np.uint16), int(moved.sum()))
@@ -97,8 +89,8 @@ def test_a_block_with_a_value_that_is_not_finite_goes_to_the_float64_pass():
     rng = np.random.default_rng(3)
     left, right = _factors(rng, 8)
     terms = left @ right
-    base = _rounded(rng.standard_normal(terms.shape) * 0.02)
-    got = _rounded(base.astype(np.float64) + terms)
+    base = _rounded(rng.standard_normal(terms.shape) * 0.02, BF16)
+    got = _rounded(base.astype(np.float64) + terms, BF16)
     gate = Float32Gate(left, right)
     assert gate.passes(0, got.reshape(-1), base.reshape(-1), 1.0)
     for value in (np.nan, np.inf):
@@ -124,9 +116,9 @@ def test_an_embeddings_transposed_term_is_gated_as_its_float64_pass():
     a = (rng.standard_normal((RANK, 24)) * 0.02).astype(np.float32).astype(np.float64)
     b = rng.standard_normal((COLS, RANK)) * 0.01 * 2.0
     terms = (b @ a).T  # rows of W are A's columns
-    base = _rounded(rng.standard_normal(terms.shape) * 0.02)
-    base[:, ::3] = _rounded(-terms[:, ::3])  # sums near zero: summed again from A's columns
-    got = _rounded(base.astype(np.float64) + terms)
+    base = _rounded(rng.standard_normal(terms.shape) * 0.02, BF16)
+    base[:, ::3] = _rounded(-terms[:, ::3], BF16)  # sums near zero: summed again from A's columns
+    got = _rounded(base.astype(np.float64) + terms, BF16)
     gate = Float32Gate.of([(a, b, True, 0)], terms.shape)
     assert gate.passes(0, got.reshape(-1), base.reshape(-1), 1.0)
     # some sums are too near zero for the float32 bound: A's columns placed those (a view)
@@ -151,7 +143,7 @@ def test_a_candidate_rounded_from_float32_terms_that_cancel_is_refused():
     terms = left @ right
     float32 = (left.astype(np.float32) @ right.astype(np.float32)).astype(np.float64)
     base = np.zeros(terms.shape, BF16)
-    got = _rounded(float32)
+    got = _rounded(float32, BF16)
     gate = Float32Gate(left, right)
     refused = 0
     for first in range(rows):
@@ -160,7 +152,7 @@ def test_a_candidate_rounded_from_float32_terms_that_cancel_is_refused():
             refused += 1
             assert not gate.passes(first, *args, 1.0), first
     assert refused > rows // 2  # the case is really there
-    assert gate.passes(0, _rounded(terms[:1]).reshape(-1), base[0], 1.0)  # and the right one
+    assert gate.passes(0, _rounded(terms[:1], BF16).reshape(-1), base[0], 1.0)  # and the right one
 
 
 @pytest.mark.parametrize("seed", [7, 8])
@@ -184,7 +176,7 @@ def test_the_ulp_scale_is_taken_below_a_power_of_two_the_bound_straddles(seed):
     base = (sign * (power - np.ceil(np.abs(terms) / fine) * fine)).astype(BF16)
     w64, w32 = base.astype(np.float64) + terms, base.astype(np.float64) + float32
     straddles = (np.abs(w64) < power) & (np.abs(w32) > power)
-    got = _rounded(w64)
+    got = _rounded(w64, BF16)
     got[straddles] = (sign * (power - 2 * fine))[straddles]
     gate = Float32Gate(left, right)
     tried = 0

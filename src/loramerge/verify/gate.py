@@ -39,10 +39,7 @@ class Float32Gate:
         factor's transpose, which is kept as a view (an embedding's A has a row per token)."""
         rank = left.shape[1]
         self._left, self._right = left, np.ascontiguousarray(right, np.float64)
-        # float32 in the factor's own layout: a transposed view stays one for sgemm
-        self._left32 = left.T.astype(np.float32).T if left.flags.f_contiguous else None
-        if self._left32 is None:
-            self._left32 = left.astype(np.float32)
+        self._left32 = left.astype(np.float32)  # in left's layout: a transpose stays one
         self._right32 = self._right.astype(np.float32)
         # the float32 roundings of L and R, then the float32 and the float64 sums, in any
         # order: (r + 4) 2^-24 sum_k |L_ik||R_kj| at most; this bound is twice that, or more

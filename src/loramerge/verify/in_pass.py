@@ -187,7 +187,7 @@ class _Tensor:
                 block.add_stored(candidate, base, through)
         else:
             through = [rows_of(role) for role in check.through]
-            gate = self._gate if check.verdict_only and not through else None
+            gate = self._gate  # built only for a verdict with nothing in the scale
             if gate is not None and gate.passes(first, candidate, base, check.tolerance):
                 block.add_within(count)
             else:
@@ -207,11 +207,12 @@ class _Tensor:
 
     def _terms(self) -> list:
         """The tensor's float64 factors (`expected.float64_factors`), read once, and for a
-        verdict-only check its float32 gate (`verify.gate`), where one applies."""
+        verdict-only check with no other model in the ulp scale its float32 gate
+        (`verify.gate`), where one applies."""
         with self._lock:
             if self._factors is None:
                 self._factors = float64_factors(self.plan, self._check._adapters)
-                if self._check.verdict_only:
+                if self._check.verdict_only and not self._check.through:
                     shape = matrix_shape(self.plan, self.plan.shape)
                     self._gate = Float32Gate.of(self._factors, shape)
             return self._factors
