@@ -222,3 +222,22 @@ def _assert_parts_match(monkeypatch, *args, **kwargs):
         assert (mine.passed, mine.note) == (theirs.passed, theirs.note)
         assert math.isclose(mine.rmse, theirs.rmse, rel_tol=mine.elements * 2.0**-53)
     return halves
+
+
+@pytest.mark.parametrize("size", [1, 4095, 4096, 4097, 4096 + 8 * 1000 + 5])
+def test_same_bytes_finds_one_changed_byte_anywhere(size):
+    """The head compared as bytes, the body as 8-byte words, the tail as bytes: a change of one
+    byte is found in each, whatever the size."""
+    import numpy as np
+
+    from loramerge.verify.weights import same_bytes
+
+    a = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
+    assert same_bytes(a, a.copy())
+    for at in sorted({0, size // 2, size - 1, min(4096, size - 1)}):
+        b = a.copy()
+        b[at] ^= 0x10
+        assert not same_bytes(a, b), at
+    if size % 2 == 0:  # bfloat16 rows as the check hands them, and an offset view
+        assert same_bytes(a.view(np.uint16), a.copy().view(np.uint16))
+        assert not same_bytes(a[1:-1], a[2:])
