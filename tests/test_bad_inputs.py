@@ -301,6 +301,24 @@ def weight_count(tmp: Path) -> Case:
     )
 
 
+def weight(value: str) -> Callable[[Path], Case]:
+    def build(tmp: Path) -> Case:
+        expect = rf"weight {re.escape(value)}.*finite"
+        return Case(copy_base(tmp), [copy_adapter(tmp)], expect, options=["-w", value])
+
+    return build
+
+
+def out_inside_base(tmp: Path) -> Case:
+    base = copy_base(tmp)
+    return Case(base, [copy_adapter(tmp)], r"inside input", out=base / "merged")
+
+
+def out_inside_adapter(tmp: Path) -> Case:
+    adapter = copy_adapter(tmp)
+    return Case(copy_base(tmp), [adapter], r"inside input", out=adapter / "merged")
+
+
 def no_cuda(tmp: Path) -> Case:
     return Case(
         copy_base(tmp),
@@ -398,6 +416,11 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "out-is-base": out_is_base,
     "out-is-adapter": out_is_adapter,
     "weight-count": weight_count,
+    "weight-nan": weight("nan"),
+    "weight-inf": weight("-inf"),
+    "weight-beyond-float32": weight("1e+39"),
+    "out-inside-base": out_inside_base,
+    "out-inside-adapter": out_inside_adapter,
     "device-cuda-absent": no_cuda,
     "base-missing": no_base,
     "adapter-missing": no_adapter,
@@ -497,3 +520,36 @@ def test_pickle_base_merges_with_allow_pickle(cli, tmp_path):
     assert got.keys() == want.keys()
     for key, value in want.items():
         assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-3.5e+38"])
+def test_every_command_refuses_a_weight_that_is_not_a_finite_float32(cli, tmp_path, value):
+    """A NaN or infinite weight would make every weight it touches NaN, and a check against it
+    would expect just that: unmerge, rebase, verify, combine and export-adapter refuse it too."""
+    merged = tmp_path / "merged"
+    assert cli("merge", LLAMA, ADAPTERS / "llama-lora", "-o", merged, "-q").code == 0
+    lora, other = ADAPTERS / "llama-lora", ADAPTERS / "llama-rslora"
+    out = tmp_path / "out"
+    for args in (
+        ["unmerge", merged, lora, "-o", out, "-w", value],
+        ["rebase", merged, "--remove", lora, "--add", other, "-o", out, "-w", value],
+        ["rebase", merged, "--remove", lora, "--add", other, "-o", out, "--base", LLAMA,
+         "-w", value],
+        ["verify", merged, "--base", LLAMA, "--adapter", lora, "-w", value],
+        ["combine", lora, other, "-o", out, "-w", "1", "-w", value],
+        ["export-adapter", lora, "--base", LLAMA, "-o", tmp_path / "a.gguf", "-w", value],
+    ):  # fmt: skip
+        result = cli(*args)
+        assert result.code == 2, (args[0], result.err)
+        assert result.err.startswith("Error: ") and "finite" in result.err, result.err
+        assert not out.exists() and not (tmp_path / "a.gguf").exists()
+
+
+def test_a_rebuild_cannot_write_over_the_merged_model_it_checks(cli, tmp_path):
+    merged = tmp_path / "merged"
+    assert cli("merge", LLAMA, ADAPTERS / "llama-lora", "-o", merged, "-q").code == 0
+    before = tree_hashes(merged)
+    args = ["rebase", merged, "--remove", ADAPTERS / "llama-lora", "--add"]
+    result = cli(*args, ADAPTERS / "llama-rslora", "-o", merged, "--base", LLAMA, "--overwrite")
+    assert result.code == 2 and "would overwrite input" in result.err, result.err
+    assert tree_hashes(merged) == before

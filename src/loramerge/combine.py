@@ -18,6 +18,7 @@ from loramerge.adapter_build import Factors, adapter_record, lora_config, tensor
 from loramerge.errors import LoramergeError
 from loramerge.lowrank import truncate_factors
 from loramerge.merge import _check_output_is_not_input
+from loramerge.plan import check_weights
 from loramerge.sink.atomic import AtomicFolder
 from loramerge.sink.peft_adapter import write_adapter
 
@@ -62,6 +63,7 @@ def combine(
     weights = list(weights) if weights else [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise LoramergeError(f"got {len(weights)} weights for {len(adapters)} adapters")
+    check_weights(weights)
     if rank is not None and rank <= 0:
         raise LoramergeError(f"--rank must be a positive integer, got {rank}")
     _check_output_is_not_input(Path(output), adapters)

@@ -26,7 +26,7 @@ from loramerge.gguf_names import (
     UnsupportedArchitecture,
     architecture,
 )
-from loramerge.plan import build_plan
+from loramerge.plan import build_plan, check_weights
 from loramerge.quant import ggml
 from loramerge.sink.atomic import AtomicFile, check_replaceable
 from loramerge.sink.gguf_adapter import GGUFAdapterFile, Pair, Slot, adapter_slots, describe
@@ -101,6 +101,7 @@ def export_adapter(
     output = Path(output)
     if output.suffix != ".gguf":
         raise LoramergeError(f"{output}: a GGUF adapter is one file; name it *.gguf")
+    check_weights([options.weight])
     adapter = hub.resolve(adapter, allow_pickle=options.allow_pickle)
     loaded = load_adapter(adapter, allow_pickle=options.allow_pickle)
     try:

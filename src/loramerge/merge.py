@@ -175,7 +175,8 @@ class Job:
 def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> MergeResult:
     """Plan the job, stream every tensor into a new folder, write the record, rename into place."""
     start = time.perf_counter()
-    _check_output_is_not_input(job.output, [job.source, *job.adapters])
+    checked = [job.source_check[0]] if job.source_check else []  # a rebuild's merged model
+    _check_output_is_not_input(job.output, [job.source, *job.adapters, *checked])
     if job.output.exists() and not options.overwrite:
         raise LoramergeError(f"{job.output} already exists; pass --overwrite to replace it")
     device = resolve_device(options.device)
@@ -500,11 +501,15 @@ def _check_free_space(output: Path, nbytes: int) -> None:
 
 
 def _check_output_is_not_input(output: Path, inputs: list[Path]) -> None:
+    """Refuse an output that is an input, holds one, or lies inside an input folder (writing
+    there would change the input)."""
     out = output.resolve()
     for path in inputs:
         src = path.resolve()
         if src == out or out in src.parents:
             raise LoramergeError(f"output {output} would overwrite input {path}")
+        if src in out.parents and src.is_dir():
+            raise LoramergeError(f"output {output} is inside input {path}: it would change it")
 
 
 def _describe_adapter(adapter: Adapter, weight: float, plan: Plan, index: int) -> dict:

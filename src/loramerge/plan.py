@@ -172,6 +172,7 @@ def build_plan(
     `undo[i]` marks adapter i as one to take out of `base` (a merged model) with the weight it
     was merged with, instead of adding it.
     """
+    check_weights(weights)
     undo = undo or [False] * len(adapters)
     builder = _Builder(base, config or {}, adapters, weights, out_dtype, undo)
     builder.add_adapters()
@@ -180,6 +181,20 @@ def build_plan(
         lines = "\n  - ".join(builder.errors)
         raise LoramergeError(f"the adapters do not fit the base:\n  - {lines}")
     return Plan(builder.ordered(), builder.config_updates, builder.notes)
+
+
+# The largest finite float32: the terms are scaled by each weight in float32.
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_weights(weights: list[float]) -> None:
+    """Refuse an adapter weight that is not a finite float32 number (NaN, inf, 1e39): it would
+    turn every weight it touches into NaN or inf, and a check against it would expect the same."""
+    for weight in weights:
+        if not (math.isfinite(weight) and abs(weight) <= _FLOAT32_MAX):
+            raise LoramergeError(
+                f"adapter weight {weight:g} is not a finite number float32 can hold"
+            )
 
 
 class _Builder:
