@@ -129,6 +129,9 @@ def test_local_folder_of_the_same_name_wins(hub, tmp_path):
     assert run.returncode == 0, run.stderr
     assert "using the local folder" in run.stderr
     assert hub.state.bytes_sent() == 0
+    shutil.copytree(ADAPTERS / "llama-lora", tmp_path / "someone" / "lora")
+    quiet = _run(env, "merge", "meta/llama-base", "someone/lora", "-o", "out", "-q", cwd=tmp_path)
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr  # --quiet: no notes
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import re
 import signal
 import sys
@@ -171,10 +172,28 @@ _debug_option = click.option(
 )
 
 
+def _hush_notes(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    """--quiet: the library's notes (INFO records of the `loramerge` logger) are not printed."""
+    if value:
+        logging.getLogger("loramerge").setLevel(logging.WARNING)
+    return value
+
+
+class _Notes(logging.Handler):
+    """The library's notes as `note: ...` lines on stderr (whatever stderr is at the time)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"note: {record.getMessage()}", err=True)
+
+
 class _Group(click.Group):
-    """A group whose every command accepts --debug, as the group itself does."""
+    """A group whose every command accepts --debug, as the group itself does, and whose
+    --quiet also silences the library's notes."""
 
     def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        for param in cmd.params:
+            if param.name == "quiet":
+                param.callback = _hush_notes
         super().add_command(_debug_option(cmd), name)
 
 
@@ -767,6 +786,11 @@ def _print_summary(result: MergeResult) -> None:
 def main() -> None:
     """Entry point: run the CLI, turning our errors into one `Error:` line and exit 2."""
     state = {"debug": False}  # the context object; --debug sets it wherever it stands
+    notes = logging.getLogger("loramerge")
+    notes.setLevel(logging.INFO)  # until a command's --quiet says otherwise
+    notes.propagate = False
+    if not any(isinstance(h, _Notes) for h in notes.handlers):
+        notes.addHandler(_Notes())
     # A file-size limit (ulimit -f) must surface as an EFBIG error, not kill the process.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:

@@ -8,9 +8,9 @@ HF_HUB_CACHE and HF_TOKEN (or the stored login) apply as they do for every other
 from __future__ import annotations
 
 import atexit
+import logging
 import re
 import shutil
-import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -82,7 +82,11 @@ def source_name(path: Path) -> str:
 
 
 def _note(message: str) -> None:
-    print(f"note: {message}", file=sys.stderr)
+    """Which copy of an input is used: an INFO record the command line prints (not --quiet)."""
+    _log.info(message)
+
+
+_log = logging.getLogger(__name__)
 
 
 def _fetch(ref: HubRef, allow_pickle: bool, headers_only: bool) -> Path:
