@@ -223,3 +223,15 @@ def test_debug_before_or_after_the_command_shows_the_traceback(cli, tmp_path, co
     traced = "Traceback (most recent call last)" in result.err
     assert traced == (where != "nowhere"), result.err
     assert not (tmp_path / "OUT").exists()
+
+
+def test_gguf_type_names_in_either_case(cli, tmp_path):
+    """llama.cpp and the docs write Q8_0, Q4_K_M; the options take those as well as q8_0."""
+    from gguf import GGUFReader
+
+    for given in ("Q8_0", "q8_0"):
+        out = tmp_path / f"{given}.gguf"
+        result = cli("quantize", LLAMA, "-o", out, "--to", "gguf", "--gguf-type", given, "-q")
+        assert result.code == 0, result.err
+        types = {t.tensor_type.name for t in GGUFReader(out).tensors}
+        assert "Q8_0" in types

@@ -173,6 +173,8 @@ def test_merge_unmerge_rebase_to_gguf(cli, tmp_path):
         assert result.code == 0, result.err
         summary = json.loads(result.out)
         assert summary["files"] == [out.name] and summary["bytes_written"] == out.stat().st_size
+        if op == "unmerge":  # measured against the GGUF type's bound: reported, not judged
+            assert summary["drift"]["measured"] and summary["drift"]["passed"] is None
         reader = gguf.GGUFReader(out)
         record = json.loads(_fields(reader)["loramerge.provenance"])
         assert record["history"][-1]["op"] == op
@@ -488,3 +490,17 @@ def test_numba_is_imported_only_for_the_compiled_types(wide_llama, tmp_path, ggu
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(imported)
     assert out.is_file()
+
+
+def test_a_resized_vocabulary_is_the_vocabulary_the_gguf_file_states(cli, tmp_path):
+    """A merge that resizes the vocabulary (modules_to_save on both vocabulary matrices) writes
+    the new size into the GGUF metadata, as into config.json: rows, tokens and the key agree."""
+    out = tmp_path / "resized.gguf"
+    args = ["merge", LLAMA, ADAPTERS / "llama-resized", "-o", out, "--to", "gguf"]
+    assert cli(*args, "--gguf-type", "f32", "--dtype", "float32", "-q").code == 0
+    reader = gguf.GGUFReader(out)
+    rows = {t.name: int(t.shape[-1]) for t in reader.tensors}
+    fields = _fields(reader)
+    assert CONFIG["vocab_size"] < rows["token_embd.weight"] == rows["output.weight"]
+    assert fields["llama.vocab_size"] == rows["token_embd.weight"]
+    assert len(fields["tokenizer.ggml.tokens"]) == rows["token_embd.weight"]

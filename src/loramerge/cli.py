@@ -107,7 +107,7 @@ def _merge_options(func):
         ),
         click.option(
             "--gguf-type",
-            type=click.Choice(GGUF_TYPE_NAMES),
+            type=click.Choice(GGUF_TYPE_NAMES, case_sensitive=False),
             default=None,
             help="--to gguf: llama.cpp file type (q4_k_m, q5_k_m, q6_k: llama.cpp's mixtures; "
             "default f16, or each tensor's own type for a .gguf base).",
@@ -300,7 +300,7 @@ def rebase_command(
 )
 @click.option(
     "--gguf-type",
-    type=click.Choice(GGUF_TYPE_NAMES),
+    type=click.Choice(GGUF_TYPE_NAMES, case_sensitive=False),
     default="f16",
     show_default=True,
     help="--to gguf: llama.cpp file type (q4_k_m, q5_k_m, q6_k: llama.cpp's mixtures).",
@@ -442,7 +442,7 @@ def _report(
     if result.verification and not result.verification["passed"]:
         sys.exit(1)
     drift = result.drift or {}
-    if drift.get("measured") and not drift["passed"] and not drift.get("forced"):
+    if drift.get("measured") and drift["passed"] is False and not drift.get("forced"):
         click.echo(
             f"FAIL: {result.output} is {drift['max_ulp']:.3g} ulp from the exact result, the "
             f"recorded base + the adapters left inside (tolerance {drift['tolerance_ulp']:g} "
@@ -458,8 +458,10 @@ def _print_drift(drift: dict) -> None:
     if not drift["measured"]:
         click.echo(f"drift: not measured ({drift['reason']}); bound: {drift['bound']}")
         return
+    bound = drift.get("max_bound_ratio")
+    worst = f"{bound:.3g}x its type's bound" if bound is not None else f"{drift['max_ulp']:.3g} ulp"
     click.echo(
-        f"drift against the exact result: max {drift['max_ulp']:.3g} ulp, "
+        f"drift against the exact result: max {worst}, "
         f"{drift['exact_share']:.4%} of elements bit-exact"
     )
     table = _table(title="tensors that differ from the exact result (worst first)")

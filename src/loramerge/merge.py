@@ -25,6 +25,7 @@ from loramerge.sink.formats import SINGLE_FILE, GGUFInfo, open_sink
 from loramerge.sink.hf_folder import (
     copy_files,
     record_files,
+    updated_config,
     write_config,
     write_model_card,
     write_norms,
@@ -244,7 +245,8 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
                         [Entry(t.name, t.dtype, t.shape) for t in plan.tensors],
                         options.max_shard_size,
                         replace(options.quant, device=device),
-                        config,
+                        # as the output's config.json will say (a GGUF file's own metadata)
+                        updated_config(config, plan.config_updates) if config else config,
                         info,
                         # what a check after the pass reads back goes through the page cache:
                         # all of it, or the tensors copied unchanged when the rest is checked in it

@@ -117,7 +117,7 @@ def _swap(command, merged, remove, add, options, output, base, force, progress) 
         result = run(job, options, progress)
         if not options.dry_run:
             result.drift = drift = _drift(output, job, options.allow_pickle)
-            if drift["measured"] and not drift["passed"] and force:  # kept, as asked
+            if drift["measured"] and drift["passed"] is False and force:  # kept, as asked
                 drift["forced"] = True
                 warnings.append(
                     f"--force: {output} is {drift['max_ulp']:.3g} ulp from the recorded base + "
@@ -264,8 +264,10 @@ def _drift(output: Path, job: Job, allow_pickle: bool) -> dict:
     total = sum(t.elements for t in report.tensors) or 1
     return {
         "measured": True,
-        # within the tolerance everywhere: what a correct unmerge of what the record says gives
-        "passed": report.passed,
+        # within the tolerance everywhere, as a correct unmerge of what the record says is; None
+        # for a quantized output (GGUF), measured against its type's bound, which the first
+        # merge's rounding alone can pass: reported, not judged
+        "passed": None if any(t.bound_ratio is not None for t in report.tensors) else report.passed,
         "tolerance_ulp": report.tolerance_ulp,
         "against": f"{exact[0]} + {[str(p) for p in exact[1]]}",
         "ulp_definition": "ulps of the output dtype at max(|exact|, |every model it was "

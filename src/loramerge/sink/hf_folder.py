@@ -26,15 +26,19 @@ LEGACY_NORMS_FILE = "loramerge_dora_norms.safetensors"
 
 
 def write_config(folder: Path, config: dict, updates: dict) -> None:
-    """config.json with the merge's changes (dtype, vocab_size, tie_word_embeddings).
+    """config.json with the merge's changes (dtype, vocab_size, tie_word_embeddings)."""
+    merged = updated_config(config, updates)
+    (folder / "config.json").write_text(json.dumps(merged, indent=2) + "\n")
 
-    An update that is a dict changes keys of a nested config (`text_config`), not all of it.
-    """
+
+def updated_config(config: dict, updates: dict) -> dict:
+    """The config with the merge's changes; an update that is a dict changes keys of a nested
+    config (`text_config`), not all of it."""
     merged = {**config}
     for key, value in updates.items():
         nested = isinstance(value, dict) and isinstance(config.get(key), dict)
         merged[key] = {**config[key], **value} if nested else value
-    (folder / "config.json").write_text(json.dumps(merged, indent=2) + "\n")
+    return merged
 
 
 def copy_files(folder: Path, files: list[Path]) -> None:
