@@ -57,7 +57,13 @@ HARNESS = textwrap.dedent(
             return result
         setattr(owner, name, wrapped)
 
+    def on_sigterm(signum, frame):
+        interrupted.set()
+        loramerge_cli.terminate(signum, frame)  # the handler the command installs itself
+
+    from loramerge import cli as loramerge_cli
     signal.signal(signal.SIGINT, on_sigint)
+    signal.signal(signal.SIGTERM, on_sigterm)
     if point in ("tensor", "hold-tensor"):
         after(sharded.ShardedWriter, "write")
         after(sharded.ShardedWriter, "copy")
@@ -160,14 +166,18 @@ def test_second_run_on_the_same_output_fails_clearly(cli, tmp_path):
     assert cli(*_merge_args(out)).code == 0 and _complete(cli, out)
 
 
-def test_ctrl_c_removes_the_temporary(tmp_path):
+@pytest.mark.parametrize(
+    ("sent", "status", "said"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+)
+def test_ctrl_c_or_sigterm_removes_the_temporary(tmp_path, sent, status, said):
     out = tmp_path / "out"
     child = _held_child(tmp_path, *_merge_args(out))
     assert list(tmp_path.glob(".out.loramerge-tmp-*"))  # mid-write: the temporary is there
-    child.send_signal(signal.SIGINT)  # the child stays held until its handler has run
+    child.send_signal(sent)  # the child stays held until its handler has run
     _, err = child.communicate(timeout=120)
-    assert child.returncode == 130, err.decode()
-    assert err.decode().strip().endswith("Error: interrupted")
+    assert child.returncode == status, err.decode()
+    assert err.decode().strip().endswith(f"Error: {said}")
     assert not out.exists() and not list(tmp_path.glob(".out.loramerge-*"))
 
 
@@ -315,3 +325,21 @@ def test_records_written_with_sha256_still_check(cli, tmp_path):
     path.write_text(json.dumps({**record, "files_hash": "md5"}))
     unknown = cli("verify", out, "--files")
     assert unknown.code == 2 and unknown.err.startswith("Error: unknown file hash 'md5'")
+
+
+def test_the_command_line_takes_sigterm_as_ctrl_c():
+    """`main` installs `terminate` for SIGTERM (the test above sends it through the harness)."""
+    probe = textwrap.dedent(
+        """
+        import signal, sys
+        from loramerge import cli
+        sys.argv = ["loramerge", "--version"]
+        try:
+            cli.main()
+        except SystemExit:
+            pass
+        print(signal.getsignal(signal.SIGTERM) is cli.terminate)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.stdout.split()[-1] == "True", result.stderr

@@ -8,6 +8,7 @@ import logging
 import re
 import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -795,6 +796,8 @@ def main() -> None:
         notes.addHandler(_Notes())
     # A file-size limit (ulimit -f) must surface as an EFBIG error, not kill the process.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # (a host program's own handler stays)
+        signal.signal(signal.SIGTERM, terminate)
     try:
         sys.exit(cli.main(standalone_mode=False, obj=state) or 0)
     except click.ClickException as exc:
@@ -802,17 +805,13 @@ def main() -> None:
         hint = f" (see: loramerge {ctx.command.name} --help)" if ctx else ""
         click.echo(f"Error: {exc.format_message()}{hint}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("Error: interrupted", err=True)
-        sys.exit(130)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        _interrupted()
     except LoramergeError as exc:
         _fail(str(exc), state["debug"])
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
         _fail(f"{exc.strerror or exc}{where}", state["debug"])
-    except KeyboardInterrupt:
-        click.echo("Error: interrupted", err=True)
-        sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - last resort: one line, not a traceback
         message = f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for details)"
         _fail(message, state["debug"])
@@ -825,6 +824,25 @@ def run() -> None:
         main()
     finally:
         gc.freeze()
+
+
+_terminated = threading.Event()
+
+
+def terminate(signum: int, frame) -> None:
+    """SIGTERM (a scheduler, `timeout`) ends a command as Ctrl-C does: the output's temporary
+    files are removed on the way out, and the exit status is 143."""
+    _terminated.set()
+    raise KeyboardInterrupt
+
+
+def _interrupted() -> None:
+    """Ctrl-C (exit 130) or SIGTERM (exit 143), once the command has cleaned up."""
+    if _terminated.is_set():
+        click.echo("Error: terminated", err=True)
+        sys.exit(128 + signal.SIGTERM)
+    click.echo("Error: interrupted", err=True)
+    sys.exit(130)
 
 
 def _fail(message: str, debug: bool) -> None:
