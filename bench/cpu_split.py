@@ -105,7 +105,7 @@ def run() -> None:
     rounding = kernels._Bfloat16Rounding
     rounding.round = inner(CONVERSIONS, rounding.round)
     rounding.round_sum = inner(CONVERSIONS, rounding.round_sum)
-    hasher = safetensors_writer._PrefixHasher
+    hasher = safetensors_writer.PrefixHasher
     # the hasher's loop, on its thread or in a writer that waits for it
     hasher._help = inner(HASH, hasher._help, apart=True)
     original = execute.write_tensors

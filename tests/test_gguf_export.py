@@ -504,3 +504,32 @@ def test_a_resized_vocabulary_is_the_vocabulary_the_gguf_file_states(cli, tmp_pa
     assert CONFIG["vocab_size"] < rows["token_embd.weight"] == rows["output.weight"]
     assert fields["llama.vocab_size"] == rows["token_embd.weight"]
     assert len(fields["tokenizer.ggml.tokens"]) == rows["token_embd.weight"]
+
+
+def _flip(path: Path, at: int) -> Path:
+    """A copy of `path` with one bit of byte `at` flipped (negative: from the end)."""
+    copy = path.with_name(f"flipped-{at}-{path.name}")
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    copy.write_bytes(bytes(data))
+    return copy
+
+
+def test_a_gguf_file_holds_its_own_digest_and_verify_and_push_check_it(cli, tmp_path):
+    """The record inside a GGUF output holds the file's BLAKE3 (its own 64 characters read as
+    zeros): `verify --files` passes the file and fails any flipped bit, in the tensors or in the
+    header; `push` refuses a changed file. Written whole and merged into a GGUF base alike."""
+    made = _export(cli, tmp_path, "q8_0")
+    rebuilt = tmp_path / "into-gguf-base.gguf"
+    assert cli("merge", made, ADAPTERS / "llama-lora", "-o", rebuilt, "-q").code == 0
+    for out in (made, rebuilt):
+        record = json.loads(_fields(gguf.GGUFReader(out))["loramerge.provenance"])
+        assert record["file_hash"]["algorithm"] == "blake3"
+        assert cli("verify", out, "--files").code == 0
+        header = out.read_bytes().index(b"general.architecture")  # a key's name, in the header
+        for at in (-100, header):
+            result = cli("verify", _flip(out, at), "--files")
+            assert result.code == 1 and "does not match" in result.out, (out.name, at)
+    pushed = cli("push", _flip(made, -100), "alice/model", "--dry-run")
+    assert pushed.code == 2 and "not pushed" in pushed.err
+    assert cli("push", made, "alice/model", "--dry-run").code == 0

@@ -343,11 +343,17 @@ def test_push_dry_run_of_a_gguf_file_shows_its_card(cli, tmp_path):
     from huggingface_hub import ModelCard
 
     gguf = tmp_path / "model-q8_0.gguf"
-    gguf.write_bytes(b"GGUF" + bytes(60))
+    assert cli("quantize", LLAMA, "-o", gguf, "--to", "gguf", "--gguf-type", "q8_0", "-q").code == 0
     result = cli("push", gguf, "alice/model-gguf", "--dry-run", "--json")
     assert result.code == 0, result.err
     summary = json.loads(result.out)
-    assert summary["files"] == {"model-q8_0.gguf": 64, "README.md": summary["files"]["README.md"]}
+    size = gguf.stat().st_size
+    assert summary["files"] == {"model-q8_0.gguf": size, "README.md": summary["files"]["README.md"]}
+    assert any("matches the blake3 digest" in note for note in summary["notes"])  # checked
+    gguf.write_bytes(b"GGUF" + bytes(60))  # not a GGUF file at all: refused
+    assert cli("push", gguf, "alice/model-gguf", "--dry-run").code == 2
+    assert cli("quantize", LLAMA, "-o", gguf, "--to", "gguf", "--gguf-type", "q8_0", "-q",
+               "--overwrite").code == 0  # fmt: skip
     result = cli("push", gguf, "alice/model-gguf", "--dry-run")
     card = ModelCard(result.out[result.out.index("---") :], ignore_metadata_errors=False)
     assert "llama-cli --hf-repo alice/model-gguf --hf-file model-q8_0.gguf" in card.text

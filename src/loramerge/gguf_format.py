@@ -10,6 +10,7 @@ the parser allocate or loop more than the file's own size.
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 from dataclasses import dataclass
@@ -232,3 +233,22 @@ def tensor_nbytes(qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> int:
     """Bytes of a tensor of this type and numpy-order shape."""
     block, type_size = GGML_QUANT_SIZES[qtype]
     return math.prod(shape) // block * type_size
+
+
+# A GGUF file's record holds the digest of the file itself, its own characters read as this
+# placeholder (written first, then overwritten once every other byte is in).
+DIGEST_PLACEHOLDER = "0" * 64
+
+
+def file_hash_entry(algorithm: str, digest: str = DIGEST_PLACEHOLDER) -> dict:
+    """The record's `file_hash`: the algorithm, and the digest of the file with these
+    characters of it read as the placeholder."""
+    return {"algorithm": algorithm, "digest": digest}
+
+
+def digest_offset(head: bytes, algorithm: str, digest: str) -> int | None:
+    """Where the record's digest starts in a GGUF header written with `json.dumps(record,
+    sort_keys=True)` (the last such entry: the record is the last key written), or None."""
+    entry = json.dumps({"file_hash": file_hash_entry(algorithm, digest)}, sort_keys=True)[1:-1]
+    at = head.rfind(entry.encode())
+    return None if at < 0 else at + len(entry) - len(digest) - 2  # before its closing `"}`

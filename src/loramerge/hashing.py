@@ -50,6 +50,21 @@ def digest_of(paths: list[Path], algorithm: str) -> str:
     return digest.hexdigest()
 
 
+def digest_masked(path: Path, algorithm: str, start: int, length: int) -> str:
+    """The digest of a file whose bytes start .. start + length are read as ASCII zeros (a
+    digest stored inside the file it is the digest of)."""
+    digest = hasher(algorithm)
+    with open(path, "rb") as fh:
+        offset = 0
+        while chunk := fh.read(16 << 20):
+            lo, hi = max(start - offset, 0), min(start + length - offset, len(chunk))
+            if lo < hi:
+                chunk = chunk[:lo] + b"0" * (hi - lo) + chunk[hi:]
+            digest.update(chunk)
+            offset += len(chunk)
+    return digest.hexdigest()
+
+
 def sha256_of(paths: list[Path]) -> str:
     """The files' sha256 (an input's identity)."""
     return digest_of(paths, "sha256")

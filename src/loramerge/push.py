@@ -102,9 +102,22 @@ def _single_file(path: Path, repo_id: str) -> tuple[list[hub.Upload], str, list[
     files = [hub.Upload(path.name, path)]
     if not path.name.endswith(".gguf"):
         return files, "", [f"{path.name}: a single file, pushed without a card"]
+    from loramerge.source.gguf_file import GGUFModel  # the gguf package, only now
+
+    with GGUFModel(path) as model:
+        record = model.provenance() or {}
+    if "file_hash" not in record:  # not loramerge's, or written before files held their digest
+        notes = [f"{path.name}: its record holds no file digest, so it was not checked"]
+    else:
+        check = verify_files(path)
+        if not check["passed"]:
+            raise LoramergeError(
+                f"{path} does not match its record, not pushed: {check['summary']}"
+            )
+        notes = [check["summary"]]
     card = render_gguf_card(path.name, repo_id)
     _check_card(card)
-    return [*files, hub.Upload("README.md", card.encode())], card, []
+    return [*files, hub.Upload("README.md", card.encode())], card, notes
 
 
 def _check_card(card: str) -> None:

@@ -20,6 +20,7 @@ import gguf
 import numpy as np
 
 from loramerge.errors import LoramergeError
+from loramerge.gguf_format import DIGEST_PLACEHOLDER, digest_offset, file_hash_entry
 from loramerge.gguf_names import (
     Architecture,
     TensorNames,
@@ -28,12 +29,13 @@ from loramerge.gguf_names import (
     row_local,
     to_gguf_values,
 )
+from loramerge.hashing import FILES_HASH
 from loramerge.quant import ggml
 from loramerge.quant.ggml_types import GGUF_TYPES, ModelInfo, tensor_types
 from loramerge.sink.direct_io import PositionalFile
 from loramerge.sink.formats import GGUFInfo
 from loramerge.sink.gguf_metadata import extra_tensors, write_hyperparameters, write_tokenizer
-from loramerge.sink.safetensors_writer import Entry
+from loramerge.sink.safetensors_writer import Entry, PrefixHasher
 
 PROVENANCE_KEY = "loramerge.provenance"
 
@@ -41,9 +43,12 @@ PROVENANCE_KEY = "loramerge.provenance"
 class BlockSink:
     """What both GGUF sinks share: one open file, each tensor quantized to its type and written
     at its own offset (so any order, any thread), a few whole rows at a time where conversion
-    keeps rows in place."""
+    keeps rows in place. The file is hashed as it is written, and its record ends holding that
+    digest (`gguf_format.file_hash_entry`), which `verify --files` and `push` check."""
 
     _file: PositionalFile
+    _hasher: PrefixHasher
+    _digest_at: int  # where the record's digest goes
     _data_start: int
     _slots: dict[str, tuple[gguf.GGMLQuantizationType, int, int]]  # (type, offset, bytes)
     _shapes: dict[str, tuple[int, ...]]  # the Hugging Face layout's shape
@@ -58,11 +63,30 @@ class BlockSink:
         self._file = PositionalFile(
             path, self._data_start + data_bytes, existing=True, cached=cached
         )
+        self._size = self._data_start + data_bytes
+        self._hasher = PrefixHasher(path, self._size)
         self._written: set[str] = set()
         self._filled: dict[str, int] = {}  # bytes of a tensor written so far
         self.files: list[str] = []
         self.hashes: dict[str, str] = {}
         self.config_updates: dict = {}
+
+    def _header_written(self, head: bytes) -> None:
+        """The header is in the file, its record's digest a placeholder: hash it, and the
+        zeros that pad it and every tensor to the alignment, from the file."""
+        at = digest_offset(head, FILES_HASH, DIGEST_PLACEHOLDER)
+        if at is None:
+            raise RuntimeError("the GGUF header lost its record's digest placeholder")
+        self._digest_at = at
+        self._hasher.completed(0, self._data_start)
+        cursor = self._data_start
+        for _, offset, nbytes in sorted(self._slots.values(), key=lambda slot: slot[1]):
+            start = self._data_start + offset
+            if start > cursor:
+                self._hasher.completed(cursor, start)
+            cursor = max(cursor, start + nbytes)
+        if self._size > cursor:
+            self._hasher.completed(cursor, self._size)
 
     def position(self, name: str) -> int:
         """File offset of a tensor's blocks (values already in the stored type go out as they
@@ -97,6 +121,7 @@ class BlockSink:
         filled = self._filled.get(name, 0)
         for piece in ggml.iter_quantize(values, qtype):  # no whole-tensor copy held
             self._file.write(memoryview(piece), at)
+            self._hasher.written(at, memoryview(piece))
             at += piece.size
             filled += piece.size
         self._filled[name] = filled
@@ -104,17 +129,22 @@ class BlockSink:
             self._written.add(name)
 
     def finish(self) -> None:
-        """Check every tensor arrived and close the file (the atomic output fsyncs it)."""
+        """Check every tensor arrived, put the file's digest into its record, and close it
+        (the atomic output fsyncs it)."""
         missing = set(self._slots) - self._written
         if missing:
             raise LoramergeError(f"GGUF output is missing {len(missing)} tensor(s)")
+        self.digest = self._hasher.hexdigest()
+        self._file.write(memoryview(self.digest.encode()), self._digest_at)
         self.abort()
 
     def cancel(self) -> None:
-        """Nothing waits on anything."""
+        """Stop hashing, so no writer waits on it any more (before an abort)."""
+        self._hasher.stop()
 
     def abort(self) -> None:
-        """Close the file."""
+        """Stop hashing and close the file."""
+        self._hasher.stop()
         self._file.close()
 
 
@@ -170,7 +200,11 @@ class GGUFFile(BlockSink):
             "tensor_types": dict(sorted(Counter(t.name for t in types.values()).items())),
             "quantized_tensors": sum(t != gguf.GGMLQuantizationType.F32 for t in types.values()),
         }
-        record = {**info.record, "output": self.description}
+        record = {
+            **info.record,
+            "output": self.description,
+            "file_hash": file_hash_entry(FILES_HASH),
+        }
         writer.add_string(PROVENANCE_KEY, json.dumps(record, sort_keys=True))
         self._slots = {}
         extras = extra_tensors(arch.arch, config)
@@ -191,6 +225,7 @@ class GGUFFile(BlockSink):
         self._data_start = writer.ggml_pad(file.tell(), writer.data_alignment)
         file.close()
         self._open(path, offset, cached)
+        self._header_written(path.read_bytes()[: self._data_start])
         self.order = list(kept)
         self._shapes = {name: shape for name, _, shape, _ in layout}
         for name, values in extras.items():

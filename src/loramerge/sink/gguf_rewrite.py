@@ -26,9 +26,11 @@ from loramerge.gguf_format import (
     encode_field,
     encode_preamble,
     encode_tensor_info,
+    file_hash_entry,
     tensor_nbytes,
 )
 from loramerge.gguf_names import architecture
+from loramerge.hashing import FILES_HASH
 from loramerge.quant.ggml_types import GGUF_TYPES, ModelInfo, tensor_types
 from loramerge.sink.direct_io import copy_range
 from loramerge.sink.gguf_file import PROVENANCE_KEY, BlockSink
@@ -98,7 +100,8 @@ class GGUFRewrite(BlockSink):
         }
         if file_type is not None:
             self.description["file_type"] = gguf.LlamaFileType(file_type).name
-        text = json.dumps({**record, "output": self.description}, sort_keys=True)
+        record = {**record, "output": self.description, "file_hash": file_hash_entry(FILES_HASH)}
+        text = json.dumps(record, sort_keys=True)
         fields = []
         for key, field in header.fields.items():
             if key == PROVENANCE_KEY:
@@ -122,6 +125,7 @@ class GGUFRewrite(BlockSink):
         self._shapes = {e.name: e.shape for e in entries}
         self._open(path, offset, cached)
         self._file.write(memoryview(head), 0)
+        self._header_written(head)
         self.order = [by_gguf[n] for n in header.tensors]
 
     def copyable(self, name: str) -> bool:
@@ -137,4 +141,6 @@ class GGUFRewrite(BlockSink):
             copy_range(src_fd, self._file.fd, src_offset, self._data_start + record.offset, nbytes)
         except OSError as exc:
             raise LoramergeError(f"{name}: copying from the base failed: {exc}") from None
+        start = self._data_start + record.offset
+        self._hasher.completed(start, start + nbytes)  # hashed from the file
         self._written.add(name)

@@ -111,13 +111,13 @@ class SafetensorsWriter:
         self._filled: dict[str, int] = {}  # bytes of a tensor written so far
         self._lock = threading.Lock()
         self._file: PositionalFile | None = None
-        self._hasher: _PrefixHasher | None = None
+        self._hasher: PrefixHasher | None = None
         self.digest = ""  # the file's FILES_HASH, once finished
         head = memoryview(len(raw).to_bytes(8, "little") + raw)
         with self._io_errors():
             self._file = PositionalFile(self.path, start + offset, cached=cached == "all")
             self._file.write(head, 0)
-            self._hasher = _PrefixHasher(self.path, start + offset)
+            self._hasher = PrefixHasher(self.path, start + offset)
         self._hasher.completed(0, start, head)
         self._copy_in_memory = self._file.direct and cached == "none"
 
@@ -167,8 +167,8 @@ class SafetensorsWriter:
         """Hand bytes just written to the hasher; once this returns, `view` may be reused."""
         if self._hash_from_file:
             self._hasher.completed(position, position + len(view))
-        elif self._hasher.completed(position, position + len(view), view):
-            self._hasher.wait_past(position + len(view))
+        else:
+            self._hasher.written(position, view)
 
     def finish(self) -> None:
         """Check every tensor was written, flush to disk, close."""
@@ -221,7 +221,7 @@ class SafetensorsWriter:
         return position + start
 
 
-class _PrefixHasher:
+class PrefixHasher:
     """The hash of a file written out of order, computed while it is written.
 
     Each byte range is hashed as soon as everything before it is in the file: from the writer's
@@ -290,6 +290,12 @@ class _PrefixHasher:
         view = memoryview(buffer)[: len(data)]
         view[:] = data
         return buffer, view
+
+    def written(self, start: int, view: memoryview) -> None:
+        """Bytes just written at `start`, handed over from memory: returns once `view` may be
+        reused (hashed, or copied to be hashed once the bytes before it are in)."""
+        if self.completed(start, start + len(view), view):
+            self.wait_past(start + len(view))
 
     def wait_past(self, end: int) -> None:
         """Block until everything before `end` is hashed, hashing what is due meanwhile."""

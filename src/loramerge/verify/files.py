@@ -6,13 +6,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from loramerge.errors import LoramergeError
-from loramerge.hashing import digest_of, recorded_hash
+from loramerge.gguf_format import digest_offset
+from loramerge.hashing import digest_masked, digest_of, recorded_hash
 from loramerge.sink.hf_folder import read_provenance, recorded_files
+from loramerge.source.checkpoint import is_gguf
 
 
 def verify_files(folder: Path) -> dict:
-    """Compare each file's hash with the record's: changed, missing and unlisted files."""
+    """Compare each file's hash with the record's: changed, missing and unlisted files (a
+    GGUF file: its own digest, which its record holds)."""
     folder = Path(folder)
+    if folder.is_file() and is_gguf(folder):
+        return _verify_gguf(folder)
     record = read_provenance(folder) if folder.is_dir() else None
     listed = (record or {}).get("files")
     if not listed:
@@ -40,4 +45,29 @@ def verify_files(folder: Path) -> dict:
         "missing": missing,
         "extra": extra,
         "checked": len(to_hash),
+    }
+
+
+def _verify_gguf(path: Path) -> dict:
+    """A GGUF file against the digest its record holds (`gguf_format.file_hash_entry`): the
+    digest of the file with the digest's own characters read as the placeholder."""
+    from loramerge.source.gguf_file import GGUFModel  # the gguf package, only now
+
+    with GGUFModel(path) as model:
+        record, data_start = model.provenance(), model.header.data_start
+    entry = (record or {}).get("file_hash")
+    if not isinstance(entry, dict) or not isinstance(entry.get("digest"), str):
+        raise LoramergeError(f"{path} has no record of its file hash to check against")
+    algorithm, digest = recorded_hash({"files_hash": entry.get("algorithm")}), entry["digest"]
+    with open(path, "rb") as fh:
+        at = digest_offset(fh.read(data_start), algorithm, digest)
+    passed = at is not None and digest_masked(path, algorithm, at, len(digest)) == digest
+    state = "matches" if passed else "does not match"
+    return {
+        "passed": passed,
+        "summary": f"{path.name} {state} the {algorithm} digest its record holds",
+        "changed": [] if passed else [path.name],
+        "missing": [],
+        "extra": [],
+        "checked": 1,
     }
