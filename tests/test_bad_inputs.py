@@ -553,3 +553,26 @@ def test_a_rebuild_cannot_write_over_the_merged_model_it_checks(cli, tmp_path):
     result = cli(*args, ADAPTERS / "llama-rslora", "-o", merged, "--base", LLAMA, "--overwrite")
     assert result.code == 2 and "would overwrite input" in result.err, result.err
     assert tree_hashes(merged) == before
+
+
+Q = ["quantize", LLAMA]
+
+
+@pytest.mark.parametrize(
+    ("args", "expect"),
+    [
+        ([*Q, "--gguf-type", "q8_0"], r"Missing option '--to'\. Choose from: nf4, gguf"),
+        ([*Q, "--to", "nf4", "--gguf-type", "q8_0"], r"--gguf-type applies to --to gguf"),
+        ([*Q, "--to", "gguf", "--blocksize", "128"], r"--blocksize applies to --to nf4"),
+        ([*Q, "--to", "gguf", "--skip-modules", "x"], r"--skip-modules applies to --to nf4"),
+        (["merge", LLAMA, ADAPTERS / "llama-lora", "--gguf-type", "q8_0"], r"--gguf-type q8_0"),
+    ],
+)
+def test_an_option_for_another_format_is_refused_in_one_line(cli, tmp_path, args, expect):
+    """An option the chosen output format would ignore is refused, as is a missing --to (whose
+    choices click lists on lines of their own: joined into one)."""
+    out = tmp_path / "out"
+    result = cli(*args, "-o", out)
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
+    assert re.search(expect, result.err), result.err
+    assert not out.exists()

@@ -181,24 +181,34 @@ def test_ctrl_c_or_sigterm_removes_the_temporary(tmp_path, sent, status, said):
     assert not out.exists() and not list(tmp_path.glob(".out.loramerge-*"))
 
 
-def test_file_size_limit_mid_write(tmp_path):
-    """RLIMIT_FSIZE (EFBIG) during the first shard: one clear error, nothing left behind."""
-    out = tmp_path / "out"
+@pytest.mark.parametrize(
+    ("name", "command"),
+    [
+        ("out", ["merge", LLAMA, ADAPTER]),
+        ("out.gguf", ["quantize", LLAMA, "--to", "gguf", "--gguf-type", "f32"]),
+        ("out.gguf", ["export-adapter", ADAPTER, "--base", LLAMA]),
+    ],
+)
+def test_file_size_limit_mid_write(tmp_path, name, command):
+    """RLIMIT_FSIZE (EFBIG) mid-write, a safetensors shard, a GGUF model or a GGUF adapter:
+    one clear error naming the file, nothing left behind."""
+    out = tmp_path / name
     before = tree_hashes(LLAMA.parent)
 
     def limit():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+        limit = 100_000 if name == "out" else 20_000
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     result = subprocess.run(
-        [sys.executable, "-m", "loramerge", "merge", LLAMA, ADAPTER, "-o", out],
+        [sys.executable, "-m", "loramerge", *command, "-o", out, "-q"],
         capture_output=True,
         text=True,
         preexec_fn=limit,
     )
-    assert result.returncode == 2
-    assert result.stderr.startswith("Error: cannot write ") and "File too large" in result.stderr
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"Error: cannot write {tmp_path}/.{name}"), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    assert not out.exists() and not list(tmp_path.glob(".out.loramerge-*"))
+    assert not out.exists() and not list(tmp_path.glob(f".{name}.loramerge-*"))
     assert tree_hashes(LLAMA.parent) == before
 
 

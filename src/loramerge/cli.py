@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
+from click.core import ParameterSource
 
 from loramerge import __version__, hub
 from loramerge.errors import LoramergeError
@@ -359,11 +360,27 @@ def quantize_command(
     **options,
 ):
     """Write MODEL quantized to OUTPUT (NF4: Linear weights; embeddings, norms, lm_head kept)."""
+    _only_for(to, {"gguf": ["gguf_type"], "nf4": [*NF4_ONLY]})
+    if to != "gguf":
+        options["gguf_type"] = None  # (its default, f16, is for --to gguf)
     quant = NF4Options(blocksize, not no_double_quant, compute_dtype, tuple(skip_modules) or None)
     options = MergeOptions(to=to, quant=quant, **options)
     with _progress(_bar_wanted(quiet, as_json, options), "quantizing") as advance:
         result = quantize(model, output, options, progress=advance)
     _report(result, options, as_json, quiet, push_to)
+
+
+NF4_ONLY = ("blocksize", "no_double_quant", "compute_dtype", "skip_modules")
+
+
+def _only_for(to: str, owned: dict[str, list[str]]) -> None:
+    """Refuse an option given on the command line that only another `--to` format reads."""
+    ctx = click.get_current_context()
+    for fmt, names in owned.items():
+        given = [n for n in names if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE]
+        if fmt != to and given:
+            flag = "--" + given[0].replace("_", "-")
+            raise LoramergeError(f"{flag} applies to --to {fmt} only, not --to {to}")
 
 
 @cli.command("export-adapter")
@@ -803,7 +820,8 @@ def main() -> None:
     except click.ClickException as exc:
         ctx = getattr(exc, "ctx", None)
         hint = f" (see: loramerge {ctx.command.name} --help)" if ctx else ""
-        click.echo(f"Error: {exc.format_message()}{hint}", err=True)
+        message = " ".join(exc.format_message().split())  # one line (click lists choices)
+        click.echo(f"Error: {message}{hint}", err=True)
         sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt):
         _interrupted()

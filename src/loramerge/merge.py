@@ -420,7 +420,10 @@ def _output_format(options: MergeOptions, stored: Checkpoint) -> tuple[str, GGUF
     """`--to`, by default the base's own format; a GGUF base's header when it is rewritten."""
     gguf = stored.gguf
     if gguf is None:
-        return options.to or "safetensors", None
+        to = options.to or "safetensors"
+        if options.gguf_type is not None and to != "gguf":
+            raise LoramergeError(f"--gguf-type {options.gguf_type} applies to --to gguf only")
+        return to, None
     if options.to not in (None, "gguf"):
         raise LoramergeError(
             f"a GGUF base merges into a GGUF file, not --to {options.to} (convert the Hugging "

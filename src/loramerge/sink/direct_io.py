@@ -22,11 +22,14 @@ import mmap
 import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+
+from loramerge.errors import LoramergeError
 
 # Memory and minimum offset alignment of direct writes: 4 KiB covers every common disk.
 ALIGN = 4096
@@ -201,3 +204,14 @@ def _pwrite_all(fd: int, view: memoryview, position: int) -> None:
         written = os.pwrite(fd, view[:_CHUNK], position)
         position += written
         view = view[written:]
+
+
+@contextmanager
+def io_errors(path: Path) -> Iterator[None]:
+    """A full disk, a size limit, an I/O error or a read-only target while writing `path`: one
+    clear error naming it."""
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or str(exc)  # (numpy's short writes carry no strerror)
+        raise LoramergeError(f"cannot write {path}: {reason}") from exc

@@ -24,6 +24,7 @@ from loramerge.errors import LoramergeError
 from loramerge.gguf_names import TensorNames, to_gguf_values
 from loramerge.quant import ggml
 from loramerge.quant.ggml_types import DEFAULT_TYPE, GGUF_TYPES, converter_type
+from loramerge.sink.direct_io import io_errors
 from loramerge.sink.formats import OUTTYPES
 
 PROVENANCE_KEY = "loramerge.provenance"
@@ -124,9 +125,11 @@ class GGUFAdapterFile:
             writer.add_tensor_info(
                 slot.name, slot.shape, np.dtype(np.float32), slot.nbytes, raw_dtype=slot.qtype
             )
-        writer.write_header_to_file(path)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
+        self._path = path
+        with io_errors(path):
+            writer.write_header_to_file(path)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
         self.order = list(self._slots)
         self._expected: Iterator[str] = iter(self.order)
 
@@ -141,14 +144,16 @@ class GGUFAdapterFile:
         if slot_a.name == f"{TOKEN_EMBD}.lora_a":  # llama.cpp takes A's rows per token
             a, b = b, a.T
         for slot, values in ((slot_a, a), (slot_b, b)):
-            self._writer.write_tensor_data(ggml.quantize(values, slot.qtype))
+            with io_errors(self._path):
+                self._writer.write_tensor_data(ggml.quantize(values, slot.qtype))
 
     def finish(self) -> None:
         """Check every pair arrived and close the file (the atomic output fsyncs it)."""
         missing = next(self._expected, None)
         if missing is not None:
             raise LoramergeError(f"GGUF adapter output is missing the pair of {missing}")
-        self._writer.close()
+        with io_errors(self._path):
+            self._writer.close()
 
     def abort(self) -> None:
         """Close the file."""

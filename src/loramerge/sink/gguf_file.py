@@ -32,7 +32,7 @@ from loramerge.gguf_names import (
 from loramerge.hashing import FILES_HASH
 from loramerge.quant import ggml
 from loramerge.quant.ggml_types import GGUF_TYPES, ModelInfo, tensor_types
-from loramerge.sink.direct_io import PositionalFile
+from loramerge.sink.direct_io import PositionalFile, io_errors
 from loramerge.sink.formats import GGUFInfo
 from loramerge.sink.gguf_metadata import extra_tensors, write_hyperparameters, write_tokenizer
 from loramerge.sink.safetensors_writer import Entry, PrefixHasher
@@ -60,9 +60,11 @@ class BlockSink:
         return False
 
     def _open(self, path: Path, data_bytes: int, cached: bool) -> None:
-        self._file = PositionalFile(
-            path, self._data_start + data_bytes, existing=True, cached=cached
-        )
+        self._path = path
+        with io_errors(path):
+            self._file = PositionalFile(
+                path, self._data_start + data_bytes, existing=True, cached=cached
+            )
         self._size = self._data_start + data_bytes
         self._hasher = PrefixHasher(path, self._size)
         self._written: set[str] = set()
@@ -120,7 +122,8 @@ class BlockSink:
         at = self._data_start + offset + row * row_bytes
         filled = self._filled.get(name, 0)
         for piece in ggml.iter_quantize(values, qtype):  # no whole-tensor copy held
-            self._file.write(memoryview(piece), at)
+            with io_errors(self._path):
+                self._file.write(memoryview(piece), at)
             self._hasher.written(at, memoryview(piece))
             at += piece.size
             filled += piece.size
@@ -134,8 +137,9 @@ class BlockSink:
         missing = set(self._slots) - self._written
         if missing:
             raise LoramergeError(f"GGUF output is missing {len(missing)} tensor(s)")
-        self.digest = self._hasher.hexdigest()
-        self._file.write(memoryview(self.digest.encode()), self._digest_at)
+        with io_errors(self._path):
+            self.digest = self._hasher.hexdigest()  # (it reads back what it was not handed)
+            self._file.write(memoryview(self.digest.encode()), self._digest_at)
         self.abort()
 
     def cancel(self) -> None:
@@ -218,9 +222,10 @@ class GGUFFile(BlockSink):
             writer.add_tensor_info(gname, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
             self._slots[name] = (qtype, offset, nbytes)
             offset += writer.ggml_pad(nbytes, writer.data_alignment)
-        writer.write_header_to_file(path)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
+        with io_errors(path):
+            writer.write_header_to_file(path)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
         (file,) = writer.fout
         self._data_start = writer.ggml_pad(file.tell(), writer.data_alignment)
         file.close()

@@ -32,7 +32,7 @@ from loramerge.gguf_format import (
 from loramerge.gguf_names import architecture
 from loramerge.hashing import FILES_HASH
 from loramerge.quant.ggml_types import GGUF_TYPES, ModelInfo, tensor_types
-from loramerge.sink.direct_io import copy_range
+from loramerge.sink.direct_io import copy_range, io_errors
 from loramerge.sink.gguf_file import PROVENANCE_KEY, BlockSink
 from loramerge.sink.safetensors_writer import Entry
 
@@ -124,7 +124,8 @@ class GGUFRewrite(BlockSink):
         self._slots = {name: (r.qtype, r.offset, r.nbytes) for name, (r, _) in self._places.items()}
         self._shapes = {e.name: e.shape for e in entries}
         self._open(path, offset, cached)
-        self._file.write(memoryview(head), 0)
+        with io_errors(path):
+            self._file.write(memoryview(head), 0)
         self._header_written(head)
         self.order = [by_gguf[n] for n in header.tensors]
 

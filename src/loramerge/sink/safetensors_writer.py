@@ -14,8 +14,6 @@ import json
 import math
 import os
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from loramerge.sink.direct_io import (
     PositionalFile,
     aligned_buffer,
     copy_range,
+    io_errors,
 )
 
 _COPY_CHUNK = 16 << 20  # untouched tensors pass through memory in pieces this size
@@ -193,14 +192,9 @@ class SafetensorsWriter:
             self._file.close()
             self._file = None
 
-    @contextmanager
-    def _io_errors(self) -> Iterator[None]:
+    def _io_errors(self):
         """A full disk, a size limit, an I/O error or a read-only target: one clear error."""
-        try:
-            yield
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise LoramergeError(f"cannot write {self.path}: {reason}") from exc
+        return io_errors(self.path)
 
     def _claim(self, name: str, nbytes: int, start: int = 0) -> int:
         """Mark bytes [start, start + nbytes) of `name` written (each byte once, the pieces in
