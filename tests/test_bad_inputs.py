@@ -576,3 +576,17 @@ def test_an_option_for_another_format_is_refused_in_one_line(cli, tmp_path, args
     assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
     assert re.search(expect, result.err), result.err
     assert not out.exists()
+
+
+def test_quantizing_an_infinite_weight_to_nf4_names_it(cli, tmp_path):
+    base = copy_base(tmp_path)
+    tensors = load_file(base / SHARD1)
+    name = next(n for n in tensors if n.endswith("q_proj.weight"))
+    tensors[name][0, 0] = float("inf")
+    save_file(tensors, base / SHARD1, metadata={"format": "pt"})
+    out = tmp_path / "nf4"
+    result = cli("quantize", base, "-o", out, "--to", "nf4")
+    assert result.code == 2 and result.err.strip() == f"Error: {name}: " + (
+        "NaN or Inf among the values: NF4 cannot hold them"
+    )
+    assert not out.exists()

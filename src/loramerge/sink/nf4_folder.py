@@ -232,7 +232,10 @@ class NF4Folder:
             absmax = self._absmax[name]
         packed = np.empty(-(-flat.size // 2), np.uint8)
         first, blocks = start // blocksize, -(-flat.size // blocksize)
-        quantize_codes(flat, self.options, packed, absmax[first : first + blocks])
+        try:
+            quantize_codes(flat, self.options, packed, absmax[first : first + blocks])
+        except ValueError as exc:  # NaN or inf: NF4 has no code for them
+            raise LoramergeError(f"{name}: {exc}") from None
         self._writer.write(name, packed, start // 2)
         if start + flat.size < self._numel[name]:
             return
