@@ -11,6 +11,7 @@ import errno
 import importlib
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -257,7 +258,7 @@ def test_free_space_is_checked_up_front(cli, tmp_path, monkeypatch):
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(merge_module.shutil, "disk_usage", lambda _: usage._replace(free=100_000))
     result = cli("merge", LLAMA, ADAPTER, "-o", tmp_path / "out")
-    assert result.code == 2 and "GB are free" in result.err
+    assert result.code == 2 and re.search(r"needs [\d.]+ MB but only 100 kB are free", result.err)
     assert list(tmp_path.iterdir()) == []
 
 

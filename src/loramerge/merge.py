@@ -500,9 +500,16 @@ def _check_free_space(output: Path, nbytes: int) -> None:
     needed = int(nbytes * 1.01) + (1 << 20)
     if needed > free:
         raise LoramergeError(
-            f"{output} needs {needed / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free on "
-            f"{folder}"
+            f"{output} needs {_size(needed)} but only {_size(free)} are free on {folder}"
         )
+
+
+def _size(nbytes: int) -> str:
+    """Bytes for a person: 3 significant digits in the largest decimal unit under them."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{nbytes} bytes"
 
 
 def _check_output_is_not_input(output: Path, inputs: list[Path]) -> None:
