@@ -116,13 +116,7 @@ def _swap(command, merged, remove, add, options, output, base, force, progress) 
         job = _subtract_job(swap)
         result = run(job, options, progress)
         if not options.dry_run:
-            result.drift = drift = _drift(output, job, options.allow_pickle)
-            if drift["measured"] and drift["passed"] is False and force:  # kept, as asked
-                drift["forced"] = True
-                warnings.append(
-                    f"--force: {output} is {drift['max_ulp']:.3g} ulp from the recorded base + "
-                    "the adapters its record leaves inside"
-                )
+            result.drift = _drift(output, job, options.allow_pickle)
     if options.verify and result.verification is None and not options.dry_run:
         warnings.append("--verify: the recorded base is not at hand, nothing to verify against")
     result.warnings = warnings
@@ -264,11 +258,6 @@ def _drift(output: Path, job: Job, allow_pickle: bool) -> dict:
     total = sum(t.elements for t in report.tensors) or 1
     return {
         "measured": True,
-        # within the tolerance everywhere, as a correct unmerge of what the record says is; None
-        # for a quantized output (GGUF), measured against its type's bound, which the first
-        # merge's rounding alone can pass: reported, not judged
-        "passed": None if any(t.bound_ratio is not None for t in report.tensors) else report.passed,
-        "tolerance_ulp": report.tolerance_ulp,
         "against": f"{exact[0]} + {[str(p) for p in exact[1]]}",
         "ulp_definition": "ulps of the output dtype at max(|exact|, |every model it was "
         "computed from|)",
