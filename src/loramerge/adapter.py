@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from loramerge.adapter_targets import check_types, untargeted
 from loramerge.errors import LoramergeError
 from loramerge.hashing import sha256_of
 from loramerge.jsonfile import read_json_object
@@ -196,10 +197,37 @@ def load_adapter(path: Path, *, allow_pickle: bool = False) -> Adapter:
     try:
         adapter = Adapter(path, config, weights)
         _parse_keys(adapter)
+        _check_targeted(adapter)
         return adapter
     except BaseException:
         weights.close()
         raise
+
+
+def _check_targeted(adapter: Adapter) -> None:
+    """Refuse LoRA weights for modules the config does not put the adapter on: PEFT never loads
+    them (`adapter_targets`), so the merge would not be the model PEFT's adapter gives."""
+    names = [m.module for m in adapter.modules if m.kind != "parameter"]  # (target_parameters)
+    names = [n[: -len(_WRAPPED)] if n.endswith(_WRAPPED) else n for n in names]
+    missing = untargeted(adapter.config, names, _safe_regex)
+    if missing:
+        config_path = adapter.path / "adapter_config.json"
+        raise LoramergeError(
+            f"{config_path}: the weights hold LoRA for {len(missing)} module(s) that "
+            f"target_modules / exclude_modules / layers_to_transform leave out, which PEFT "
+            f"would not load: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+        )
+
+
+def _safe_regex(pattern: str) -> bool:
+    """Whether a regex from a config can be matched without risk of exponential time."""
+    if len(pattern) > _MAX_NAME or _NESTED_QUANTIFIER.search(pattern):
+        return False
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError):
+        return False
+    return True
 
 
 def _read_config(path: Path) -> dict:
@@ -258,6 +286,9 @@ def _check_types(config_path: Path, config: dict) -> None:
     targets = config.get("target_parameters") or []
     if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
         raise LoramergeError(f"{config_path}: target_parameters must be a list of names")
+    wrong = check_types(config)
+    if wrong:
+        raise LoramergeError(f"{config_path}: {wrong}")
 
 
 def _parse_keys(adapter: Adapter) -> None:
