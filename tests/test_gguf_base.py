@@ -466,3 +466,19 @@ def test_gguf_base_read_in_small_parts(cli, tmp_path, monkeypatch, wide, bases, 
         assert result.code == 0, result.err
         outputs[chunk] = {n: _bytes(t).tobytes() for n, t in _tensors(out).items()}
     assert outputs["3000"] == outputs[""]
+
+
+def test_requantizing_a_quantized_gguf_base_warns(cli, tmp_path):
+    """Q8_0 blocks quantized again to Q4_0 carry both errors (llama.cpp's quantize wants
+    --allow-requantize for it): a warning; float tensors quantized once: none."""
+    made = {}
+    for gguf_type in ("q8_0", "f32"):
+        made[gguf_type] = tmp_path / f"{gguf_type}.gguf"
+        args = ("quantize", LLAMA, "-o", made[gguf_type], "--to", "gguf", "--gguf-type")
+        assert cli(*args, gguf_type, "-q").code == 0
+    again = cli("quantize", made["q8_0"], "-o", tmp_path / "q4.gguf", "--to", "gguf",
+                "--gguf-type", "q4_0")  # fmt: skip
+    assert again.code == 0 and "quantized again to q4_0" in again.err, again.err
+    once = cli("quantize", made["f32"], "-o", tmp_path / "q8.gguf", "--to", "gguf",
+               "--gguf-type", "q8_0")  # fmt: skip
+    assert once.code == 0 and "quantized again" not in once.err

@@ -254,6 +254,13 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
                             _output_checked(job, options), checks.measures_output(plan, checkpoint)
                         ),
                     )
+                    requantized = writer.description.get("requantized_tensors", 0)
+                    if requantized:
+                        result.warnings.append(
+                            f"{requantized} tensors of the GGUF base were quantized already and "
+                            f"are quantized again to {options.gguf_type}: their errors add up "
+                            "(start from the float checkpoint where you have it)"
+                        )
                     norms: dict[tuple[int, str], np.ndarray] = {}
                     hooks = checks.hook if checks.any else None
                     route = Route(device, options.compute_dtype, job.norms, norms, hooks)

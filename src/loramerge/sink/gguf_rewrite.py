@@ -47,6 +47,9 @@ class GGUFBase:
     gguf_names: dict[str, str]
 
 
+_FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
+
+
 class GGUFRewrite(BlockSink):
     """The sink for a GGUF base: `path` is the (temporary) file to fill."""
 
@@ -97,6 +100,12 @@ class GGUFRewrite(BlockSink):
             "tensor_types": dict(sorted(Counter(t.name for t in types.values()).items())),
             "quantized_tensors": sum(t != GGMLQuantizationType.F32 for t in types.values()),
             "retyped_tensors": sum(not kept for _, kept in self._places.values()),
+            # quantized blocks quantized again: two quantizations' errors (llama.cpp's quantize
+            # asks for --allow-requantize)
+            "requantized_tensors": sum(
+                types[n] != t.qtype and t.qtype not in _FLOAT_TYPES
+                for n, t in header.tensors.items()
+            ),
         }
         if file_type is not None:
             self.description["file_type"] = gguf.LlamaFileType(file_type).name
