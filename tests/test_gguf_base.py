@@ -482,3 +482,22 @@ def test_requantizing_a_quantized_gguf_base_warns(cli, tmp_path):
     once = cli("quantize", made["f32"], "-o", tmp_path / "q8.gguf", "--to", "gguf",
                "--gguf-type", "q8_0")  # fmt: skip
     assert once.code == 0 and "quantized again" not in once.err
+
+
+def test_a_gguf_base_config_names_its_model_type():
+    """The config read from a GGUF base says model_type = the GGUF architecture; for each one
+    read back, that is the type of the class it is read as (transformers' own table)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from loramerge.gguf_names import ARCHITECTURES, hf_architecture
+
+    for name in {a.name for a in ARCHITECTURES.values()}:
+        assert MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[name] == hf_architecture(name)[0]
+
+
+def test_an_adapter_for_another_model_into_a_gguf_base_names_only_the_mismatch(cli, tmp_path):
+    base = tmp_path / "q8.gguf"
+    assert cli("quantize", LLAMA, "-o", base, "--to", "gguf", "--gguf-type", "q8_0", "-q").code == 0
+    result = cli("merge", base, ADAPTERS / "gpt2-lora", "-o", tmp_path / "out.gguf")
+    assert result.code == 2 and "matches no tensor of the base" in result.err
+    assert "does not know" not in result.err, result.err

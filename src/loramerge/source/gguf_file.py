@@ -259,6 +259,8 @@ def _config(model: GGUFModel) -> dict:
     embedding = model.tensors.get("token_embd.weight")
     config = {
         "architectures": [hf_class],
+        # the class read back for each GGUF architecture is the one whose model_type is its name
+        "model_type": arch,
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": number("attention.head_count_kv", heads),
