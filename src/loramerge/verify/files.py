@@ -6,7 +6,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from loramerge.errors import LoramergeError
-from loramerge.gguf_format import digest_offset
 from loramerge.hashing import digest_masked, digest_of, recorded_hash
 from loramerge.sink.hf_folder import read_provenance, recorded_files
 from loramerge.source.checkpoint import is_gguf
@@ -51,7 +50,8 @@ def verify_files(folder: Path) -> dict:
 def _verify_gguf(path: Path) -> dict:
     """A GGUF file against the digest its record holds (`gguf_format.file_hash_entry`): the
     digest of the file with the digest's own characters read as the placeholder."""
-    from loramerge.source.gguf_file import GGUFModel  # the gguf package, only now
+    from loramerge.gguf_format import digest_offset  # the gguf package, only now
+    from loramerge.source.gguf_file import GGUFModel
 
     with GGUFModel(path) as model:
         record, data_start = model.provenance(), model.header.data_start
