@@ -518,11 +518,14 @@ def _flip(path: Path, at: int) -> Path:
 def test_a_gguf_file_holds_its_own_digest_and_verify_and_push_check_it(cli, tmp_path):
     """The record inside a GGUF output holds the file's BLAKE3 (its own 64 characters read as
     zeros): `verify --files` passes the file and fails any flipped bit, in the tensors or in the
-    header; `push` refuses a changed file. Written whole and merged into a GGUF base alike."""
+    header; `push` refuses a changed file. A model written whole, one merged into a GGUF base,
+    and a GGUF adapter (`export-adapter`) alike."""
     made = _export(cli, tmp_path, "q8_0")
     rebuilt = tmp_path / "into-gguf-base.gguf"
     assert cli("merge", made, ADAPTERS / "llama-lora", "-o", rebuilt, "-q").code == 0
-    for out in (made, rebuilt):
+    adapter = tmp_path / "adapter.gguf"
+    assert cli("export-adapter", ADAPTERS / "llama-lora", "--base", LLAMA, "-o", adapter).code == 0
+    for out in (made, rebuilt, adapter):
         record = json.loads(_fields(gguf.GGUFReader(out))["loramerge.provenance"])
         assert record["file_hash"]["algorithm"] == "blake3"
         assert cli("verify", out, "--files").code == 0

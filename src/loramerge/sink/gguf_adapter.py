@@ -12,6 +12,7 @@ the announced order as it arrives.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +22,9 @@ import gguf
 import numpy as np
 
 from loramerge.errors import LoramergeError
+from loramerge.gguf_format import DIGEST_PLACEHOLDER, digest_offset, file_hash_entry
 from loramerge.gguf_names import TensorNames, to_gguf_values
+from loramerge.hashing import FILES_HASH, digest_of
 from loramerge.quant import ggml
 from loramerge.quant.ggml_types import DEFAULT_TYPE, GGUF_TYPES, converter_type
 from loramerge.sink.direct_io import io_errors
@@ -119,7 +122,7 @@ class GGUFAdapterFile:
         writer.add_name(name)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         self.description = describe(self._slots, outtype, arch.name)
-        record = {**record, "output": self.description}
+        record = {**record, "output": self.description, "file_hash": file_hash_entry(FILES_HASH)}
         writer.add_string(PROVENANCE_KEY, json.dumps(record, sort_keys=True))
         for slot in (s for pair in self._slots.values() for s in pair):
             writer.add_tensor_info(
@@ -130,6 +133,12 @@ class GGUFAdapterFile:
             writer.write_header_to_file(path)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
+            (file,) = writer.fout
+            file.flush()
+        at = digest_offset(path.read_bytes()[: file.tell()], FILES_HASH, DIGEST_PLACEHOLDER)
+        if at is None:
+            raise RuntimeError("the GGUF header lost its record's digest placeholder")
+        self._digest_at = at
         self.order = list(self._slots)
         self._expected: Iterator[str] = iter(self.order)
 
@@ -154,6 +163,14 @@ class GGUFAdapterFile:
             raise LoramergeError(f"GGUF adapter output is missing the pair of {missing}")
         with io_errors(self._path):
             self._writer.close()
+            # the record's digest of the file, its own characters read as the placeholder
+            # (`gguf_format.file_hash_entry`): a small file, hashed once it is whole
+            self.digest = digest_of([self._path], FILES_HASH)
+            fd = os.open(self._path, os.O_WRONLY)
+            try:
+                os.pwrite(fd, self.digest.encode(), self._digest_at)
+            finally:
+                os.close(fd)
 
     def abort(self) -> None:
         """Close the file."""
