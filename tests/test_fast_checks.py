@@ -126,6 +126,25 @@ def test_nonfinite_values_match_the_float64_pass(dtype):
         _assert_same(fast, full)
 
 
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bfloat16", "float16"])
+def test_a_finite_value_where_inf_or_nan_is_expected_is_counted(dtype):
+    """A candidate that is not the inf or NaN expected there (finite, or the other infinity)
+    is a non-finite mismatch, as a NaN or inf where a finite value is expected is: the error
+    counts such elements as 0, so this count is what fails them."""
+    expected = np.array([np.nan, np.inf, -np.inf, np.inf, np.nan, 0.5, np.inf, -np.inf] * 9)
+    got = np.array([0.0, 1.0, -np.inf, -np.inf, np.nan, np.nan, np.inf, 3.0] * 9).astype(dtype)
+    for chunk in (slice(None), slice(0, 8), slice(3, 7)):
+        fast, full = Distance(), Float64Distance()
+        fast.add(got[chunk], expected[chunk])
+        full.add(got[chunk], expected[chunk])
+        _assert_same(fast, full)
+    assert full.nonfinite == 2  # the last chunk: -inf for inf and NaN for 0.5 (NaN for NaN and
+    # inf for inf are right)
+    whole = Float64Distance()
+    whole.add(got, expected)
+    assert whole.nonfinite == 5 * 9  # 0 for NaN, 1 for inf, -inf for inf, NaN for 0.5, 3 for -inf
+
+
 @pytest.mark.parametrize("dtype", [F16], ids=["float16"])
 def test_a_correct_large_merge_is_decided_without_float64_for_almost_every_element(
     dtype, monkeypatch

@@ -84,6 +84,28 @@ def test_element_moved_two_ulps_fails_and_is_named(cli, tmp_path):
     assert name in report["verdict"]
 
 
+def test_a_finite_value_where_the_base_is_nan_fails(cli, tmp_path):
+    """A NaN in the base merges to NaN; a candidate holding a number there is not the merge
+    (its error, NaN, counts as 0, so the non-finite count must fail it)."""
+    base = tmp_path / "base"
+    shutil.copytree(LLAMA, base)
+    name = "model.layers.1.mlp.up_proj.weight"
+
+    def poison(state):
+        state[name].view(-1)[7] = float("nan")
+
+    _edit(base, name, poison)
+    out = _merged(tmp_path, base, ["llama-lora"])
+    assert _verify(cli, out, base, ["llama-lora"])[0] == 0  # NaN for NaN: right
+
+    def fill(state):
+        state[name].view(-1)[7] = 0.0
+
+    _edit(out, name, fill)
+    code, report, _ = _verify(cli, out, base, ["llama-lora"])
+    assert code == 1 and name in report["verdict"] and "non-finite" in report["verdict"]
+
+
 def test_wrong_weight_fails(cli, tmp_path):
     out = _merged(tmp_path, LLAMA, ["llama-lora"], [0.5])
     code, report, _ = _verify(cli, out, LLAMA, ["llama-lora"])

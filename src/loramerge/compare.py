@@ -42,6 +42,15 @@ def format_of(dtype: np.dtype) -> tuple[int, int]:
     return _FORMAT[np.dtype(dtype)]
 
 
+def nonfinite_mismatches(value: np.ndarray, want: np.ndarray) -> int:
+    """Elements where the candidate or the expected value (float64) is inf or NaN and the other
+    is not the same one (NaN matches any NaN): the error counts those as 0, so this count is
+    what fails them."""
+    special = ~np.isfinite(value) | ~np.isfinite(want)
+    same = (value == want) | (np.isnan(value) & np.isnan(want))
+    return int(np.count_nonzero(special & ~same))
+
+
 def ulp(magnitude: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Spacing of `dtype` numbers at each |magnitude| (float64), from the exponent bits; inf
     where the magnitude is not finite."""
@@ -288,7 +297,7 @@ class Distance:
         """The float64 pass over a chunk (or the gathered elements float32 could not decide)."""
         with np.errstate(all="ignore"):
             value = got.astype(np.float64)
-            self.nonfinite += int(np.count_nonzero(~np.isfinite(value) & np.isfinite(want)))
+            self.nonfinite += nonfinite_mismatches(value, want)
             error = np.abs(value - want)
             np.nan_to_num(error, copy=False, nan=0.0, posinf=0.0)
             magnitude = np.abs(want)

@@ -116,7 +116,11 @@ def _fold(
         want_bits = float_bits(w) & _ABS
         error = abs(value - w)
         if not finite:
-            nonfinite += (value_bits >= _INF) & (want_bits < _INF)
+            # an inf or NaN on either side that is not the same one on the other: NaN and inf
+            # count 0 in the error below, so only this count fails them
+            special = (value_bits >= _INF) | (want_bits >= _INF)
+            same = (float_bits(value) == float_bits(w)) | (value_bits > _INF) & (want_bits > _INF)
+            nonfinite += special & ~same
             error = error if error < np.inf else 0.0  # nan_to_num(nan=0, posinf=0)
         other = _widened(scale[i]) if scaled else given
         magnitude = max(want_bits, float_bits(other) & _ABS)
