@@ -33,7 +33,10 @@ def untargeted(config: dict, modules: list[str], safe_regex) -> list[str]:
     excluded = config.get("exclude_modules")
     if isinstance(excluded, str) and not safe_regex(excluded):
         excluded = None
-    return [m for m in modules if _excluded(excluded, m) or not _targeted(config, targets, m)]
+    layers = config.get("layers_to_transform")
+    return [
+        m for m in modules if _excluded(excluded, m) or not _targeted(targets, layers, patterns, m)
+    ]
 
 
 def check_types(config: dict) -> str | None:
@@ -57,18 +60,15 @@ def _excluded(excluded, key: str) -> bool:
     return key in excluded or any(key.endswith(f".{e}") for e in excluded)
 
 
-def _targeted(config: dict, targets, key: str) -> bool:
+def _targeted(targets, layers, patterns: list[str], key: str) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, key) is not None
     if key in targets:
         return True
     if not any(key.endswith(f".{t}") for t in targets):
         return False
-    layers = config.get("layers_to_transform")
     if layers is None or layers == []:
         return True
-    patterns = config.get("layers_pattern") or []
-    patterns = [patterns] if isinstance(patterns, str) else patterns
     if not patterns:
         match = _NUMBERS.match(key)
     else:

@@ -11,7 +11,7 @@ from loramerge.card import render_adapter_card, render_card, render_gguf_card
 from loramerge.errors import LoramergeError
 from loramerge.hashing import hasher, recorded_hash
 from loramerge.sink.hf_folder import PROVENANCE, provenance_bytes, read_provenance, recorded_files
-from loramerge.verify.files import verify_files
+from loramerge.verify.files import gguf_file_check, verify_files
 
 
 @dataclass
@@ -102,14 +102,10 @@ def _single_file(path: Path, repo_id: str) -> tuple[list[hub.Upload], str, list[
     files = [hub.Upload(path.name, path)]
     if not path.name.endswith(".gguf"):
         return files, "", [f"{path.name}: a single file, pushed without a card"]
-    from loramerge.source.gguf_file import GGUFModel  # the gguf package, only now
-
-    with GGUFModel(path) as model:
-        record = model.provenance() or {}
-    if "file_hash" not in record:  # not loramerge's, or written before files held their digest
+    check = gguf_file_check(path)
+    if check is None:
         notes = [f"{path.name}: its record holds no file digest, so it was not checked"]
     else:
-        check = verify_files(path)
         if not check["passed"]:
             raise LoramergeError(
                 f"{path} does not match its record, not pushed: {check['summary']}"

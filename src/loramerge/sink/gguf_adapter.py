@@ -135,7 +135,8 @@ class GGUFAdapterFile:
             writer.write_ti_data_to_file()
             (file,) = writer.fout
             file.flush()
-        at = digest_offset(path.read_bytes()[: file.tell()], FILES_HASH, DIGEST_PLACEHOLDER)
+        with open(path, "rb") as head:
+            at = digest_offset(head.read(file.tell()), FILES_HASH, DIGEST_PLACEHOLDER)
         if at is None:
             raise RuntimeError("the GGUF header lost its record's digest placeholder")
         self._digest_at = at

@@ -230,7 +230,8 @@ class GGUFFile(BlockSink):
         self._data_start = writer.ggml_pad(file.tell(), writer.data_alignment)
         file.close()
         self._open(path, offset, cached)
-        self._header_written(path.read_bytes()[: self._data_start])
+        with open(path, "rb") as head:  # (the file is sized already: its header alone)
+            self._header_written(head.read(self._data_start))
         self.order = list(kept)
         self._shapes = {name: shape for name, _, shape, _ in layout}
         for name, values in extras.items():

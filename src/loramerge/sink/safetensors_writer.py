@@ -113,7 +113,7 @@ class SafetensorsWriter:
         self._hasher: PrefixHasher | None = None
         self.digest = ""  # the file's FILES_HASH, once finished
         head = memoryview(len(raw).to_bytes(8, "little") + raw)
-        with self._io_errors():
+        with io_errors(self.path):
             self._file = PositionalFile(self.path, start + offset, cached=cached == "all")
             self._file.write(head, 0)
             self._hasher = PrefixHasher(self.path, start + offset)
@@ -129,7 +129,7 @@ class SafetensorsWriter:
         caller may then reuse `data`. The pieces of one tensor may come in any order."""
         view = memoryview(data).cast("B")
         position = self._claim(name, len(view), start)
-        with self._io_errors():
+        with io_errors(self.path):
             self._file.write(view, position)
         self._hashed(position, view)
 
@@ -137,7 +137,7 @@ class SafetensorsWriter:
         """Write tensor `name` (or its bytes from `start` on) by copying `nbytes` from another
         file."""
         position = self._claim(name, nbytes, start)
-        with self._io_errors():
+        with io_errors(self.path):
             if self._copy_in_memory:
                 self._copy_through_memory(src_fd, src_offset, nbytes, position)
                 return
@@ -173,7 +173,7 @@ class SafetensorsWriter:
         """Check every tensor was written, flush to disk, close."""
         if self._pending:
             raise RuntimeError(f"{self.path}: never written: {sorted(self._pending)[:5]}")
-        with self._io_errors():
+        with io_errors(self.path):
             self._file.fsync()
             self.digest = self._hasher.hexdigest()
         self.close()
@@ -191,10 +191,6 @@ class SafetensorsWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-    def _io_errors(self):
-        """A full disk, a size limit, an I/O error or a read-only target: one clear error."""
-        return io_errors(self.path)
 
     def _claim(self, name: str, nbytes: int, start: int = 0) -> int:
         """Mark bytes [start, start + nbytes) of `name` written (each byte once, the pieces in

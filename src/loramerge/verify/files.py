@@ -48,8 +48,17 @@ def verify_files(folder: Path) -> dict:
 
 
 def _verify_gguf(path: Path) -> dict:
+    """A GGUF file against the digest its record holds."""
+    check = gguf_file_check(path)
+    if check is None:
+        raise LoramergeError(f"{path} has no record of its file hash to check against")
+    return check
+
+
+def gguf_file_check(path: Path) -> dict | None:
     """A GGUF file against the digest its record holds (`gguf_format.file_hash_entry`): the
-    digest of the file with the digest's own characters read as the placeholder."""
+    digest of the file with the digest's own characters read as the placeholder; None when the
+    record holds none (a file loramerge did not write, or wrote before it kept one)."""
     from loramerge.gguf_format import digest_offset  # the gguf package, only now
     from loramerge.source.gguf_file import GGUFModel
 
@@ -57,7 +66,7 @@ def _verify_gguf(path: Path) -> dict:
         record, data_start = model.provenance(), model.header.data_start
     entry = (record or {}).get("file_hash")
     if not isinstance(entry, dict) or not isinstance(entry.get("digest"), str):
-        raise LoramergeError(f"{path} has no record of its file hash to check against")
+        return None
     algorithm, digest = recorded_hash({"files_hash": entry.get("algorithm")}), entry["digest"]
     with open(path, "rb") as fh:
         at = digest_offset(fh.read(data_start), algorithm, digest)
