@@ -16,7 +16,7 @@ import pytest
 from conftest import ADAPTERS, GPT2, LLAMA
 from safetensors.numpy import load_file, save_file
 
-from loramerge import kernels
+from loramerge import blocked, kernels
 from loramerge.errors import LoramergeError
 from loramerge.merge import MergeOptions, merge
 from loramerge.swap import rebase, unmerge
@@ -218,6 +218,15 @@ def test_the_compiled_sum_is_widen_add_and_cast():
         cast = (wide + terms).astype(ml_dtypes.bfloat16).view(np.uint16)
     mine = np.empty(w0.size, np.uint16)
     kernels.round_sum_to_bfloat16(w0, terms, mine)
+    assert np.array_equal(mine, cast)
+    # the terms' rows apart in a wider buffer, as merge_rows pads a BLAS output; the pads hold
+    # NaN, which would show in the result were they read
+    rows, cols = w0.size >> 12, 1 << 12
+    buffer = np.full(rows * (cols + blocked.STRIDE_PAD), np.nan, np.float32)
+    apart = blocked.padded_rows(buffer, rows, cols)
+    apart[...] = terms.reshape(rows, cols)
+    mine[...] = 0
+    kernels.round_sum_to_bfloat16(w0.reshape(rows, cols), apart, mine.reshape(rows, cols))
     assert np.array_equal(mine, cast)
 
 

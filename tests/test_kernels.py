@@ -87,6 +87,9 @@ def test_arrays_a_kernel_would_misread_are_refused():
         (w0, delta.astype(np.float64), out),  # another dtype
         (w0, delta[:4], out),  # another size
         (np.zeros(16, np.uint16)[::2], delta, out),  # strided
+        (w0, np.zeros((2, 8), np.float32)[:, ::2], out),  # rows whose columns are apart
+        (w0, np.zeros((2, 6), np.float32)[::-1, :4], out),  # rows backwards
+        (w0, np.zeros((2, 6), np.float32)[:, :3], out),  # rows of another length
     ):
         with pytest.raises(ValueError):
             kernels.round_sum_to_bfloat16(*bad)
@@ -105,3 +108,7 @@ def test_arrays_a_kernel_would_misread_are_refused():
             kernels.judge_bounded(w0, w0, delta, u, v, *bad, 1.0, 7, -126)
     with pytest.raises(ValueError):
         kernels.judge_bounded(w0, w0, delta.astype(np.float64), u, v, left, right, 1.0, 7, -126)
+    apart = np.zeros((2, 6), np.float32)[:, :4]  # terms with their rows apart, as the gate pads
+    assert kernels.judge_bounded(w0, w0, apart, u, v, left, right, 1.0, 7, -126)
+    with pytest.raises(ValueError):  # terms with their columns apart
+        kernels.judge_bounded(w0, w0, delta.reshape(2, 4)[:, ::2], u, v, left, right, 1.0, 7, -126)

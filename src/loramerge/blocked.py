@@ -21,6 +21,18 @@ import numpy as np
 DTYPES = frozenset({"BF16", "F32"})
 # Rows per block are chosen so one float32 block (1 MiB) and its delta stay in cache.
 BLOCK_ELEMENTS = 1 << 18
+# Elements added to each row of a BLAS output buffer. Rows a multiple of 4 KiB apart (2,048
+# float32 columns, and most models' widths) fall in the same L1 cache sets, and OpenBLAS's
+# AVX-512 sgemm wrote them 2-3x slower (docs/benchmarks.md, 2 December 2026 on AMD EPYC).
+STRIDE_PAD = 16
+
+
+def padded_rows(buffer: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """rows x cols of `buffer` (flat, at least rows * (cols + STRIDE_PAD) long), each row
+    STRIDE_PAD elements past the last one's end: an output for BLAS."""
+    stride = cols + STRIDE_PAD
+    return buffer[: rows * stride].reshape(rows, stride)[:, :cols]
+
 
 _local = threading.local()
 
@@ -34,7 +46,8 @@ class Rounding(Protocol):
 
     def round_sum(self, w0: np.ndarray, delta: np.ndarray, into: np.ndarray) -> None:
         """Round bfloat16 W0's rows plus one float32 term into `into`: the bits of widening
-        W0, adding the term and `round`, in one pass."""
+        W0, adding the term and `round`, in one pass. The term's rows may lie apart in a wider
+        buffer (`padded_rows`)."""
 
 
 class BlockCheck(Protocol):
@@ -110,7 +123,7 @@ def merge_rows(
     """
     rows, cols = w0.shape
     step = block_rows(cols)
-    acc_buffer, delta_buffer = _scratch(step * cols)
+    acc_buffer, delta_buffer = _scratch(step * cols, step * (cols + STRIDE_PAD))
     narrow = out.dtype != np.float32
     if narrow and rounding is None:
         raise ValueError(f"rows rounded to {out.dtype} need a rounding")
@@ -118,7 +131,7 @@ def merge_rows(
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             block, n = w0[r0:r1], (r1 - r0) * cols
-            delta = delta_buffer[:n].reshape(r1 - r0, cols)
+            delta = padded_rows(delta_buffer, r1 - r0, cols)
             # (factor, its first row in the block, first row past it) for the rows of W they share
             terms = [
                 (f, lo - first - r0, hi - first - r0)
@@ -166,9 +179,10 @@ def _rounded(dtype: np.dtype, n: int) -> np.ndarray:
     return buffer[:n]
 
 
-def _scratch(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """This thread's two float32 block buffers, reused from tensor to tensor (no fresh pages)."""
+def _scratch(n: int, padded: int) -> tuple[np.ndarray, np.ndarray]:
+    """This thread's float32 block buffers (`n` elements, and `padded` for the terms), reused
+    from tensor to tensor (no fresh pages)."""
     buffers = getattr(_local, "buffers", None)
-    if buffers is None or buffers[0].size < n:
-        buffers = _local.buffers = (np.empty(n, np.float32), np.empty(n, np.float32))
+    if buffers is None or buffers[0].size < n or buffers[1].size < padded:
+        buffers = _local.buffers = (np.empty(n, np.float32), np.empty(padded, np.float32))
     return buffers

@@ -201,29 +201,32 @@ def _within(got, given, term, bound, tol, mantissa, emin):
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def judge_bounded(
-    got, want, terms, rows_bound, cols_bound, left, row_step, rank_step, right, tol, mantissa, emin,
-    flags, words,
+    got, want, terms, stride, rows_bound, cols_bound, left, row_step, rank_step, right, tol,
+    mantissa, emin, flags, words,
 ):  # fmt: skip
     """Whether every element of `got` (uint16 bfloat16 bits, a block of rows) is within `tol`
     ulps of `want` + the LoRA term left @ right as the float64 pass (`judge`) measures it,
-    decided from the float32 `terms`: each within rows_bound[i] * cols_bound[j] of the float64
-    terms. An element that bound cannot place within is computed again in float64 from `left`
-    (element (i, k) at i * row_step + k * rank_step: a factor or its transpose, uncopied) and
-    `right` (rank x columns), with that sum's own bound; False when one is still not placed
-    within (the caller then measures the block in full: a refusal, a value that is not finite,
-    or a case too close to call). `flags`: a row's worth of scratch bytes (rounded up to a
-    multiple of 8), and `words` the same memory as uint64: the row's unplaced columns are found
-    eight at a time."""
+    decided from the float32 `terms` (rows `stride` elements apart): each within rows_bound[i]
+    * cols_bound[j] of the float64 terms. An element that bound cannot place within is
+    computed again in float64 from `left` (element (i, k) at i * row_step + k * rank_step: a
+    factor or its transpose, uncopied) and `right` (rank x columns), with that sum's own bound;
+    False when one is still not placed within (the caller then measures the block in full: a
+    refusal, a value that is not finite, or a case too close to call). `flags`: a row's worth
+    of scratch bytes (rounded up to a multiple of 8), and `words` the same memory as uint64:
+    the row's unplaced columns are found eight at a time."""
     wide_vectors()
     rows, cols = rows_bound.size, cols_bound.size
     rank = right.size // max(cols, 1)
     for i in range(rows):
         bound = rows_bound[i]
         unplaced = 0
+        # a row at a time, as slices: LLVM vectorizes these loops, not one over i * stride + j
+        candidate, base = got[i * cols : (i + 1) * cols], want[i * cols : (i + 1) * cols]
+        spread = terms[i * stride : i * stride + cols]
         for j in range(cols):
-            k = i * cols + j
-            term, size = np.float64(terms[k]), bound * cols_bound[j]
-            out = not _within(got[k], _widened(want[k]), term, size, tol, mantissa, emin)
+            size = bound * cols_bound[j]
+            term = np.float64(spread[j])
+            out = not _within(candidate[j], _widened(base[j]), term, size, tol, mantissa, emin)
             flags[j] = out
             unplaced += out
         if unplaced == 0:
@@ -258,13 +261,22 @@ def round_to_bfloat16(values, out):
 
 
 @njit(cache=True, nogil=True)
-def round_sum_to_bfloat16(w0, delta, out):
+def round_sum_to_bfloat16(w0, delta, out, cols, stride):
     """out = the float32 sum of `w0` (uint16 bfloat16 bits) and float32 `delta`, rounded as
     `round_to_bfloat16` rounds: the bits of widening, adding and rounding in three passes
-    (`blocked.merge_rows`), in one."""
+    (`blocked.merge_rows`), in one. `w0` and `out` hold rows of `cols` elements; `delta`'s rows
+    start `stride` elements apart (a padded BLAS output, `blocked.STRIDE_PAD`)."""
     wide_vectors()
-    for i in range(out.size):
-        out[i] = _bfloat16_bits(float32_of(np.int64(w0[i]) << 16) + delta[i])
+    for i in range(out.size // max(cols, 1)):
+        # a row at a time, as slices: LLVM vectorizes these loops, not one over i * stride + j
+        base, terms = w0[i * cols : (i + 1) * cols], delta[i * stride : i * stride + cols]
+        into = out[i * cols : (i + 1) * cols]
+        for j in range(cols):
+            wide = float32_of(np.int64(base[j]) << 16)
+            total = wide + terms[j]
+            # NaN + NaN is the first operand's NaN on x86 and ARM, as numpy adds; LLVM may swap
+            # the operands of an add, so W0's NaN is chosen here, not left to the add
+            into[j] = _bfloat16_bits(wide if wide != wide else total)
 
 
 @njit(inline="always")
@@ -307,16 +319,17 @@ def c_function(name: str):
     elif kind == "bounded":
         u16, f32, u8, u64 = p(types.uint16), p(types.float32), p(types.uint8), p(types.uint64)
         signature = types.int32(
-            *(u16, u16, f32, p(f64), n, p(f64), n, p(f64), n, n, n, p(f64), n, f64, n, n),
+            *(u16, u16, f32, n, p(f64), n, p(f64), n, p(f64), n, n, n, p(f64), n, f64, n, n),
             *(u8, u64, n),
         )
 
         def call(
-            got, want, terms, u, rows, v, cols, left, extent, row, step, right, rank, tol, m, e,
-            flags, words, nwords,
+            got, want, terms, stride, u, rows, v, cols, left, extent, row, step, right, rank, tol,
+            m, e, flags, words, nwords,
         ):  # fmt: skip
             size = rows * cols
-            block = (carray(got, size), carray(want, size), carray(terms, size))
+            spread = (rows - 1) * stride + cols if rows else 0
+            block = (carray(got, size), carray(want, size), carray(terms, spread), stride)
             bounds = (carray(u, rows), carray(v, cols))
             factors = (carray(left, extent), row, step, carray(right, rank * cols))
             scratch = (carray(flags, 8 * nwords), carray(words, nwords))
@@ -329,10 +342,13 @@ def c_function(name: str):
             round_to_bfloat16(carray(values, size), carray(out, size))
 
     else:
-        signature = types.void(p(types.uint16), p(types.float32), p(types.uint16), n)
+        signature = types.void(p(types.uint16), p(types.float32), p(types.uint16), n, n, n)
 
-        def call(w0, delta, out, size):
-            round_sum_to_bfloat16(carray(w0, size), carray(delta, size), carray(out, size))
+        def call(w0, delta, out, size, cols, stride):
+            rows = size // max(cols, 1)
+            extent = (rows - 1) * stride + cols if rows else 0
+            w = carray(w0, size), carray(delta, extent), carray(out, size)
+            round_sum_to_bfloat16(*w, cols, stride)
 
     return cfunc(signature, nogil=True)(call)
 

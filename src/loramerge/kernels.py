@@ -30,16 +30,16 @@ import numpy as np
 from loramerge import blocked
 
 _P, _N = ctypes.c_void_p, ctypes.c_ssize_t
+_BOUNDED = (_P, _P, _P, _N)  # judge_bounded's block: got, want, terms, the terms' row stride
+_BOUNDED += (_P, _N, _P, _N, _P, _N, _N, _N, _P, _N)  # the bounds, the factors
+_BOUNDED += (ctypes.c_double, _N, _N, _P, _P, _N)  # the tolerance, the format, the scratch row
 # argument and result types of each kind of C function (compare_kernel.c_function)
 _SIGNATURES = {
     "measure": (None, (_P, _P, _P, _N, _P, _N, _P, _N, _N, _N, _P, _N)),
     "judge": (ctypes.c_int32, (_P, _P, _P, _N, _N, _P, _N)),
-    "bounded": (
-        ctypes.c_int32,
-        (_P, _P, _P, _P, _N, _P, _N, _P, _N, _N, _N, _P, _N, ctypes.c_double, _N, _N, _P, _P, _N),
-    ),
+    "bounded": (ctypes.c_int32, _BOUNDED),
     "round": (None, (_P, _P, _N)),
-    "round_sum": (None, (_P, _P, _P, _N)),
+    "round_sum": (None, (_P, _P, _P, _N, _N, _N)),
 }
 _CODES = {np.dtype(np.uint16): "u16", np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 _SOURCES = ("compare_kernel.py", "intrinsics.py")
@@ -75,10 +75,12 @@ def judge_bounded(
     got, want, terms, rows_bound, cols_bound, left, right, tol: float, mantissa: int, emin: int
 ) -> bool:
     """`compare_kernel.judge_bounded`: whether a block of uint16 bfloat16 rows is within `tol`
-    ulps of uint16 W0 + left @ right, decided from float32 terms and their bounds. `left` may be
-    a strided view (rows x rank: a factor's transpose is not copied); `right` is contiguous."""
+    ulps of uint16 W0 + left @ right, decided from float32 terms and their bounds. `terms` may
+    be rows x cols of a wider buffer (`rows_apart`); `left` may be a strided view (rows x rank:
+    a factor's transpose is not copied); `right` is contiguous."""
     rows, cols = rows_bound.size, cols_bound.size
-    _size(got, want, terms)
+    _size(got, want)
+    stride = rows_apart(terms, rows, cols)
     rank = right.size // max(cols, 1)
     if got.size != rows * cols or left.shape != (rows, rank) or right.size != rank * cols:
         raise ValueError(f"a {rows} x {cols} block, rank {rank}, does not fit these arrays")
@@ -86,7 +88,7 @@ def judge_bounded(
         raise ValueError("a kernel takes float64 factors with whole, forward element steps")
     row, step = (s // 8 for s in left.strides)
     extent = (rows - 1) * row + (rank - 1) * step + 1 if left.size else 0
-    block = _at(got, np.uint16), _at(want, np.uint16), _at(terms, np.float32)
+    block = _at(got, np.uint16), _at(want, np.uint16), _at(terms, np.float32, rows=True), stride
     bounds = _at(rows_bound, np.float64), rows, _at(cols_bound, np.float64), cols
     factors = left.ctypes.data, extent, row, step, _at(right, np.float64), rank
     flags = _flags(cols)
@@ -110,9 +112,28 @@ def round_to_bfloat16(values, out) -> None:
 
 
 def round_sum_to_bfloat16(w0, delta, out) -> None:
-    """`compare_kernel.round_sum_to_bfloat16`: uint16 W0 + float32 delta into uint16 bits."""
-    n = _size(w0, delta, out)
-    kernel("round_sum")(_at(w0, np.uint16), _at(delta, np.float32), _at(out, np.uint16), n)
+    """`compare_kernel.round_sum_to_bfloat16`: uint16 W0 + float32 delta into uint16 bits. W0
+    and out are flat or rows x cols; `delta` the same, or rows x cols of a wider buffer."""
+    n = _size(w0, out)
+    rows, cols = delta.shape if delta.ndim == 2 else (1, delta.size)
+    stride = rows_apart(delta, rows, cols)
+    if rows * cols != n:
+        raise ValueError(f"kernel arrays of {n} and {rows * cols} elements")
+    arrays = _at(w0, np.uint16), _at(delta, np.float32, rows=True), _at(out, np.uint16)
+    kernel("round_sum")(*arrays, n, cols, stride)
+
+
+def rows_apart(array: np.ndarray, rows: int, cols: int) -> int:
+    """The elements from one row's start to the next of `array`: rows x cols with contiguous
+    columns and whole, forward rows, or `rows * cols` contiguous elements, as the kernels read
+    it; refused otherwise."""
+    if array.ndim == 2 and array.shape == (rows, cols) and rows > 1:
+        row, col = array.strides
+        if col == array.itemsize and row % col == 0 and row >= cols * col:
+            return row // col
+    elif array.flags.c_contiguous and array.size == rows * cols:
+        return cols
+    raise ValueError(f"a kernel takes {rows} x {cols} rows with contiguous columns")
 
 
 class _Bfloat16Rounding:
@@ -123,9 +144,11 @@ class _Bfloat16Rounding:
         round_to_bfloat16(acc.reshape(-1), into.reshape(-1).view(np.uint16))
 
     def round_sum(self, w0: np.ndarray, delta: np.ndarray, into: np.ndarray) -> None:
-        """`round_sum_to_bfloat16` over bfloat16 blocks of any shape."""
-        flat = (w0.reshape(-1).view(np.uint16), delta.reshape(-1))
-        round_sum_to_bfloat16(*flat, into.reshape(-1).view(np.uint16))
+        """`round_sum_to_bfloat16` over bfloat16 blocks of any shape (`delta`'s rows may be
+        apart, as `blocked.merge_rows` pads them)."""
+        terms = delta if delta.ndim == 2 else delta.reshape(-1)
+        flat = w0.reshape(-1).view(np.uint16), terms, into.reshape(-1).view(np.uint16)
+        round_sum_to_bfloat16(*flat)
 
 
 BFLOAT16 = _Bfloat16Rounding()
@@ -226,12 +249,13 @@ def _code(array: np.ndarray) -> str:
     return _CODES[array.dtype]
 
 
-def _at(array: np.ndarray, dtype: type | None = None) -> int:
+def _at(array: np.ndarray, dtype: type | None = None, rows: bool = False) -> int:
     """The address of an array the C function reads as `dtype` (by default the array's own,
-    one of those it takes), refused where it would misread it: another dtype, strides."""
+    one of those it takes), refused where it would misread it: another dtype, strides (but
+    for rows apart, with `rows`, that `rows_apart` has checked)."""
     if (dtype is not None and array.dtype != dtype) or array.dtype not in _CODES:
         raise ValueError(f"a kernel cannot take a {array.dtype} array here")
-    if not array.flags.c_contiguous:
+    if not (rows or array.flags.c_contiguous):
         raise ValueError("a kernel takes contiguous arrays")
     return array.ctypes.data
 

@@ -24,6 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from loramerge import kernels
+from loramerge.blocked import STRIDE_PAD, padded_rows
 from loramerge.compare import format_of
 
 _MANTISSA, _EMIN = format_of(ml_dtypes.bfloat16)
@@ -67,13 +68,13 @@ class Float32Gate:
         certain here (the block then goes through the float64 pass)."""
         cols = self._right.shape[1]
         rows = candidate.size // cols
-        terms = _scratch(candidate.size).reshape(rows, cols)
+        terms = padded_rows(_scratch(rows * (cols + STRIDE_PAD)), rows, cols)
         np.matmul(self._left32[first : first + rows], self._right32, out=terms)
         got, want = (np.ascontiguousarray(a).reshape(-1).view(np.uint16) for a in (candidate, base))
         return kernels.judge_bounded(
             got,
             want,
-            terms.reshape(-1),
+            terms,
             self._rows_bound[first : first + rows],
             self._cols_bound,
             self._left[first : first + rows],
@@ -85,7 +86,7 @@ class Float32Gate:
 
 
 def _scratch(n: int) -> np.ndarray:
-    """This thread's float32 terms buffer, `n` elements of it."""
+    """This thread's float32 terms buffer, `n` elements of it (rows padded apart)."""
     buffer = getattr(_local, "terms", None)
     if buffer is None or buffer.size < n:
         buffer = _local.terms = np.empty(n, np.float32)
