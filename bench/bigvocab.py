@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not (root / "adapter" / "adapter_config.json").is_file():
         shutil.rmtree(root, ignore_errors=True)
+        args.workdir.mkdir(parents=True, exist_ok=True)
         run = measure(
             [sys.executable, __file__, "--workdir", str(args.workdir), "--child-build"],
             args.workdir / "bigvocab-build.log",

@@ -19,6 +19,7 @@ from safetensors.numpy import load_file, save_file
 from loramerge import blocked, kernels
 from loramerge.errors import LoramergeError
 from loramerge.merge import MergeOptions, merge
+from loramerge.sink.safetensors_writer import SafetensorsWriter
 from loramerge.swap import rebase, unmerge
 from loramerge.verify import weights as weight_check
 
@@ -275,3 +276,27 @@ def test_a_wrong_block_handed_to_the_writer_fails_the_check(tmp_path, monkeypatc
     assert [t.name for t in wrong] == ["model.layers.0.self_attn.q_proj.weight"]
     report = weight_check.verify_weights(tmp_path / "merged", LLAMA, [lora])
     _assert_rows_match(done, report)  # the file holds what was checked
+
+
+def test_only_copies_a_check_reads_back_go_through_the_page_cache(tmp_path, monkeypatch):
+    """An unmerge's drift report reads back, after the pass, the copies it checks but cannot
+    measure in it; the untied head of a merge whose base ties it is no tensor of the base's, so
+    nothing reads it back, and it is copied through memory, past the page cache (a 4 GiB head
+    copied with copy_file_range cost seconds of kernel time)."""
+    merged = tmp_path / "merged"
+    merge(GPT2, [ADAPTERS / "gpt2-embed"], merged)
+    assert "lm_head.weight" in load_file(next(merged.glob("*.safetensors")))  # untied
+    in_kernel, direct = [], []
+    original = SafetensorsWriter._copy_in_kernel
+
+    def copy_in_kernel(self, src_fd, src_offset, nbytes, position):
+        direct.append(self._file.direct)
+        in_kernel.extend(n for n, (at, size) in self._ranges.items() if at <= position < at + size)
+        return original(self, src_fd, src_offset, nbytes, position)
+
+    monkeypatch.setattr(SafetensorsWriter, "_copy_in_kernel", copy_in_kernel)
+    result = unmerge(merged, [ADAPTERS / "gpt2-embed"], tmp_path / "undone")
+    assert result.drift["measured"]
+    assert "lm_head.weight" not in in_kernel
+    if not all(direct):
+        pytest.skip("no direct writes on this filesystem: every copy goes through the kernel")

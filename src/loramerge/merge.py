@@ -251,7 +251,7 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
                         # what a check after the pass reads back goes through the page cache:
                         # all of it, or the tensors copied unchanged when the rest is checked in it
                         cached=_cached(
-                            _output_checked(job, options), checks.measures_output(plan, checkpoint)
+                            _output_checked(job, options), checks.read_back(plan, checkpoint)
                         ),
                     )
                     requantized = writer.description.get("requantized_tensors", 0)
@@ -316,11 +316,13 @@ def run(job: Job, options: MergeOptions, progress: Progress | None = None) -> Me
     return _finished(result, start)
 
 
-def _cached(read_back: bool, measured_in_pass: bool) -> Cached:
-    """What of the output a check reads back once it is written (`direct_io.Cached`)."""
-    if not read_back:
+def _cached(checked: bool, read_back: frozenset[str] | None) -> Cached:
+    """What of the output a check reads back once it is written (`direct_io.Cached`): nothing
+    unchecked, all of it unless its check measures merged tensors in the pass, else the copies
+    it reads back (`_PassChecks.read_back`)."""
+    if not checked:
         return "none"
-    return "copies" if measured_in_pass else "all"
+    return "all" if read_back is None else read_back
 
 
 def _before_commit(job: Job, source_rows: dict) -> None:
@@ -348,13 +350,20 @@ class _PassChecks:
         """Whether some check is measured in the pass."""
         return self._output is not None or self._source is not None
 
-    def measures_output(self, plan: Plan, checkpoint: Checkpoint) -> bool:
-        """Whether the output's check measures merged tensors in the pass (so reads few back)."""
-        return self._output is not None and any(
-            self._output.measures(t, checkpoint.tensors[t.source].dtype)
-            for t in plan.tensors
-            if t.modified
-        )
+    def read_back(self, plan: Plan, checkpoint: Checkpoint) -> frozenset[str] | None:
+        """The tensors copied unchanged that the output's check reads back after the pass (those
+        it checks but cannot measure in it; not one it does not check, such as an untied head
+        the base ties), when it measures merged tensors in the pass; else None."""
+        check = self._output
+        if check is None:
+            return None
+        measured = {
+            t.name for t in plan.tensors if check.measures(t, checkpoint.tensors[t.source].dtype)
+        }
+        if not any(t.modified and t.name in measured for t in plan.tensors):
+            return None
+        copies = (t for t in plan.tensors if not t.modified and t.name not in measured)
+        return frozenset(t.name for t in copies if check.checks(t.name))
 
     def hook(self, plan: TensorPlan, stored_dtype: str):
         """Both checks' block hooks for a tensor, as one (None when neither measures it)."""

@@ -9,9 +9,9 @@ the caller's memory when its address is aligned the same way, else through a sta
 and unaligned ends written through the cache. The two never share a filesystem block, so the
 file stays coherent. Filesystems without `O_DIRECT`
 (tmpfs, some network filesystems) and any direct write the kernel refuses fall back to buffered.
-What a command reads back at once (`Cached`: the whole file, or only the tensors copied
-unchanged when the rest is checked inside the pass) is written buffered: reading it from the page
-cache costs less than the copy into it saves.
+What a command reads back at once (`Cached`: the whole file, or the tensors copied unchanged
+that a check after the pass reads, when the rest is checked inside it) is written buffered:
+reading it from the page cache costs less than the copy into it saves.
 """
 
 from __future__ import annotations
@@ -41,9 +41,10 @@ _STAGING = 16 << 20  # bytes per staged direct write
 _local = threading.local()
 
 
-# What of a file the command reads back at once: nothing; the tensors copied unchanged (the rest
-# is checked inside the pass); or all of it. What is read back is written through the page cache.
-Cached = Literal["none", "copies", "all"]
+# What of a file the command reads back at once: nothing; all of it; or the named tensors of
+# those copied unchanged (the rest is checked inside the pass). What is read back is written
+# through the page cache.
+Cached = Literal["none", "all"] | frozenset[str]
 
 
 class PositionalFile:

@@ -82,7 +82,8 @@ class SafetensorsWriter:
         in, instead of from memory (for writers whose file order is far from their write order,
         where copies held ahead of a gap would grow to the file's size); `cached`: what of the
         file is read back at once (`direct_io.Cached`), written through the page cache: all of
-        it (`direct_io.PositionalFile`), or the tensors copied unchanged (in the kernel)."""
+        it (`direct_io.PositionalFile`), or the named tensors among those copied unchanged (in
+        the kernel)."""
         self.path = Path(path)
         self._hash_from_file = hash_from_file
         header: dict[str, object] = {"__metadata__": metadata}
@@ -118,7 +119,9 @@ class SafetensorsWriter:
             self._file.write(head, 0)
             self._hasher = PrefixHasher(self.path, start + offset)
         self._hasher.completed(0, start, head)
-        self._copy_in_memory = self._file.direct and cached == "none"
+        # the copies that go through memory: all but those read back from the page cache
+        self._in_kernel = frozenset() if cached == "none" else cached
+        self._copy_in_memory = self._file.direct and cached != "all"
 
     def position(self, name: str) -> int:
         """File offset where tensor `name`'s bytes go."""
@@ -138,7 +141,7 @@ class SafetensorsWriter:
         file."""
         position = self._claim(name, nbytes, start)
         with io_errors(self.path):
-            if self._copy_in_memory:
+            if self._copy_in_memory and name not in self._in_kernel:
                 self._copy_through_memory(src_fd, src_offset, nbytes, position)
                 return
             self._copy_in_kernel(src_fd, src_offset, nbytes, position)

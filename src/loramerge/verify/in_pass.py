@@ -98,6 +98,11 @@ class PassCheck:
         """Whether `hook` would measure this tensor in the pass."""
         return self._measurable(plan, source_dtype) is not None
 
+    def checks(self, name: str) -> bool:
+        """Whether the tensor is one this check's plan has (so the check after the pass reads it
+        back, unless measured in the pass)."""
+        return name in self._by_name
+
     def _measurable(self, plan: TensorPlan, source_dtype: str) -> TensorPlan | None:
         """This check's plan of the tensor, when its rows can be measured in the pass: bfloat16
         all through, rows as the check sees them, plain LoRA (or none)."""
