@@ -129,7 +129,13 @@ class NF4Folder:
         # A weight's parts lie in several regions (the file is ordered by item size), so the
         # shards are hashed from the file, not from copies held until the order catches up.
         self._writer = ShardedWriter(
-            folder, stored, max_shard_bytes, {"format": "pt"}, late, True, cached
+            folder,
+            stored,
+            max_shard_bytes,
+            {"format": "pt"},
+            late,
+            True,
+            "all" if cached else "none",
         )
         owner = {p.name: e.name for e in entries for p in _parts(e, options)}
         # the shape of the matrix quantized: (out, in) for a Conv1D weight stored (in, out)
