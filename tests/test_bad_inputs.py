@@ -398,6 +398,7 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "adapter-no-config": missing_config,
     "adapter-config-not-json": adapter_config(lambda c: "{r: 8,", r"adapter_config\.json.*json"),
     "adapter-peft-type-loha": adapter_config(lambda c: c.update(peft_type="LOHA"), "LOHA"),
+    "adapter-no-peft-type": adapter_config(lambda c: c.pop("peft_type") and None, r"no peft_type"),
     "adapter-use-qalora": adapter_config(lambda c: c.update(use_qalora=True), "qalora"),
     "adapter-init-pissa": adapter_config(lambda c: c.update(init_lora_weights="pissa"), "pissa"),
     "adapter-r-string": adapter_config(lambda c: c.update(r="8"), r"\br\b.*(integer|'8')"),

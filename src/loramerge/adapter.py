@@ -237,7 +237,12 @@ def _read_config(path: Path) -> dict:
     if not config_path.is_file():
         raise LoramergeError(f"{path}: no adapter_config.json (is this a PEFT adapter folder?)")
     config = read_json_object(config_path)
-    peft_type = config.get("peft_type", "LORA")
+    peft_type = config.get("peft_type")
+    if peft_type is None:  # PEFT's own loader (PeftModel.from_pretrained) refuses it too
+        raise LoramergeError(
+            f"{config_path}: no peft_type, so nothing says this is a LoRA adapter; PEFT writes "
+            'one ("peft_type": "LORA" for LoRA)'
+        )
     if peft_type != "LORA":
         raise LoramergeError(f"{config_path}: peft_type {peft_type!r} is not LoRA; cannot merge")
     for switch, name in _UNMERGEABLE_SWITCHES.items():

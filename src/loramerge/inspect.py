@@ -64,7 +64,7 @@ def _inspect_adapter(path: Path, allow_pickle: bool) -> dict:
         report = {
             "kind": "adapter",
             "path": hub.source_name(path),
-            "peft_type": config.get("peft_type", "LORA"),
+            "peft_type": config["peft_type"],
             "base_model": config.get("base_model_name_or_path"),
             "rank": adapter.rank,
             "alpha": adapter.alpha,
