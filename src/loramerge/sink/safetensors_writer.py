@@ -119,9 +119,9 @@ class SafetensorsWriter:
             self._file.write(head, 0)
             self._hasher = PrefixHasher(self.path, start + offset)
         self._hasher.completed(0, start, head)
-        # the copies that go through memory: all but those read back from the page cache
-        self._in_kernel = frozenset() if cached == "none" else cached
+        # copies go through memory on a direct file, but those read back from the page cache
         self._copy_in_memory = self._file.direct and cached != "all"
+        self._read_back = cached if isinstance(cached, frozenset) else frozenset()
 
     def position(self, name: str) -> int:
         """File offset where tensor `name`'s bytes go."""
@@ -141,7 +141,7 @@ class SafetensorsWriter:
         file."""
         position = self._claim(name, nbytes, start)
         with io_errors(self.path):
-            if self._copy_in_memory and name not in self._in_kernel:
+            if self._copy_in_memory and name not in self._read_back:
                 self._copy_through_memory(src_fd, src_offset, nbytes, position)
                 return
             self._copy_in_kernel(src_fd, src_offset, nbytes, position)
