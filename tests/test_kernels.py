@@ -1,11 +1,15 @@
 """The compiled check's kernels as C functions (`loramerge.kernels`): a process that finds them
-in the cache loads them without numba and measures exactly what numba's own compilation does; a
-damaged cache file is compiled again; arrays a C function would misread are refused."""
+in the cache loads them without numba (and on x86-64 without llvmlite, by `objectcode`) and
+measures exactly what numba's own compilation does; llvmlite's loader, kept for other machines,
+gives the same functions; a damaged cache file is compiled again; arrays a C function would
+misread are refused."""
 
 from __future__ import annotations
 
 import json
 import os
+import platform
+import struct
 import subprocess
 import sys
 
@@ -13,15 +17,17 @@ import numpy as np
 import pytest
 from conftest import ADAPTERS, LLAMA, ROOT
 
-from loramerge import kernels
+from loramerge import kernels, objectcode
 from loramerge.merge import merge
 from loramerge.verify.weights import verify_weights
 
+X86_64 = sys.platform.startswith("linux") and platform.machine() == "x86_64"
 CHECK = """
 import json, sys
 from loramerge.verify.weights import verify_weights
 report = verify_weights(sys.argv[1], sys.argv[2], [sys.argv[3]])
-print(json.dumps({"numba": "numba" in sys.modules, "report": report.summary()}))
+loaded = {name: name in sys.modules for name in ("numba", "llvmlite")}
+print(json.dumps({**loaded, "report": report.summary()}))
 """
 
 
@@ -45,6 +51,7 @@ def test_a_warm_cache_checks_without_numba(merged, tmp_path):
     cold = _check(merged, tmp_path / "cache")  # compiles with numba, keeps the machine code
     warm = _check(merged, tmp_path / "cache")
     assert cold["numba"] and not warm["numba"]
+    assert warm["llvmlite"] == (not X86_64)  # objectcode loads x86-64 code itself
     assert warm["report"] == cold["report"]  # every figure of every tensor, exactly
     here = verify_weights(merged, LLAMA, [ADAPTERS / "llama-lora"]).summary()
     assert json.loads(json.dumps(here)) == warm["report"] and here["passed"]
@@ -64,20 +71,57 @@ def test_a_damaged_cache_file_is_compiled_again(merged, tmp_path):
     assert not _check(merged, cache)["numba"]  # written afresh
 
 
-def test_the_cache_is_keyed_by_the_cpu(monkeypatch):
-    import llvmlite.binding as llvm
+def test_the_cache_is_keyed_by_the_cpu(monkeypatch, tmp_path):
+    core = "vendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nflags\t\t: fpu avx2 {}\n"
+    folders = []
+    for flags, clock in (("avx512f", 2600), ("avx512f", 3100), ("", 2600)):
+        info = tmp_path / f"cpuinfo-{len(folders)}"
+        info.write_text(core.format(flags) + f"cpu MHz\t\t: {clock}\n\n" + core.format(flags))
+        monkeypatch.setattr(kernels, "_CPUINFO", info)
+        folders.append(kernels.cache_folder())
+    # the clock is not the CPU; a feature less is another one
+    assert folders[0] == folders[1] != folders[2]
 
-    here = kernels.cache_folder()
-    monkeypatch.setattr(llvm, "get_host_cpu_features", lambda: _Features("+avx2,-avx512f"))
-    assert kernels.cache_folder() != here
+
+def _cached_round_sum(tmp_path, monkeypatch) -> tuple[str, bytes]:
+    """The bfloat16 rounding kernel's cached symbol and object, compiled into a fresh cache."""
+    monkeypatch.setenv("LORAMERGE_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "_loaded", {})
+    kernels.kernel("round_sum")
+    symbol, _, code = (kernels.cache_folder() / "round_sum.o").read_bytes().partition(b"\n")
+    return symbol.decode(), code
 
 
-class _Features:
-    def __init__(self, text: str) -> None:
-        self.text = text
+@pytest.mark.skipif(not X86_64, reason="objectcode loads x86-64 Linux objects")
+def test_objectcode_and_llvmlite_load_the_same_function(tmp_path, monkeypatch):
+    name, code = _cached_round_sum(tmp_path, monkeypatch)
+    ours = objectcode.load(code, name, kernels._symbol)
+    theirs = kernels._cached_by_llvm(code, name)
+    assert ours and theirs and ours != theirs
+    rng = np.random.default_rng(5)
+    w0 = rng.integers(0, 1 << 16, 4099, dtype=np.uint16)  # every kind: NaN, inf, subnormal
+    delta = rng.standard_normal(4099).astype(np.float32) * np.float32(1e-2)
+    numba_own = np.zeros_like(w0)
+    kernels.round_sum_to_bfloat16(w0, delta, numba_own)  # the function numba compiled
+    for address in (ours, theirs):
+        out = np.zeros_like(w0)
+        function = kernels.ctypes.CFUNCTYPE(None, *kernels._SIGNATURES["round_sum"][1])(address)
+        function(w0.ctypes.data, delta.ctypes.data, out.ctypes.data, 4099, 4099, 4099)
+        assert np.array_equal(out, numba_own)
 
-    def flatten(self) -> str:
-        return self.text
+
+def test_objectcode_refuses_what_it_cannot_load(tmp_path, monkeypatch):
+    name, code = _cached_round_sum(tmp_path, monkeypatch)
+    arm = code[:0x12] + struct.pack("<H", 183) + code[0x14:]  # EM_AARCH64
+    with pytest.raises(objectcode.Unsupported):
+        objectcode.load(arm, name, kernels._symbol)
+    for damaged in (code[: len(code) // 2], b"not an object"):
+        with pytest.raises((ValueError, struct.error, IndexError)):
+            objectcode.load(damaged, name, kernels._symbol)
+    with pytest.raises(ValueError):  # a symbol it does not define
+        objectcode.load(code, "gone" + name, kernels._symbol)
+    with pytest.raises(ValueError):  # a name nothing in the process has
+        objectcode.load(code, name, lambda needed: 0)
 
 
 def test_arrays_a_kernel_would_misread_are_refused():

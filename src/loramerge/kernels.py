@@ -3,10 +3,11 @@ called as C functions through ctypes.
 
 numba compiles each kernel once per dtype combination as a C function (`compare_kernel.
 c_function`) and its machine code is kept in a cache folder; a later process loads that code
-with llvmlite alone and never imports numba, whose imports and registries cost 0.3-0.5 s of
-every check's start (most of it holding the GIL). The cache is keyed by the kernels' source,
-numba's and llvmlite's versions and the CPU (its name and features: code built for one CPU may
-not run on another); anything amiss with a cached file sends that kernel back through numba.
+itself (`objectcode`; llvmlite on machines other than x86-64) and never imports numba, whose
+imports and registries cost 0.3-0.5 s of every check's start (most of it holding the GIL), nor,
+on x86-64, llvmlite (45 ms and 100 MiB of resident library). The cache is keyed by the kernels'
+source, numba's and llvmlite's versions and the CPU (`_cpu`: code built for one CPU may not run
+on another); anything amiss with a cached file sends that kernel back through numba.
 
 Each wrapper takes the numpy arrays `compare_kernel`'s function of the same name takes, checks
 what the C function cannot (dtypes, contiguity, sizes), and passes pointers and sizes.
@@ -14,20 +15,23 @@ what the C function cannot (dtypes, contiguity, sizes), and passes pointers and 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
+import platform
 import struct
 import sys
 import tempfile
 import threading
 from collections.abc import Callable
+from functools import cache
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from loramerge import blocked
+from loramerge import blocked, objectcode
 
 _P, _N = ctypes.c_void_p, ctypes.c_ssize_t
 _BOUNDED = (_P, _P, _P, _N)  # judge_bounded's block: got, want, terms, the terms' row stride
@@ -186,46 +190,71 @@ def cache_folder() -> Path:
 
 def _key() -> str:
     """What the machine code depends on: the kernels' source, the compilers, the CPU."""
-    import llvmlite.binding as llvm
-
     digest = hashlib.sha256()
     here = Path(__file__).parent
     for source in _SOURCES:
         digest.update((here / source).read_bytes())
-    for part in (
-        metadata.version("numba"),
-        metadata.version("llvmlite"),
-        sys.platform,
-        llvm.get_host_cpu_name(),
-        llvm.get_host_cpu_features().flatten(),
-    ):
+    for part in (metadata.version("numba"), metadata.version("llvmlite"), sys.platform, _cpu()):
         digest.update(part.encode() + b"\0")
     return digest.hexdigest()[:20]
 
 
+# /proc/cpuinfo's lines that name a core and its features (x86, then Arm); LLVM reads the same
+# CPUID (or ID registers) when numba compiles for "the host"
+_CPU_LINES = ("vendor_id", "cpu family", "model", "model name", "stepping", "flags")
+_CPU_LINES += ("CPU implementer", "CPU architecture", "CPU variant", "CPU part", "Features")
+_CPUINFO = Path("/proc/cpuinfo")
+
+
+def _cpu() -> str:
+    """The CPU the code is compiled for: its machine, and /proc/cpuinfo's identity and feature
+    lines for the first core (read without importing llvmlite, whose library alone would be
+    100 MiB of every process's memory); elsewhere the platform's name for the processor."""
+    try:
+        first = _CPUINFO.read_text().split("\n\n", 1)[0]
+    except OSError:
+        return f"{platform.machine()}\n{platform.processor()}"
+    named = [line for line in first.splitlines() if line.split(":")[0].strip() in _CPU_LINES]
+    return "\n".join([platform.machine(), *named])
+
+
 def _cached(file: Path) -> int:
     """The address of a kernel loaded from its cache file, or 0 when that is not usable."""
-    global _engine
     try:
         symbol, _, code = file.read_bytes().partition(b"\n")
-    except OSError:
+        name = symbol.decode()
+    except (OSError, UnicodeDecodeError):
         return 0
+    try:
+        try:
+            return objectcode.load(code, name, _symbol)
+        except objectcode.Unsupported:
+            return _cached_by_llvm(code, name)
+    except (RuntimeError, ValueError, struct.error, IndexError):  # damaged
+        return 0
+
+
+def _cached_by_llvm(code: bytes, symbol: str) -> int:
+    """A cached kernel loaded by llvmlite, for objects `objectcode` does not load (another
+    machine than x86-64)."""
+    global _engine
     import llvmlite.binding as llvm
 
-    try:
-        # LLVM aborts the process on a name it cannot resolve, so none may be left unresolved
-        if not all(_resolved(llvm, needed) for needed in _undefined_symbols(code)):
-            return 0
-        if _engine is None:
-            llvm.initialize_native_target()
-            llvm.initialize_native_asmprinter()
-            machine = llvm.Target.from_default_triple().create_target_machine()
-            _engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), machine)
-        _engine.add_object_file(llvm.ObjectFileRef.from_data(code))
-        _engine.finalize_object()
-        return _engine.get_function_address(symbol.decode())
-    except (RuntimeError, ValueError, UnicodeDecodeError, struct.error, IndexError):  # damaged
-        return 0
+    # LLVM aborts the process on a name it cannot resolve, so none may be left unresolved
+    for needed in objectcode.undefined_symbols(code):
+        if not llvm.address_of_symbol(needed):
+            address = _symbol(needed)
+            if not address:
+                return 0
+            llvm.add_symbol(needed, address)
+    if _engine is None:
+        llvm.initialize_native_target()
+        llvm.initialize_native_asmprinter()
+        machine = llvm.Target.from_default_triple().create_target_machine()
+        _engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), machine)
+    _engine.add_object_file(llvm.ObjectFileRef.from_data(code))
+    _engine.finalize_object()
+    return _engine.get_function_address(symbol)
 
 
 def _compiled(name: str, file: Path) -> int:
@@ -275,48 +304,34 @@ def _size(first: np.ndarray, *others: np.ndarray, empty_too: bool = False) -> in
     return first.size
 
 
-def _resolved(llvm, name: str) -> bool:
-    """Whether the loader can find `name`: in this process (the C library, libm, Python's C
-    API), or, for numba's runtime, a stand-in. numba's C-function wrapper reaches its runtime
-    only to report an exception, which these kernels never raise (no allocation, no bounds
-    checks, numpy's error model); the stand-in aborts, loudly, should one ever be reached."""
-    if llvm.address_of_symbol(name):
-        return True
-    try:
-        address = ctypes.addressof(ctypes.c_char.in_dll(_PROCESS, name))
-    except ValueError:
-        if not name.startswith(("numba_", "NRT_")):
-            return False
-        address = ctypes.cast(_UNREACHABLE, ctypes.c_void_p).value
-    llvm.add_symbol(name, address)
-    return True
+def _symbol(name: str) -> int:
+    """The address a cached kernel's undefined `name` is given: found in this process (the C
+    library, libm, Python's C API), or, for numba's runtime, a stand-in (0: none). numba's
+    C-function wrapper reaches its runtime only to report an exception, which these kernels
+    never raise (no allocation, no bounds checks, numpy's error model); the stand-in aborts,
+    loudly, should one ever be reached."""
+    for library in _libraries():
+        try:
+            return ctypes.addressof(ctypes.c_char.in_dll(library, name))
+        except ValueError:
+            continue
+    if name.startswith(("numba_", "NRT_")):
+        return ctypes.cast(_UNREACHABLE, ctypes.c_void_p).value
+    return 0
+
+
+@cache
+def _libraries() -> list[ctypes.CDLL]:
+    """Where `_symbol` looks: this process's global names, then libm (where Python does not
+    link it)."""
+    found = [ctypes.CDLL(None)]
+    with contextlib.suppress(OSError):
+        found.append(ctypes.CDLL("libm.so.6"))
+    return found
 
 
 @ctypes.CFUNCTYPE(None)
 def _UNREACHABLE() -> None:
-    """Where a cached kernel's calls into numba's runtime lead (see `_resolved`)."""
+    """Where a cached kernel's calls into numba's runtime lead (see `_symbol`)."""
     os.write(2, b"loramerge: a compiled kernel called numba's runtime; aborting\n")
     os.abort()
-
-
-_PROCESS = ctypes.CDLL(None)
-
-
-def _undefined_symbols(code: bytes) -> list[str]:
-    """The names an ELF64 object file leaves for the loader to find (SHN_UNDEF symbols); a
-    file this cannot read is treated as needing a name no process has."""
-    if code[:4] != b"\x7fELF" or code[4] != 2 or code[5] != 1:  # 64-bit little-endian
-        return ["(not an ELF64 object)"]
-    (shoff,) = struct.unpack_from("<Q", code, 0x28)
-    entsize, count = struct.unpack_from("<HH", code, 0x3A)
-    sections = [struct.unpack_from("<IIQQQQIIQQ", code, shoff + i * entsize) for i in range(count)]
-    names = []
-    for _, kind, _, _, offset, size, link, _, _, _ in sections:
-        if kind != 2:  # SHT_SYMTAB
-            continue
-        strings = sections[link][4]
-        for at in range(offset, offset + size, 24):
-            name, _, _, index = struct.unpack_from("<IBBH", code, at)
-            if index == 0 and name:
-                names.append(code[strings + name : code.index(b"\0", strings + name)].decode())
-    return names
