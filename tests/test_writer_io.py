@@ -160,8 +160,28 @@ def test_other_write_errors_are_not_hidden_by_the_fallback(tmp_path, monkeypatch
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
     monkeypatch.setattr(direct_io.os, "pwrite", pwrite)
-    with pytest.raises(LoramergeError, match="Input/output error"):
-        SafetensorsWriter(tmp_path / "x.safetensors", [Entry("a", "F32", (4,))], {})
+    with pytest.raises(LoramergeError, match="Input/output error"):  # by the end at the latest
+        writer = SafetensorsWriter(tmp_path / "x.safetensors", [Entry("a", "F32", (4,))], {})
+        writer.write("a", np.zeros(4, np.float32))
+        writer.finish()
+
+
+def test_pieces_for_the_page_cache_wait_for_flush_beside_direct_writes(tmp_path):
+    file = direct_io.PositionalFile(tmp_path / "f", 3 * direct_io.ALIGN)
+    try:
+        if not file.direct:
+            pytest.skip(f"{tmp_path} has no O_DIRECT")
+        data = np.arange(2 * direct_io.ALIGN + 10, dtype=np.uint8)
+        file.write(memoryview(data)[:10], 0)  # shorter than a block: held
+        file.write(memoryview(data)[10:], 10)  # an aligned middle, written now; a held end
+        on_disk = (tmp_path / "f").read_bytes()
+        assert on_disk[10 : direct_io.ALIGN] == bytes(direct_io.ALIGN - 10)  # not yet
+        block = slice(direct_io.ALIGN, 2 * direct_io.ALIGN)
+        assert on_disk[block] == data[block].tobytes()
+        file.fsync()  # flushes
+        assert (tmp_path / "f").read_bytes()[: data.size] == data.tobytes()
+    finally:
+        file.close()
 
 
 def test_cancel_wakes_a_writer_waiting_for_the_hash(tmp_path):

@@ -140,6 +140,7 @@ class BlockSink:
         with io_errors(self._path):
             self.digest = self._hasher.hexdigest()  # (it reads back what it was not handed)
             self._file.write(memoryview(self.digest.encode()), self._digest_at)
+            self._file.flush()
         self.abort()
 
     def cancel(self) -> None:

@@ -135,6 +135,7 @@ class GGUFRewrite(BlockSink):
         self._open(path, offset, cached)
         with io_errors(path):
             self._file.write(memoryview(head), 0)
+            self._file.flush()  # in the file now: the hasher reads it back
         self._header_written(head)
         self.order = [by_gguf[n] for n in header.tensors]
 

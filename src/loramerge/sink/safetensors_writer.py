@@ -115,7 +115,10 @@ class SafetensorsWriter:
         self.digest = ""  # the file's FILES_HASH, once finished
         head = memoryview(len(raw).to_bytes(8, "little") + raw)
         with io_errors(self.path):
-            self._file = PositionalFile(self.path, start + offset, cached=cached == "all")
+            # a file hashed by reading it back needs every byte in it as it goes
+            self._file = PositionalFile(
+                self.path, start + offset, cached=cached == "all", hold=not hash_from_file
+            )
             self._file.write(head, 0)
             self._hasher = PrefixHasher(self.path, start + offset)
         self._hasher.completed(0, start, head)
