@@ -613,8 +613,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--settle",
         type=float,
-        default=0.0,
-        help="seconds to wait after removing the previous output, before each run (see settle())",
+        default=3.0,
+        help="seconds to wait after removing the previous output, before each run, so every "
+        "run starts from memory the VM has reclaimed (see settle(); 0: none)",
     )
     p.add_argument("--json", type=Path, help="write results as JSON here")
     p.add_argument(
