@@ -5,9 +5,10 @@ executable.
 llvmlite's loader maps a 170 MB library, about 100 MiB of it resident in every process that
 loads a kernel, and its import takes 45 ms; the kernels need a few pages. This loads what LLVM's
 large code model makes of them on x86-64 Linux (calls and constants through absolute 64-bit
-addresses, PC-relative offsets in the unwind tables). Anything else (another machine, another
-relocation type, a writable or common section) is `Unsupported`, and the caller loads it with
-llvmlite instead. A file cut short or naming a symbol it does not define raises `ValueError`.
+addresses, PC-relative offsets in the unwind tables, numba's environment pointers as common
+symbols). Anything else (another machine, another relocation type, a writable section) is
+`Unsupported`, and the caller loads it with llvmlite instead. A file cut short or naming a
+symbol it does not define raises `ValueError`. Loaded code stays for the life of the process.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ _SHN_UNDEF, _SHN_ABS, _SHN_COMMON = 0, 0xFFF1, 0xFFF2
 _R_X86_64_64, _R_X86_64_PC32, _R_X86_64_PLT32, _R_X86_64_PC64 = 1, 2, 4, 24
 
 _PAGE = mmap.PAGESIZE
-_kept: list[int] = []  # addresses of the loaded objects' pages: code stays for the process
 
 
 class Unsupported(Exception):
@@ -108,7 +108,6 @@ def load(code: bytes, symbol: str, resolve: Callable[[str], int]) -> int:
     except BaseException:
         libc.munmap(base, len(image))
         raise
-    _kept.append(base)
     return wanted[0]
 
 
@@ -147,8 +146,10 @@ def _aligned(offset: int, alignment: int) -> int:
     return -(-offset // max(alignment, 1)) * max(alignment, 1)
 
 
-def _address(s: _Symbol, placed: dict[int, int], base: int, resolve: Callable[[str], int]) -> int:
-    """Where a symbol is once the object is loaded at `base`."""
+def _address(
+    s: _Symbol, placed: dict[int, int], base: int, resolve: Callable[[str], int]
+) -> int | None:
+    """Where a symbol is once the object is loaded at `base` (None: in no loaded section)."""
     if s.section == _SHN_UNDEF:
         if not s.name:
             return 0  # the null symbol
@@ -159,7 +160,7 @@ def _address(s: _Symbol, placed: dict[int, int], base: int, resolve: Callable[[s
     if s.section == _SHN_ABS:
         return s.value
     if s.section not in placed:
-        return 0  # a symbol of a section not loaded (debug info); no relocation in code uses it
+        return None  # in a section not loaded (debug info), or a reserved index
     return base + placed[s.section] + s.value
 
 
@@ -169,7 +170,7 @@ def _relocate(
     rela: _Section,
     section: tuple[int, int],
     base: int,
-    addresses: list[int],
+    addresses: list[int | None],
 ) -> None:
     """Apply a RELA section to its target `section` ((where it is in `image`, its size);
     `image` is loaded at `base`)."""
@@ -179,6 +180,8 @@ def _relocate(
         if offset + 8 > size or info >> 32 >= len(addresses):
             raise ValueError("a relocation outside its section, or of no symbol")
         kind, target = info & 0xFFFFFFFF, addresses[info >> 32]
+        if target is None:
+            raise Unsupported("a relocation against a symbol in no loaded section")
         place = at + offset
         if kind == _R_X86_64_64:
             struct.pack_into("<Q", image, place, (target + addend) % 2**64)
