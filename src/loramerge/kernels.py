@@ -225,12 +225,16 @@ def _cached(file: Path) -> int:
         name = symbol.decode()
     except (OSError, UnicodeDecodeError):
         return 0
+    damaged = (RuntimeError, ValueError, struct.error, IndexError)
     try:
-        try:
-            return objectcode.load(code, name, _symbol)
-        except objectcode.Unsupported:
-            return _cached_by_llvm(code, name)
-    except (RuntimeError, ValueError, struct.error, IndexError):  # damaged
+        return objectcode.load(code, name, _symbol)
+    except objectcode.Unsupported:
+        pass  # another machine's code: llvmlite's loader
+    except damaged:
+        return 0
+    try:
+        return _cached_by_llvm(code, name)
+    except damaged:
         return 0
 
 

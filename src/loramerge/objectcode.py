@@ -37,7 +37,6 @@ class Unsupported(Exception):
 
 @dataclass(frozen=True)
 class _Section:
-    name: int
     kind: int
     flags: int
     offset: int
@@ -119,8 +118,7 @@ def _sections(code: bytes) -> list[_Section]:
     entsize, count = struct.unpack_from("<HH", code, 0x3A)
     headers = [struct.unpack_from("<IIQQQQIIQQ", code, shoff + i * entsize) for i in range(count)]
     sections = [
-        _Section(n, k, f, off, size, ln, inf, al)
-        for n, k, f, _, off, size, ln, inf, al, _ in headers
+        _Section(k, f, off, size, ln, inf, al) for _, k, f, _, off, size, ln, inf, al, _ in headers
     ]
     if any(s.kind != _SHT_NOBITS and s.offset + s.size > len(code) for s in sections):
         raise ValueError("a section runs past the end of the file")
